@@ -1,0 +1,1 @@
+"""Export stage: torch components to ONNX (+ parity), TensorRT engines, repository rendering."""

@@ -1,0 +1,1 @@
+"""Lyric tokenisation: per-line language detection, normalisation and BPE ids."""

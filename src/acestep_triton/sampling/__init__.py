@@ -1,0 +1,4 @@
+"""The one sampling implementation (schedules, schedulers, guidance, tasks, loop).
+
+It knows nothing of Triton: it sees a denoiser (see ``denoiser.py``).
+"""

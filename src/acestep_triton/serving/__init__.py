@@ -1,0 +1,1 @@
+"""Serving glue: tritonserver process management and Python-backend model bodies."""

@@ -1,0 +1,44 @@
+"""Shared fixtures: the upstream golden data in ../shared/golden and checkpoints made per run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN = Path(os.environ.get("ACESTEP_GOLDEN_DIR", ROOT.parent / "shared" / "golden"))
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> Path:
+    """The upstream reference numbers (read from ../shared, never copied into the project)."""
+    if not (GOLDEN / "manifest.json").exists():
+        pytest.fail(f"golden fixtures not found at {GOLDEN} (set ACESTEP_GOLDEN_DIR)")
+    return GOLDEN
+
+
+@pytest.fixture(scope="session")
+def golden_components(golden_dir: Path) -> dict[str, np.ndarray]:
+    with np.load(golden_dir / "components.npz") as z:
+        return {k: z[k] for k in z.files}
+
+
+@pytest.fixture(scope="session")
+def golden_cases(golden_dir: Path) -> dict[str, dict]:
+    data = json.loads((golden_dir / "cases" / "cases.json").read_text())
+    return {c["name"]: c for c in data["cases"]}
+
+
+@pytest.fixture(scope="session")
+def golden_ckpt(golden_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The golden checkpoint in the official four-folder layout, materialised once per run."""
+    out = tmp_path_factory.mktemp("golden_ckpt")
+    subprocess.run([sys.executable, str(golden_dir / "materialize.py"), str(out)], check=True,
+                   stdout=subprocess.DEVNULL)
+    return out
