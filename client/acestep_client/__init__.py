@@ -5,3 +5,22 @@ The request schema (``acestep_client.params``) is shared by client, server and f
 """
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "AceStepClient": "client",
+    "GenerationResult": "client",
+    "ServerError": "client",
+    "ServerUnavailable": "client",
+    "GenerationCancelled": "client",
+    "GenerationParams": "params",
+    "ParamError": "params",
+}
+
+
+def __getattr__(name: str) -> object:
+    """Lazy re-exports: the server imports only the schema and must not load tritonclient."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

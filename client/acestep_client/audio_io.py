@@ -1,0 +1,57 @@
+"""Writing generated audio to wav / flac / ogg / mp3 with soundfile (libsndfile).
+
+The encodings are chosen once here: WAV keeps the model's float32 samples untouched (as
+upstream's float WAV did); FLAC stores 24-bit PCM (it has no float mode), OGG is Vorbis and MP3
+is MPEG layer III. Integer and lossy encodings get samples clipped to [-1, 1] first, because
+libsndfile would otherwise wrap overshooting peaks into loud clicks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from acestep_client.params import AUDIO_FORMATS
+
+ENCODINGS: dict[str, tuple[str, str]] = {
+    "wav": ("WAV", "FLOAT"),
+    "flac": ("FLAC", "PCM_24"),
+    "ogg": ("OGG", "VORBIS"),
+    "mp3": ("MP3", "MPEG_LAYER_III"),
+}
+"""format -> (libsndfile container, subtype)."""
+assert set(ENCODINGS) == set(AUDIO_FORMATS), "the schema's formats and the encodings must agree"
+
+
+def format_from_path(path: str | Path, default: str = "wav") -> str:
+    """The audio format named by a file suffix (``song.flac`` -> ``flac``), else ``default``."""
+    suffix = Path(path).suffix.lower().lstrip(".")
+    return suffix if suffix in ENCODINGS else default
+
+
+def write_audio(path: str | Path, audio: np.ndarray, sample_rate: int, format: str | None = None) -> Path:
+    """Write one item, ``audio`` shaped [channels, samples], to ``path`` in ``format``.
+
+    ``format`` defaults to the path's suffix. The suffix is not changed: callers pick names.
+    """
+    fmt = (format or format_from_path(path)).lower()
+    if fmt not in ENCODINGS:
+        raise ValueError(f"format: {fmt!r} is not one of {', '.join(ENCODINGS)}")
+    data = np.asarray(audio, dtype=np.float32)
+    if data.ndim != 2:
+        raise ValueError(f"audio must be [channels, samples], got shape {list(data.shape)}")
+    container, subtype = ENCODINGS[fmt]
+    if subtype != "FLOAT":
+        data = np.clip(data, -1.0, 1.0)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(str(path), np.ascontiguousarray(data.T), int(sample_rate), subtype=subtype, format=container)
+    return path
+
+
+def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
+    """``(audio [channels, samples] float32, sample_rate)`` of an audio file."""
+    data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    return np.ascontiguousarray(data.T), int(rate)

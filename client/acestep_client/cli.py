@@ -1,0 +1,144 @@
+"""``acestep-client generate``: one request from the command line, audio files + parameters JSON out.
+
+Every request field of the schema is a flag, generated from ``GenerationParams.specs()`` (so a
+new schema field is a new flag with no change here), with the short aliases people expect
+(``--duration``, ``--steps``, ``--seeds``). ``--params-json`` starts from a saved parameters file
+(e.g. ``*_params.json`` written next to a previous result); explicit flags override it.
+
+Exit status: 0 done, 1 server error, 2 bad arguments/parameters, 3 server unavailable,
+4 cancelled or timed out, 130 interrupted (Ctrl-C, which also cancels the request server-side).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from acestep_client.client import AceStepClient, GenerationCancelled, ServerError, ServerUnavailable
+from acestep_client.params import GenerationParams, ParamError
+
+ALIASES = {"audio_duration": ("--duration",), "infer_step": ("--steps",), "manual_seeds": ("--seeds",)}
+URL_ENV = "ACESTEP_URL"
+
+
+class ProgressPrinter:
+    """A plain-text progress bar on stderr: redrawn in place on a terminal, otherwise one line
+    per tenth so logs stay readable."""
+
+    def __init__(self, stream: TextIO | None = None, width: int = 30) -> None:
+        self.stream = stream or sys.stderr
+        self.width = width
+        self.start = time.monotonic()
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._last_tenth = -1
+
+    def __call__(self, step: int, total: int) -> None:
+        total = max(total, 1)
+        fraction = min(max(step / total, 0.0), 1.0)
+        filled = round(fraction * self.width)
+        elapsed = time.monotonic() - self.start
+        eta = elapsed / fraction - elapsed if fraction > 0 else 0.0
+        line = (f"[{'#' * filled}{'.' * (self.width - filled)}] {step}/{total} steps "
+                f"{elapsed:5.1f}s elapsed, {eta:5.1f}s left")
+        if self.tty:
+            self.stream.write("\r" + line + ("\n" if step >= total else ""))
+        else:
+            tenth = int(fraction * 10)
+            if tenth == self._last_tenth:
+                return
+            self._last_tenth = tenth
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="acestep-client", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate music and write audio files")
+    gen.add_argument("--url", default=os.environ.get(URL_ENV, "localhost:8001"),
+                     help=f"Triton gRPC address (env {URL_ENV}; default %(default)s)")
+    gen.add_argument("--endpoint", default=None, help="endpoint model (default: the task)")
+    gen.add_argument("--params-json", type=Path, default=None,
+                     help="start from a saved parameters JSON; flags given override its values")
+    gen.add_argument("--out", type=Path, default=Path("."), help="output folder (default: current)")
+    gen.add_argument("--name", default=None, help="file name stem (default: <task>_<timestamp>)")
+    gen.add_argument("--timeout", type=float, default=None, help="seconds before cancelling")
+    gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    fields = gen.add_argument_group("generation parameters")
+    for spec in GenerationParams.specs():
+        flags = [_flag(spec.name), *ALIASES.get(spec.name, ())]
+        kwargs: dict[str, Any] = {"dest": spec.name, "default": None,
+                                  "help": f"{spec.help} (default: {spec.default!r})"}
+        if spec.python_type is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = spec.python_type
+            if spec.choices:
+                kwargs["choices"] = spec.choices
+        fields.add_argument(*flags, **kwargs)
+    return parser
+
+
+def params_from_args(args: argparse.Namespace) -> GenerationParams:
+    """Schema defaults < ``--params-json`` < explicit flags; validated (``ParamError`` names the field)."""
+    base: dict[str, Any] = {}
+    if args.params_json is not None:
+        try:
+            base = json.loads(Path(args.params_json).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ParamError("params_json", f"cannot read {args.params_json}: {exc}") from exc
+        if not isinstance(base, dict):
+            raise ParamError("params_json", "must hold a JSON object")
+    overrides = {s.name: getattr(args, s.name) for s in GenerationParams.specs()
+                 if getattr(args, s.name) is not None}
+    return GenerationParams.from_mapping({**base, **overrides})
+
+
+def run_generate(args: argparse.Namespace, stderr: TextIO | None = None) -> int:
+    stderr = stderr or sys.stderr
+    try:
+        params = params_from_args(args)
+    except ParamError as exc:
+        print(f"error: {exc}", file=stderr)
+        return 2
+    progress = None if args.quiet else ProgressPrinter(stderr)
+    client = AceStepClient(args.url)
+    try:
+        result = client.generate(params, endpoint=args.endpoint, on_progress=progress, timeout=args.timeout)
+    except ServerUnavailable as exc:
+        print(f"error: server unavailable: {exc}", file=stderr)
+        return 3
+    except ServerError as exc:
+        print(f"error: server: {exc}", file=stderr)
+        return 1
+    except GenerationCancelled as exc:
+        print(f"error: {exc}", file=stderr)
+        return 4
+    except KeyboardInterrupt:
+        print("\ninterrupted; request cancelled", file=stderr)
+        return 130
+    stem = args.name or f"{params.task}_{time.strftime('%Y%m%d_%H%M%S')}"
+    for path in result.save(args.out, params.format, stem=stem):
+        print(path)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "generate":
+        return run_generate(args)
+    return 2  # pragma: no cover - argparse requires a command
+
+
+if __name__ == "__main__":
+    sys.exit(main())

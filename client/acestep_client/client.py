@@ -1,0 +1,325 @@
+"""Typed gRPC client for the ACE-Step endpoints (decoupled streaming over ``tritonclient.grpc``).
+
+An endpoint streams one ``progress`` (step, total) response per denoising step and ends with a
+response carrying ``audio`` [B, 2, N], ``sample_rate`` and ``params_json``. :meth:`generate`
+drives that stream and turns its failure modes into three exceptions a caller can act on:
+:class:`ServerUnavailable` (nothing listening, endpoint not loaded: retry elsewhere/later),
+:class:`ServerError` (the server refused or failed the request; its message names the field
+for bad input) and :class:`GenerationCancelled` (``cancel()``, a timeout, or Ctrl-C).
+
+Stream callbacks run on tritonclient's reader thread; they only queue what arrives, and the
+calling thread does everything else (progress callback included), so user code never runs on
+a gRPC thread and ``cancel()`` may be called from the progress callback itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import queue
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from acestep_client.audio_io import ENCODINGS, format_from_path, write_audio
+from acestep_client.params import GenerationParams, params_to_wire
+
+ProgressCallback = Callable[[int, int], None]
+_POLL_S = 0.1
+"""How often a waiting generate() looks at its cancel flag and deadline."""
+
+
+class AceStepError(Exception):
+    """Base of the client's errors."""
+
+
+class ServerUnavailable(AceStepError):  # noqa: N818 - the name users catch
+    """No server answers at the URL, or the endpoint is not loaded and ready there."""
+
+
+class ServerError(AceStepError):
+    """The server failed the request. ``field`` names the request field when the server
+    rejected an input (its message then starts with ``"<field>: "``), else ``None``."""
+
+    def __init__(self, message: str, *, status: str | None = None, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.field = field
+
+
+class GenerationCancelled(AceStepError):  # noqa: N818 - the name users catch
+    """The generation was stopped before it finished (``cancel()``, timeout, interrupt)."""
+
+
+class GenerationTimeout(GenerationCancelled, TimeoutError):  # noqa: N818
+    """The generation did not finish within ``timeout`` seconds (and was cancelled)."""
+
+
+_FIELD_NAMES = frozenset(s.name for s in GenerationParams.specs()) | {"json_data"}
+_FIELD_RE = re.compile(r"(?<![\w.])([a-z][a-z0-9_]*): ")
+
+
+def field_of(message: str, extra_names: frozenset[str] = frozenset()) -> str | None:
+    """The schema field a server error message names (``"infer_step: 0 is below..."``)."""
+    known = _FIELD_NAMES | extra_names
+    for match in _FIELD_RE.finditer(message):
+        if match.group(1) in known:
+            return match.group(1)
+    return None
+
+
+@dataclass
+class GenerationResult:
+    """What one request produced: ``audio`` float32 [B, 2, N] at ``sample_rate`` and the
+    parameters the server actually used: ``params`` (with ``actual_seeds``, plus the client-side
+    fields such as ``format``) and ``params_json``, the server's text exactly as received."""
+
+    audio: np.ndarray
+    sample_rate: int
+    params: dict[str, Any]
+    params_json: str
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.audio.shape[0])
+
+    @property
+    def duration_s(self) -> float:
+        return self.audio.shape[-1] / float(self.sample_rate)
+
+    def save(self, path_or_dir: str | Path, format: str | None = None, *, stem: str = "output") -> list[Path]:
+        """Write one audio file per item plus ``<name>_params.json`` beside each.
+
+        ``path_or_dir`` is a folder (files ``<stem>_<i>.<format>``) or, for a path with an audio
+        suffix, a file name (used as is for one item, ``<name>_<i><suffix>`` for several).
+        ``format`` defaults to the suffix, then to the parameters' ``format``, then wav.
+        Returns the audio paths.
+        """
+        target = Path(path_or_dir)
+        is_file = target.suffix.lower().lstrip(".") in ENCODINGS and not target.is_dir()
+        fmt = (format or (format_from_path(target) if is_file else None)
+               or str(self.params.get("format") or "wav")).lower()
+        if fmt not in ENCODINGS:
+            raise ValueError(f"format: {fmt!r} is not one of {', '.join(ENCODINGS)}")
+        if is_file:
+            names = ([target] if self.batch_size == 1 else
+                     [target.with_name(f"{target.stem}_{i}{target.suffix}") for i in range(self.batch_size)])
+        else:
+            names = [target / f"{stem}_{i}.{fmt}" for i in range(self.batch_size)]
+        written = []
+        for i, path in enumerate(names):
+            write_audio(path, self.audio[i], self.sample_rate, fmt)
+            meta = {**self.params, "audio_path": str(path), "batch_index": i}
+            text = json.dumps(meta, ensure_ascii=False, indent=2)
+            path.with_name(f"{path.stem}_params.json").write_text(text, encoding="utf-8")
+            written.append(path)
+        return written
+
+
+class AceStepClient:
+    """Client for one Triton server (``host:port`` of its gRPC endpoint).
+
+    Thread-safe: each :meth:`generate` opens its own stream, so several may run at once;
+    :meth:`cancel` stops all of this client's running generations.
+    """
+
+    def __init__(self, url: str = "localhost:8001", *, ssl: bool = False, verbose: bool = False,
+                 connect_timeout: float = 10.0) -> None:
+        self.url = url
+        self.ssl = ssl
+        self.verbose = verbose
+        self.connect_timeout = connect_timeout
+        self._lock = threading.Lock()
+        self._active: set[threading.Event] = set()
+
+    # ------------------------------------------------------------------------- health
+    def _new_client(self) -> grpcclient.InferenceServerClient:
+        try:
+            return grpcclient.InferenceServerClient(self.url, verbose=self.verbose, ssl=self.ssl)
+        except InferenceServerException as exc:
+            raise ServerUnavailable(f"cannot reach {self.url}: {exc.message()}") from exc
+
+    def _check_ready(self, client: grpcclient.InferenceServerClient, endpoint: str) -> None:
+        try:
+            live = client.is_server_live(client_timeout=self.connect_timeout)
+            ready = live and client.is_model_ready(endpoint, client_timeout=self.connect_timeout)
+        except InferenceServerException as exc:
+            raise ServerUnavailable(f"no Triton server answers at {self.url}: {exc.message()}") from exc
+        if not live:
+            raise ServerUnavailable(f"the Triton server at {self.url} is not live")
+        if not ready:
+            raise ServerUnavailable(f"endpoint {endpoint!r} is not loaded and ready on {self.url}")
+
+    def is_ready(self, endpoint: str | None = None) -> bool:
+        """True when the server (and ``endpoint``, if given) answers ready."""
+        client = self._new_client()
+        try:
+            if endpoint is None:
+                return bool(client.is_server_ready(client_timeout=self.connect_timeout))
+            self._check_ready(client, endpoint)
+            return True
+        except (InferenceServerException, ServerUnavailable):
+            return False
+        finally:
+            client.close()
+
+    # ------------------------------------------------------------------------- generation
+    def cancel(self) -> None:
+        """Stop every generation this client is running (each raises GenerationCancelled)."""
+        with self._lock:
+            for event in self._active:
+                event.set()
+
+    @staticmethod
+    def build_inputs(params: GenerationParams,
+                     extra_inputs: Mapping[str, np.ndarray] | None = None) -> list[grpcclient.InferInput]:
+        """One typed ``[1]`` tensor per schema wire field (+ task tensors such as source audio)."""
+        inputs = []
+        wire = params_to_wire(params)
+        for spec in GenerationParams.wire_specs():
+            array = wire[spec.name]
+            tensor = grpcclient.InferInput(spec.name, list(array.shape), spec.triton_dtype)
+            tensor.set_data_from_numpy(array)
+            inputs.append(tensor)
+        for name, value in (extra_inputs or {}).items():
+            array = np.ascontiguousarray(value)
+            dtype = "BYTES" if array.dtype == object else _numpy_to_triton(array.dtype)
+            tensor = grpcclient.InferInput(name, list(array.shape), dtype)
+            tensor.set_data_from_numpy(array)
+            inputs.append(tensor)
+        return inputs
+
+    def generate(self, params: GenerationParams, *, endpoint: str | None = None,
+                 on_progress: ProgressCallback | None = None, timeout: float | None = None,
+                 validate: bool = True, extra_inputs: Mapping[str, np.ndarray] | None = None
+                 ) -> GenerationResult:
+        """Run one request on ``endpoint`` (default: ``params.task``) and wait for its audio.
+
+        ``on_progress(step, total)`` is called in this thread for every progress response.
+        ``validate`` checks the parameters locally first (a ``ParamError`` names the field);
+        the server validates again either way.
+        """
+        if validate:
+            params.validate()
+        endpoint = endpoint or params.task
+        inputs = self.build_inputs(params, extra_inputs)
+        client = self._new_client()
+        cancelled = threading.Event()
+        with self._lock:
+            self._active.add(cancelled)
+        events: queue.Queue[tuple[Any, Any]] = queue.Queue()
+        finished = False
+        try:
+            self._check_ready(client, endpoint)
+            try:
+                client.start_stream(callback=lambda result=None, error=None: events.put((result, error)))
+                client.async_stream_infer(endpoint, inputs, request_id=uuid.uuid4().hex,
+                                          enable_empty_final_response=True)
+            except InferenceServerException as exc:
+                raise _translate(exc, self.url) from exc
+            result = self._collect(events, cancelled, endpoint, on_progress, timeout)
+            finished = True
+            # Client-side fields (the file format) never travel; record them with the rest.
+            for spec in GenerationParams.specs():
+                if not spec.wire:
+                    result.params[spec.name] = getattr(params, spec.name)
+            return result
+        finally:
+            with self._lock:
+                self._active.discard(cancelled)
+            # Anything but a clean finish (error, cancel, timeout, Ctrl-C, a raising progress
+            # callback) cancels the request on the server so it stops spending compute. Closing
+            # is best effort: the request's outcome is already decided.
+            with contextlib.suppress(Exception):
+                client.stop_stream(cancel_requests=not finished)
+            client.close()
+
+    def _collect(self, events: queue.Queue[tuple[Any, Any]], cancelled: threading.Event, endpoint: str,
+                 on_progress: ProgressCallback | None, timeout: float | None) -> GenerationResult:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        chunks: list[np.ndarray] = []
+        sample_rate: int | None = None
+        params_json: str | None = None
+        while True:
+            if cancelled.is_set():
+                raise GenerationCancelled(f"generation on {endpoint!r} cancelled")
+            wait = _POLL_S
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise GenerationTimeout(f"generation on {endpoint!r} did not finish within {timeout:g} s")
+                wait = min(wait, left)
+            try:
+                result, error = events.get(timeout=wait)
+            except queue.Empty:
+                continue
+            if error is not None:
+                raise _translate(error, self.url)
+            progress = result.as_numpy("progress")
+            if progress is not None and on_progress is not None:
+                on_progress(int(progress[0]), int(progress[1]))
+            audio = result.as_numpy("audio")
+            if audio is not None:
+                chunks.append(audio.astype(np.float32, copy=False))
+            rate = result.as_numpy("sample_rate")
+            if rate is not None:
+                sample_rate = int(rate.reshape(-1)[0])
+            text = result.as_numpy("params_json")
+            if text is not None:
+                raw = text.reshape(-1)[0]
+                params_json = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+            if _is_final(result):
+                break
+        if not chunks or sample_rate is None or params_json is None:
+            raise ServerError(f"endpoint {endpoint!r} ended its stream without audio, sample_rate and "
+                              f"params_json")
+        # An endpoint may stream the audio in pieces along time; join them in order.
+        audio = chunks[0] if len(chunks) == 1 else np.concatenate(chunks, axis=-1)
+        return GenerationResult(audio=audio, sample_rate=sample_rate, params=json.loads(params_json),
+                                params_json=params_json)
+
+    def close(self) -> None:
+        self.cancel()
+
+    def __enter__(self) -> AceStepClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _is_final(result: Any) -> bool:
+    parameters = result.get_response().parameters
+    return "triton_final_response" in parameters and parameters["triton_final_response"].bool_param
+
+
+def _translate(error: Any, url: str) -> AceStepError:
+    """Map a stream error to the client's exceptions."""
+    if not isinstance(error, InferenceServerException):
+        return ServerError(str(error))
+    status = str(error.status() or "")
+    message = error.message() or str(error)
+    if status.endswith("UNAVAILABLE"):
+        return ServerUnavailable(f"lost the Triton server at {url}: {message}")
+    if status.endswith("CANCELLED"):
+        return GenerationCancelled(message)
+    return ServerError(message, status=status or None, field=field_of(message))
+
+
+def _numpy_to_triton(dtype: np.dtype) -> str:
+    from tritonclient.utils import np_to_triton_dtype
+
+    name = np_to_triton_dtype(np.dtype(dtype))
+    if name is None:
+        raise ValueError(f"numpy dtype {dtype} has no Triton equivalent")
+    return name

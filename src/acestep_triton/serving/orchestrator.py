@@ -1,0 +1,196 @@
+"""The endpoint models: the shared pipeline driven through BLS calls to the served components.
+
+Each task endpoint (``text2music`` …) is a decoupled Python-backend model whose ``model.py`` is
+a two-line shim importing :class:`TritonPythonModel` from here. It
+
+* reads one optional ``[1]`` tensor per request-schema field and validates them with the one
+  schema (errors name the field and end only that request);
+* runs :class:`~acestep_triton.pipeline.MusicGenerator` with :class:`TritonDenoiser`, whose six
+  methods are BLS requests to the six component models (tensors cross by DLPack, no copies);
+* streams ``progress`` (step, total) after every sampling step, checks for cancellation
+  between steps, and ends with ``audio`` [B,2,N] FP32 at 48 kHz, ``sample_rate`` and
+  ``params_json`` (every parameter and the actual seeds).
+
+``triton_python_backend_utils`` only exists inside the Python-backend stub, so it is imported
+lazily; everything else here is plain torch and unit-testable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from acestep_client.params import GenerationParams, ParamError, params_from_wire
+
+from ..pipeline import MusicGenerator
+from ..sampling import SamplingCancelled
+from .assets import ServingAssets, load_assets
+
+LOG = logging.getLogger("acestep_triton.orchestrator")
+
+#: Called as ``call(model_name, {input_name: tensor}, [output_names]) -> [tensors]``.
+ComponentCall = Callable[[str, Mapping[str, torch.Tensor], Sequence[str]], list[torch.Tensor]]
+
+
+def _rows(scale: torch.Tensor, batch: int) -> torch.Tensor:
+    """A query scale as the served [B, layers] (a shared [layers] vector is repeated per row)."""
+    scale = scale.to(torch.float32)
+    if scale.dim() == 1:
+        scale = scale.unsqueeze(0).expand(batch, -1)
+    return scale.contiguous()
+
+
+class TritonDenoiser:
+    """The :class:`~acestep_triton.sampling.Denoiser` over the served component models."""
+
+    def __init__(self, call: ComponentCall, text_layers: int, lyric_layers: int, dit_layers: int) -> None:
+        self._call = call
+        self.text_layers = text_layers
+        self.lyric_layers = lyric_layers
+        self.dit_layers = dit_layers
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    query_scale: torch.Tensor) -> torch.Tensor:
+        (states,) = self._call("text_encoder", {
+            "input_ids": input_ids, "attention_mask": attention_mask,
+            "query_scale": _rows(query_scale, input_ids.shape[0])}, ["last_hidden_state"])
+        return states
+
+    def encode_conditions(self, text_states: torch.Tensor, text_mask: torch.Tensor, speaker: torch.Tensor,
+                          lyric_ids: torch.Tensor, lyric_mask: torch.Tensor,
+                          lyric_query_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        states, mask = self._call("condition_encoder", {
+            "text_states": text_states, "text_mask": text_mask, "speaker": speaker,
+            "lyric_ids": lyric_ids, "lyric_mask": lyric_mask,
+            "lyric_query_scale": _rows(lyric_query_scale, text_states.shape[0])},
+            ["encoder_states", "encoder_mask"])
+        return states, mask
+
+    def predict_velocity(self, latents: torch.Tensor, latent_mask: torch.Tensor,
+                         encoder_states: torch.Tensor, encoder_mask: torch.Tensor,
+                         timestep: torch.Tensor, query_scale: torch.Tensor) -> torch.Tensor:
+        (velocity,) = self._call("dit_decoder", {
+            "latents": latents, "latent_mask": latent_mask, "encoder_states": encoder_states,
+            "encoder_mask": encoder_mask, "timestep": timestep.reshape(-1).expand(latents.shape[0]),
+            "query_scale": _rows(query_scale, latents.shape[0])}, ["velocity"])
+        return velocity
+
+    def encode_mel(self, mel: torch.Tensor) -> torch.Tensor:
+        return self._call("dcae_encoder", {"mel": mel}, ["latents"])[0]
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return self._call("dcae_decoder", {"latents": latents}, ["mel"])[0]
+
+    def vocode(self, mel: torch.Tensor) -> torch.Tensor:
+        return self._call("vocoder", {"mel": mel}, ["waveform"])[0]
+
+
+def bls_call(pb_utils: Any) -> ComponentCall:
+    """A :data:`ComponentCall` issuing synchronous BLS requests; tensors cross by DLPack."""
+    from torch.utils.dlpack import to_dlpack
+
+    from ..export.specs import COMPONENTS
+
+    def call(model: str, inputs: Mapping[str, torch.Tensor], outputs: Sequence[str]) -> list[torch.Tensor]:
+        spec = COMPONENTS[model]
+        tensors = []
+        for name, value in inputs.items():
+            value = value.detach().reshape(spec.request_shape(name, tuple(value.shape)))
+            tensors.append(pb_utils.Tensor.from_dlpack(name, to_dlpack(value.contiguous())))
+        request = pb_utils.InferenceRequest(model_name=model, requested_output_names=list(outputs),
+                                            inputs=tensors)
+        response = request.exec()
+        if response.has_error():
+            raise RuntimeError(f"{model}: {response.error().message()}")
+        # clone: the response's memory is released with the response object
+        return [torch.from_dlpack(pb_utils.get_output_tensor_by_name(response, name).to_dlpack()).clone()
+                for name in outputs]
+
+    return call
+
+
+def read_request_fields(get_input: Callable[[str], Any]) -> GenerationParams:
+    """Build validated parameters from a request (``get_input(name)`` → numpy array or None)."""
+    arrays = {}
+    for spec in GenerationParams.wire_specs():
+        arrays[spec.name] = get_input(spec.name)
+    return params_from_wire(arrays)
+
+
+class TritonPythonModel:
+    """The decoupled endpoint model (the ``model.py`` shims re-export this class)."""
+
+    def initialize(self, args: dict[str, Any]) -> None:
+        import triton_python_backend_utils as pb_utils
+
+        self.pb = pb_utils
+        config = json.loads(args["model_config"])
+        parameters = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        self.model_name = config["name"]
+        self.task = parameters.get("task", "text2music")
+        if self.task != "text2music":
+            raise ValueError(f"{self.model_name}: task {self.task!r} is not served yet")
+        assets_dir = parameters.get("assets_dir")
+        if not assets_dir:
+            raise ValueError(f"{self.model_name}: config parameter 'assets_dir' is required")
+        torch.set_num_threads(max(1, int(parameters.get("torch_threads", "1"))))
+        assets: ServingAssets = load_assets(assets_dir)
+        denoiser = TritonDenoiser(bls_call(pb_utils), assets.text_layers, assets.lyric_layers,
+                                  assets.dit_layers)
+        self.generator = MusicGenerator(denoiser, assets.prompt_tokenizer, assets.lyric_tokenizer,
+                                        assets.mel)
+        LOG.info("%s ready (task %s, assets %s)", self.model_name, self.task, assets_dir)
+
+    def execute(self, requests: list[Any]) -> None:
+        for request in requests:
+            self._serve(request)
+        return None
+
+    def _serve(self, request: Any) -> None:
+        pb = self.pb
+        sender = request.get_response_sender()
+        final = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+        def get_input(name: str) -> Any:
+            tensor = pb.get_input_tensor_by_name(request, name)
+            return None if tensor is None else tensor.as_numpy()
+
+        def progress(step: int, total: int) -> None:
+            out = pb.Tensor("progress", np.array([step, total], dtype=np.int32))
+            sender.send(pb.InferenceResponse(output_tensors=[out]))
+
+        started = time.perf_counter()
+        try:
+            params = read_request_fields(get_input)
+            output = self.generator.generate(params, progress=progress,
+                                             should_cancel=request.is_cancelled)
+        except ParamError as exc:
+            sender.send(pb.InferenceResponse(error=pb.TritonError(str(exc))), flags=final)
+            return
+        except SamplingCancelled as exc:
+            LOG.info("%s: cancelled at step %d of %d", self.model_name, exc.step, exc.total)
+            sender.send(flags=final)
+            return
+        except Exception as exc:  # never take the server down: report and end this request
+            LOG.error("%s failed: %s", self.model_name, traceback.format_exc())
+            message = f"internal error in {self.model_name}: {type(exc).__name__}: {exc}"
+            sender.send(pb.InferenceResponse(error=pb.TritonError(message)), flags=final)
+            return
+        output.record["timecosts"] = {"total": time.perf_counter() - started}
+        audio = output.audio.to(torch.float32).contiguous().numpy()
+        tensors = [
+            pb.Tensor("audio", audio),
+            pb.Tensor("sample_rate", np.array([output.sample_rate], dtype=np.int32)),
+            pb.Tensor("params_json", np.array([json.dumps(output.record, ensure_ascii=False).encode()],
+                                              dtype=object)),
+        ]
+        sender.send(pb.InferenceResponse(output_tensors=tensors), flags=final)
+
+    def finalize(self) -> None:
+        LOG.info("%s unloaded", getattr(self, "model_name", "orchestrator"))

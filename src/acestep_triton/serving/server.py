@@ -1,0 +1,459 @@
+"""Run a real ``tritonserver`` process: locate it, prepare it, start it, wait for it, stop it.
+
+On a CPU-only machine the server comes from the ``nvidia-pytriton`` wheel, which bundles a
+complete ``tritonserver`` (with its shared libraries and the Python backend) under
+``site-packages/pytriton/tritonserver``. A bare ``tritonserver`` from that wheel needs three
+things pytriton normally does for it at run time, and this module does them once, here:
+
+* the Python-backend stub built for the running interpreter must sit next to the backend
+  library (otherwise the server logs ``triton_python_backend_stub is not found`` and exits);
+* ``LD_LIBRARY_PATH`` must name the wheel's ``nvidia_pytriton.libs`` and the interpreter's
+  ``LIBDIR`` (the stub loads ``libpython3.x.so``; the system one may be missing or wrong);
+* ``PATH`` must start with the virtualenv's ``bin`` so the stub's ``python3`` sees the
+  virtualenv's packages (torch, onnxruntime, this project).
+
+In the NGC image (``/opt/tritonserver``) all of that is already in place; :class:`TritonInstall`
+handles both layouts. We do not import ``pytriton`` itself: its ``__init__`` pulls optional
+dependencies (gevent) that serving does not need.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import filecmp
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+NGC_ROOT = Path("/opt/tritonserver")
+ROOT_ENV = "ACESTEP_TRITON_ROOT"
+"""Environment variable naming a tritonserver install root (``bin/``, ``backends/``, ``caches/``)."""
+
+_ADDRESS_IN_USE = ("address already in use", "failed to start grpc", "failed to start http",
+                   "failed to bind")
+
+
+class TritonServerError(RuntimeError):
+    """The server could not be found, prepared, started or stopped. Carries the log tail."""
+
+
+@dataclass(frozen=True)
+class TritonInstall:
+    """Where a tritonserver installation keeps its binary, backends, caches and libraries."""
+
+    root: Path
+    binary: Path
+    backend_dir: Path
+    cache_dir: Path
+    stubs_dir: Path | None = None
+    """``python_backend_stubs/<major.minor>/`` folders (pip wheel only)."""
+    libs_dir: Path | None = None
+    """Bundled shared libraries (pip wheel only: ``site-packages/nvidia_pytriton.libs``)."""
+
+    @classmethod
+    def from_root(cls, root: Path, libs_dir: Path | None = None) -> TritonInstall:
+        root = Path(root)
+        stubs = root / "python_backend_stubs"
+        return cls(root=root, binary=root / "bin" / "tritonserver", backend_dir=root / "backends",
+                   cache_dir=root / "caches", stubs_dir=stubs if stubs.is_dir() else None,
+                   libs_dir=libs_dir)
+
+    @classmethod
+    def locate(cls, root: str | Path | None = None) -> TritonInstall:
+        """Find tritonserver: ``root`` > ``$ACESTEP_TRITON_ROOT`` > the pytriton wheel > NGC.
+
+        The wheel is found through its import spec without importing it.
+        """
+        explicit = root or os.environ.get(ROOT_ENV)
+        if explicit:
+            install = cls.from_root(Path(explicit))
+        else:
+            install = cls._from_wheel() or (cls.from_root(NGC_ROOT) if NGC_ROOT.is_dir() else None)
+        if install is None or not install.binary.is_file():
+            where = install.binary if install is not None else "nvidia-pytriton wheel, /opt/tritonserver"
+            raise TritonServerError(
+                f"tritonserver not found ({where}). Install the serve extra "
+                f"(pip install 'acestep-triton[serve]', which brings nvidia-pytriton==0.7.0), "
+                f"use the NGC tritonserver image, or set {ROOT_ENV} to an install root.")
+        return install
+
+    @classmethod
+    def _from_wheel(cls) -> TritonInstall | None:
+        spec = importlib.util.find_spec("pytriton")
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        package = Path(next(iter(spec.submodule_search_locations)))
+        root = package / "tritonserver"
+        if not root.is_dir():
+            return None
+        libs = package.parent / "nvidia_pytriton.libs"
+        return cls.from_root(root, libs_dir=libs if libs.is_dir() else None)
+
+    # ------------------------------------------------------------------------- preparation
+    @property
+    def python_stub(self) -> Path:
+        return self.backend_dir / "python" / "triton_python_backend_stub"
+
+    def ensure_python_stub(self, version: str | None = None) -> Path:
+        """Put the stub built for ``version`` (default: the running Python) beside the backend.
+
+        Done once: an identical stub already in place is left alone. The copy goes through a
+        temporary file and ``os.replace`` so a concurrently starting server never sees half a
+        binary.
+        """
+        target = self.python_stub
+        if self.stubs_dir is None:  # NGC layout: the stub ships in place for the image's Python
+            if not target.is_file():
+                raise TritonServerError(f"Python backend stub missing: {target}")
+            return target
+        version = version or f"{sys.version_info.major}.{sys.version_info.minor}"
+        source = self.stubs_dir / version / "triton_python_backend_stub"
+        if not source.is_file():
+            available = sorted(p.name for p in self.stubs_dir.iterdir() if p.is_dir())
+            raise TritonServerError(f"no Python backend stub for Python {version} in {self.stubs_dir} "
+                                    f"(available: {', '.join(available)})")
+        if target.is_file() and filecmp.cmp(source, target, shallow=False):
+            return target
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".stub-", dir=target.parent)
+            os.close(fd)
+            shutil.copy2(source, tmp)
+            os.replace(tmp, target)
+        except OSError as exc:
+            raise TritonServerError(f"cannot install the Python backend stub into {target}: {exc}") from exc
+        return target
+
+    def environment(self, base: dict[str, str] | None = None) -> dict[str, str]:
+        """The server's environment: bundled libraries + libpython first, virtualenv bin on PATH."""
+        env = dict(os.environ if base is None else base)
+        lib_dirs = [str(p) for p in (self.libs_dir, _python_libdir()) if p is not None]
+        env["LD_LIBRARY_PATH"] = _prepend(lib_dirs, env.get("LD_LIBRARY_PATH", ""))
+        env["PATH"] = _prepend([sysconfig.get_path("scripts")], env.get("PATH", ""))
+        return env
+
+
+def _python_libdir() -> Path | None:
+    libdir = sysconfig.get_config_var("LIBDIR")
+    return Path(libdir) if libdir and Path(libdir).is_dir() else None
+
+
+def _prepend(first: Sequence[str], rest: str) -> str:
+    parts = list(first) + [p for p in rest.split(os.pathsep) if p and p not in first]
+    return os.pathsep.join(parts)
+
+
+def free_ports(count: int = 3) -> list[int]:
+    """``count`` distinct TCP ports that were free a moment ago (held open together while chosen)."""
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def tail(path: Path | None, lines: int = 40) -> str:
+    """The last ``lines`` lines of a log file (empty when there is none), without the ASCII
+    tables Triton prints at start-up, which would crowd out the error lines."""
+    if path is None or not path.is_file():
+        return ""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - 64 * 1024))
+        text = f.read().decode("utf-8", errors="replace")
+    kept = [line for line in text.splitlines() if not line.startswith(("|", "+-"))]
+    return "\n".join(kept[-lines:])
+
+
+class TritonServer:
+    """One ``tritonserver`` process serving a model repository.
+
+    Use as a context manager, or ``start()`` / ``stop()``. Ports left as ``None`` are chosen
+    free at start (and re-chosen once more if the server loses a race for them). Start-up is
+    judged by ``/v2/health/ready``, not by log lines: the server logs harmless errors on CPU
+    (pinned memory, CUDA driver). A server that has not become ready within
+    ``startup_timeout`` is stopped and :class:`TritonServerError` carries its log tail.
+    """
+
+    def __init__(self, repository: str | Path, *, grpc_port: int | None = None,
+                 http_port: int | None = None, metrics_port: int | None = None,
+                 log_path: str | Path | None = None, log_verbose: int = 0,
+                 startup_timeout: float = 120.0, stop_timeout: float = 30.0,
+                 extra_args: Sequence[str] = (), install: TritonInstall | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        """``log_path``: file for the server's stdout/stderr (``None``: a new temporary file,
+        ``"-"``: inherit this process's streams, as a container entry point wants)."""
+        self.repository = Path(repository).resolve()
+        self._requested_ports = (grpc_port, http_port, metrics_port)
+        self.grpc_port, self.http_port, self.metrics_port = grpc_port, http_port, metrics_port
+        self.log_verbose = log_verbose
+        self.startup_timeout = startup_timeout
+        self.stop_timeout = stop_timeout
+        self.extra_args = list(extra_args)
+        self._install = install
+        self._env = env
+        self._inherit_log = str(log_path) == "-"
+        self.log_path: Path | None = None if log_path is None or self._inherit_log else Path(log_path)
+        self._owns_log = log_path is None
+        self._process: subprocess.Popen[bytes] | None = None
+        self._finalizer: weakref.finalize | None = None
+
+    # ------------------------------------------------------------------------- addresses
+    @property
+    def grpc_url(self) -> str:
+        """``host:port`` for ``tritonclient.grpc`` / :class:`acestep_client.AceStepClient`."""
+        return f"localhost:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"localhost:{self.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://localhost:{self.metrics_port}/metrics"
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def command(self, install: TritonInstall) -> list[str]:
+        return [
+            str(install.binary),
+            f"--model-repository={self.repository}",
+            f"--backend-directory={install.backend_dir}",
+            f"--cache-directory={install.cache_dir}",
+            f"--grpc-port={self.grpc_port}",
+            f"--http-port={self.http_port}",
+            f"--metrics-port={self.metrics_port}",
+            "--allow-gpu-metrics=false",
+            "--exit-on-error=true",
+            "--strict-readiness=true",
+            f"--log-verbose={self.log_verbose}",
+            *self.extra_args,
+        ]
+
+    # ------------------------------------------------------------------------- lifecycle
+    def start(self) -> TritonServer:
+        """Launch the server and block until it is ready (or raise with the log tail)."""
+        if self.running:
+            return self
+        if not self.repository.is_dir():
+            raise TritonServerError(f"model repository not found: {self.repository}")
+        install = self._install or TritonInstall.locate()
+        install.ensure_python_stub()
+        auto_ports = any(p is None for p in self._requested_ports)
+        attempts = 3 if auto_ports else 1
+        for attempt in range(attempts):
+            self._assign_ports()
+            try:
+                self._launch(install)
+                self._wait_ready()
+                return self
+            except TritonServerError as exc:
+                lost_port_race = any(s in str(exc).lower() for s in _ADDRESS_IN_USE)
+                if not (lost_port_race and attempt + 1 < attempts):
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _assign_ports(self) -> None:
+        chosen = iter(free_ports(3))
+        self.grpc_port, self.http_port, self.metrics_port = (
+            p if p is not None else next(chosen) for p in self._requested_ports)
+
+    def _launch(self, install: TritonInstall) -> None:
+        if self._finalizer is not None:  # from an attempt that lost a port race
+            self._finalizer.detach()
+        if self._inherit_log:
+            out = None
+        else:
+            if self.log_path is None:
+                fd, name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
+                os.close(fd)
+                self.log_path = Path(name)
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            out = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child, closed below
+        try:
+            # A new session: Ctrl-C in a terminal reaches us, not the server directly, so that
+            # shutdown is always the orderly SIGTERM below; its group lets SIGKILL reach the stubs.
+            self._process = subprocess.Popen(
+                self.command(install), env=install.environment(self._env), stdin=subprocess.DEVNULL,
+                stdout=out, stderr=subprocess.STDOUT if out is not None else None,
+                start_new_session=True)
+        except OSError as exc:
+            raise TritonServerError(f"cannot start {install.binary}: {exc}") from exc
+        finally:
+            if out is not None:
+                out.close()
+        self._finalizer = weakref.finalize(self, _terminate, self._process, self.stop_timeout)
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        url = f"http://127.0.0.1:{self.http_port}/v2/health/ready"
+        while time.monotonic() < deadline:
+            assert self._process is not None
+            code = self._process.poll()
+            if code is not None:
+                self._process = None
+                raise TritonServerError(f"tritonserver exited with status {code} during start-up"
+                                        f"{self._log_excerpt()}")
+            if _http_ok(url):
+                return
+            time.sleep(0.2)
+        self.stop()
+        raise TritonServerError(f"tritonserver not ready after {self.startup_timeout:.0f} s"
+                                f"{self._log_excerpt()}")
+
+    def _log_excerpt(self) -> str:
+        if self.log_path is None:
+            return " (server log went to this process's output)"
+        return f"; log {self.log_path}, last lines:\n{tail(self.log_path)}"
+
+    def is_ready(self) -> bool:
+        return self.running and _http_ok(f"http://127.0.0.1:{self.http_port}/v2/health/ready")
+
+    def wait(self) -> int:
+        """Block until the server exits on its own; its exit status."""
+        if self._process is None:
+            return 0
+        return self._process.wait()
+
+    def stop(self, timeout: float | None = None) -> int | None:
+        """SIGTERM (Triton drains in-flight requests), then SIGKILL after ``timeout`` seconds."""
+        process, self._process = self._process, None
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
+        if process is None:
+            return None
+        code = _terminate(process, self.stop_timeout if timeout is None else timeout)
+        if self._owns_log and self.log_path is not None and code == 0:
+            with contextlib.suppress(OSError):
+                self.log_path.unlink()
+        return code
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.is_file() else ""
+
+    def __enter__(self) -> TritonServer:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+def _terminate(process: subprocess.Popen[bytes], timeout: float) -> int:
+    """Stop one server process we started; kill its process group if it does not stop in time."""
+    if process.poll() is not None:
+        return process.returncode
+    with contextlib.suppress(ProcessLookupError):
+        process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)  # the server and its Python stubs
+        return process.wait()
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1.0) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+# ----------------------------------------------------------------------------------------- CLI
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``serve`` options (shared with the top-level ``acestep-triton`` command)."""
+    parser.add_argument("--repository", required=True, type=Path, help="rendered model repository")
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--log-file", default="-",
+                        help="server log file ('-', the default: this process's output)")
+    parser.add_argument("--log-verbose", type=int, default=0)
+    parser.add_argument("--startup-timeout", type=float, default=600.0,
+                        help="seconds to wait for every model to load")
+    parser.add_argument("--triton-root", default=None,
+                        help=f"tritonserver install root (default: ${ROOT_ENV}, the pip wheel, NGC)")
+    parser.add_argument("extra", nargs="*", help="extra tritonserver options after '--'")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Serve in the foreground until SIGINT/SIGTERM; then stop the server in order."""
+    server = TritonServer(args.repository, grpc_port=args.grpc_port, http_port=args.http_port,
+                          metrics_port=args.metrics_port, log_path=args.log_file,
+                          log_verbose=args.log_verbose, startup_timeout=args.startup_timeout,
+                          extra_args=args.extra, install=TritonInstall.locate(args.triton_root))
+
+    def _on_signal(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, _on_signal)
+    try:
+        server.start()
+        print(f"tritonserver ready: grpc {server.grpc_url}, http {server.http_url}, "
+              f"metrics {server.metrics_url}", file=sys.stderr, flush=True)
+        return server.wait()
+    except KeyboardInterrupt:
+        return 0
+    except TritonServerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        server.stop()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    """Install the Python-backend stub now (e.g. while building an image as root) and show where
+    everything is, so a later non-root ``serve`` needs no write access to site-packages."""
+    try:
+        install = TritonInstall.locate(args.triton_root)
+        stub = install.ensure_python_stub()
+    except TritonServerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"tritonserver: {install.binary}\nbackends: {install.backend_dir}\npython stub: {stub}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``serve --repository DIR [--grpc-port P ...]``: run tritonserver in the foreground;
+    ``prepare``: install the Python-backend stub for this interpreter and exit."""
+    parser = argparse.ArgumentParser(prog="acestep-triton-server", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_serve_arguments(sub.add_parser("serve", help="serve a rendered model repository"))
+    prepare = sub.add_parser("prepare", help="install the Python-backend stub and exit")
+    prepare.add_argument("--triton-root", default=None)
+    args = parser.parse_args(argv)
+    return run_prepare(args) if args.command == "prepare" else run_serve(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""The thin client without a server: dependencies, typed inputs, errors, audio files, the CLI.
+
+The streaming behaviour against a real server is tested in test_serving_infra.py (one server
+per session); everything here runs in milliseconds.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from acestep_client import cli
+from acestep_client.audio_io import ENCODINGS, format_from_path, read_audio, write_audio
+from acestep_client.client import (
+    AceStepClient,
+    GenerationCancelled,
+    GenerationResult,
+    ServerError,
+    ServerUnavailable,
+    _translate,
+    field_of,
+)
+from acestep_client.params import AUDIO_FORMATS, GenerationParams, ParamError
+from tritonclient.utils import InferenceServerException
+
+RATE = 48000
+
+
+def test_client_imports_without_torch_or_the_server_package() -> None:
+    """The client must install alone: only tritonclient[grpc], numpy, soundfile and the stdlib."""
+    code = textwrap.dedent("""
+        import importlib.abc, sys
+        BLOCKED = {"torch", "onnxruntime", "onnx", "acestep_triton", "transformers", "diffusers",
+                   "triton_python_backend_utils", "pytriton"}
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in BLOCKED:
+                    raise ImportError(f"blocked import: {name}")
+                return None
+        sys.meta_path.insert(0, Block())
+        try:
+            import torch
+        except ImportError:
+            pass
+        else:
+            raise SystemExit("the import hook does not work")
+        import acestep_client, acestep_client.params, acestep_client.client, acestep_client.audio_io
+        import acestep_client.cli
+        from acestep_client.client import AceStepClient
+        from acestep_client.params import GenerationParams
+        AceStepClient.build_inputs(GenerationParams())
+        acestep_client.cli.build_parser()
+        leaked = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+        print("leaked:", leaked)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "leaked: []" in proc.stdout, proc.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_server_unavailable_when_nothing_listens() -> None:
+    client = AceStepClient(f"localhost:{_free_port()}", connect_timeout=5)
+    with pytest.raises(ServerUnavailable, match="no Triton server answers"):
+        client.generate(GenerationParams(infer_step=2))
+    assert client.is_ready() is False
+
+
+def test_local_validation_names_the_field_before_any_network() -> None:
+    client = AceStepClient(f"localhost:{_free_port()}")
+    with pytest.raises(ParamError, match=r"^guidance_scale: "):
+        client.generate(GenerationParams(guidance_scale=-1.0))
+
+
+def test_typed_inputs_follow_the_schema() -> None:
+    params = GenerationParams(prompt="jazz", infer_step=7, use_erg_tag=False, manual_seeds="1,2")
+    inputs = AceStepClient.build_inputs(params, {"src_audio": np.zeros((1, 2, 10), np.float32)})
+    wire = GenerationParams.wire_specs()
+    typed = [(i.name(), i.datatype(), i.shape()) for i in inputs[:-1]]
+    assert typed == [(s.name, s.triton_dtype, [1]) for s in wire]
+    assert (inputs[-1].name(), inputs[-1].datatype(), inputs[-1].shape()) == ("src_audio", "FP32", [1, 2, 10])
+    assert "format" not in [i.name() for i in inputs]
+
+
+def test_field_of_finds_the_schema_field() -> None:
+    assert field_of("infer_step: 0 is below the minimum 1") == "infer_step"
+    assert field_of("Failed for model 'x': manual_seeds: 'a' is not an integer") == "manual_seeds"
+    assert field_of("reason: something unrelated") is None
+    assert field_of("model.py: crashed") is None
+
+
+@pytest.mark.parametrize(("status", "kind"), [("StatusCode.UNAVAILABLE", ServerUnavailable),
+                                              ("StatusCode.CANCELLED", GenerationCancelled),
+                                              ("StatusCode.INTERNAL", ServerError), (None, ServerError)])
+def test_stream_errors_map_to_client_exceptions(status: str | None, kind: type) -> None:
+    error = _translate(InferenceServerException("lyrics: too long", status=status), "host:1")
+    assert type(error) is kind
+    if kind is ServerError:
+        assert error.field == "lyrics" and "too long" in str(error)
+
+
+def _result(batch: int = 2, n: int = 4800) -> GenerationResult:
+    t = np.arange(n) / RATE
+    audio = np.stack([np.stack([np.sin(2 * np.pi * 440 * (b + 1) * t)] * 2) for b in range(batch)]) * 0.5
+    params = {**GenerationParams(batch_size=batch).to_dict(), "actual_seeds": list(range(batch))}
+    return GenerationResult(audio=audio.astype(np.float32), sample_rate=RATE, params=params,
+                            params_json=json.dumps(params))
+
+
+@pytest.mark.parametrize("fmt", AUDIO_FORMATS)
+def test_save_writes_each_item_and_its_params(tmp_path: Path, fmt: str) -> None:
+    result = _result()
+    paths = result.save(tmp_path, fmt, stem="x")
+    assert [p.name for p in paths] == [f"x_0.{fmt}", f"x_1.{fmt}"]
+    for i, path in enumerate(paths):
+        audio, rate = read_audio(path)
+        assert rate == RATE and audio.shape[0] == 2
+        if fmt == "wav":
+            err = float(np.abs(audio - result.audio[i]).max())
+            assert err == 0.0, f"float WAV max abs error {err}"
+        elif fmt == "flac":
+            err = float(np.abs(audio - result.audio[i]).max())
+            assert err <= 2.0**-23 + 1e-7, f"24-bit FLAC max abs error {err}"
+        else:  # lossy: the tone survives
+            peak = np.fft.rfftfreq(audio.shape[1], 1 / rate)[np.abs(np.fft.rfft(audio[0])).argmax()]
+            assert abs(peak - 440 * (i + 1)) < 15, f"{fmt}: dominant frequency {peak:.1f} Hz"
+        meta = json.loads((tmp_path / f"x_{i}_params.json").read_text())
+        assert meta["audio_path"] == str(path) and meta["batch_index"] == i and meta["actual_seeds"] == [0, 1]
+
+
+def test_save_to_a_file_name(tmp_path: Path) -> None:
+    assert _result(batch=1).save(tmp_path / "song.flac") == [tmp_path / "song.flac"]
+    assert sf.info(str(tmp_path / "song.flac")).format == "FLAC"
+    assert (tmp_path / "song_params.json").is_file()
+    paths = _result(batch=2).save(tmp_path / "two.ogg")
+    assert [p.name for p in paths] == ["two_0.ogg", "two_1.ogg"]
+    with pytest.raises(ValueError, match=r"^format: "):
+        _result().save(tmp_path, "aiff")
+
+
+def test_lossless_integer_formats_clip_instead_of_wrapping(tmp_path: Path) -> None:
+    loud = np.array([[1.5, -1.5, 0.5]] * 2, np.float32)
+    write_audio(tmp_path / "a.flac", loud, RATE)
+    audio, _ = read_audio(tmp_path / "a.flac")
+    assert audio[0, 0] > 0.99 and audio[0, 1] < -0.99, audio[0]
+    assert format_from_path("x.MP3") == "mp3" and format_from_path("x.txt") == "wav"
+    assert set(ENCODINGS) == set(AUDIO_FORMATS)
+
+
+def test_cli_has_a_flag_for_every_schema_field() -> None:
+    parser = cli.build_parser()
+    gen = parser._subparsers._group_actions[0].choices["generate"]
+    flags = {opt for action in gen._actions for opt in action.option_strings}
+    for spec in GenerationParams.specs():
+        assert "--" + spec.name.replace("_", "-") in flags, spec.name
+    assert {"--duration", "--steps", "--seeds", "--params-json", "--out", "--url"} <= flags
+
+
+def test_cli_parameters_precedence(tmp_path: Path) -> None:
+    saved = {**GenerationParams(prompt="old", infer_step=9, guidance_scale=4.0).to_dict(), "timecosts": {}}
+    (tmp_path / "p.json").write_text(json.dumps(saved))
+    argv = ["generate", "--params-json", str(tmp_path / "p.json"), "--steps", "3", "--no-use-erg-tag",
+            "--seeds", "4,5", "--duration", "12"]
+    args = cli.build_parser().parse_args(argv)
+    params = cli.params_from_args(args)
+    assert (params.prompt, params.infer_step, params.guidance_scale) == ("old", 3, 4.0)
+    assert (params.use_erg_tag, params.use_erg_lyric, params.manual_seeds, params.audio_duration) == (
+        False, True, "4,5", 12.0)
+    defaults = cli.params_from_args(cli.build_parser().parse_args(["generate"]))
+    assert defaults.to_dict() == GenerationParams().to_dict()
+
+
+def test_cli_reports_bad_parameters_and_unavailable_server(tmp_path: Path) -> None:
+    err = io.StringIO()
+    args = cli.build_parser().parse_args(["generate", "--steps", "0"])
+    assert cli.run_generate(args, stderr=err) == 2 and "infer_step" in err.getvalue()
+    err = io.StringIO()
+    args = cli.build_parser().parse_args(["generate", "--url", f"localhost:{_free_port()}", "--steps", "2",
+                                          "--out", str(tmp_path)])
+    assert cli.run_generate(args, stderr=err) == 3 and "unavailable" in err.getvalue()
+
+
+def test_progress_printer_plain_text() -> None:
+    out = io.StringIO()
+    printer = cli.ProgressPrinter(out)
+    for step in range(1, 101):
+        printer(step, 100)
+    lines = out.getvalue().splitlines()
+    # The first step, then one line per tenth: readable in CI logs.
+    assert len(lines) == 11 and " 1/100 steps" in lines[0], lines
+    assert lines[-1].startswith("[" + "#" * 30 + "] 100/100 steps"), lines
+    assert "\r" not in out.getvalue()
