@@ -18,4 +18,4 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   python -m pip install -q --disable-pip-version-check --no-deps "py3langid==0.3.0"
   echo "$want" > "$stamp"
 fi
-python -m acestep_triton.serving.server install-stub >/dev/null
+python -m acestep_triton.serving.server prepare >/dev/null

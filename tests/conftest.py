@@ -12,6 +12,10 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# Session fixtures shared across modules: the tiny checkpoint and its ONNX export, and the real
+# tritonserver deployments (tiny and golden) with their in-process twins.
+pytest_plugins = ["fixtures_onnx", "fixtures_serving"]
+
 GOLDEN = Path(os.environ.get("ACESTEP_GOLDEN_DIR", ROOT.parent / "shared" / "golden"))
 
 

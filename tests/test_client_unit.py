@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from tritonclient.utils import InferenceServerException
+
 from acestep_client import cli
 from acestep_client.audio_io import ENCODINGS, format_from_path, read_audio, write_audio
 from acestep_client.client import (
@@ -29,7 +31,6 @@ from acestep_client.client import (
     field_of,
 )
 from acestep_client.params import AUDIO_FORMATS, GenerationParams, ParamError
-from tritonclient.utils import InferenceServerException
 
 RATE = 48000
 

@@ -9,7 +9,6 @@ baked into a graph fails). Against upstream's golden numbers: ≤ 1e-4 absolute 
 from __future__ import annotations
 
 import copy
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,6 @@ from acestep_triton.export.render import read_onnx_sizes
 from acestep_triton.models.dcae import denormalize_mel
 from acestep_triton.sampling import erg
 
-pytest_plugins = ["fixtures_onnx"]  # the tiny checkpoint and its ONNX files, once per session
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 RTOL = 1e-4
@@ -345,17 +343,15 @@ def _golden_case(name: str, g: dict[str, np.ndarray],
             "encoder_mask": enc_mask, "timestep": timestep, "query_scale": rows(len(latents) // 2)}, want
 
 
-GOLDEN_NAMES = [n for n in NAMES if n != "condition_encoder"] + [
-    pytest.param("condition_encoder", marks=pytest.mark.slow)]
-"""The golden condition encoder carries upstream's full-size lyric Conformer (83M parameters,
-a 360 MB graph): exported only with the slow tests."""
+GOLDEN_NAMES = [pytest.param(n, marks=pytest.mark.slow) if n in ("condition_encoder", "dit_decoder") else n
+                for n in NAMES]
+"""The golden transformer carries upstream's full-size lyric Conformer (83M parameters, a 360 MB
+condition-encoder graph) and 24 blocks: about 5 s per export, hence ``slow``."""
 
 
 @pytest.mark.parametrize("name", GOLDEN_NAMES)
 def test_onnx_reproduces_upstream_golden_numbers(name: str, golden_onnx: Any,
                                                  golden_components: dict[str, np.ndarray]) -> None:
-    if os.environ.get("ACESTEP_SKIP_GOLDEN_ONNX"):
-        pytest.skip("ACESTEP_SKIP_GOLDEN_ONNX is set")
     session, module = golden_onnx(name)
     spec = specs.component(name)
     layers = 0

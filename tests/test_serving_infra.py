@@ -21,8 +21,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import soundfile as sf
-from acestep_client.client import AceStepClient, GenerationCancelled, GenerationTimeout, ServerError
-from acestep_client.params import MAX_BATCH, OUTPUT_SAMPLE_RATE, GenerationParams
 from triton_harness import (
     FAKE_ENDPOINT,
     LINEAR,
@@ -36,6 +34,8 @@ from triton_harness import (
     running_server,
 )
 
+from acestep_client.client import AceStepClient, GenerationCancelled, GenerationTimeout, ServerError
+from acestep_client.params import MAX_BATCH, OUTPUT_SAMPLE_RATE, GenerationParams
 from acestep_triton.export import render
 from acestep_triton.export.render import (
     DynamicBatching,
@@ -161,8 +161,8 @@ def test_orchestrator_config_has_one_optional_input_per_wire_field(tmp_path: Pat
                                      ("params_json", "TYPE_STRING", [1], False)]
     assert config.max_batch_size == 0 and config.model_transaction_policy.decoupled
     assert config.parameters["task"].string_value == "text2music"
-    assert config.parameters["checkpoint_dir"].string_value == str(tmp_path.resolve())
-    with pytest.raises(ValueError, match="checkpoint_dir"):
+    assert config.parameters["assets_dir"].string_value == str(tmp_path.resolve())
+    with pytest.raises(ValueError, match="assets_dir"):
         orchestrator_config(spec, None)  # {assets} without --assets
 
 
@@ -172,8 +172,8 @@ def test_render_repository_cpu_layout(tmp_path: Path) -> None:
         make_contract_onnx(onnx_dir / f"{spec.name}.onnx", spec, SIZES)
     make_linear_onnx(onnx_dir / f"{SCALED.name}.onnx", SCALED, scaled=True, external_data=True)
     sources = tmp_path / "sources"
-    (sources / "text2music").mkdir(parents=True)
-    (sources / "text2music" / "model.py").write_text("# placeholder orchestrator\n")
+    (sources / "orchestrator").mkdir(parents=True)
+    (sources / "orchestrator" / "model.py").write_text("# placeholder orchestrator\n")
     (sources / "onnx_component").mkdir()
     (sources / "onnx_component" / "model.py").write_bytes(
         (ROOT / "model_repository" / "onnx_component" / "model.py").read_bytes())

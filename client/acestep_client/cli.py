@@ -64,7 +64,12 @@ def _flag(name: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="acestep-client", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="generate music and write audio files")
+    add_generate_arguments(sub.add_parser("generate", help="generate music and write audio files"))
+    return parser
+
+
+def add_generate_arguments(gen: argparse.ArgumentParser) -> None:
+    """The ``generate`` options: connection, output, and one flag per schema field."""
     gen.add_argument("--url", default=os.environ.get(URL_ENV, "localhost:8001"),
                      help=f"Triton gRPC address (env {URL_ENV}; default %(default)s)")
     gen.add_argument("--endpoint", default=None, help="endpoint model (default: the task)")
@@ -86,7 +91,6 @@ def build_parser() -> argparse.ArgumentParser:
             if spec.choices:
                 kwargs["choices"] = spec.choices
         fields.add_argument(*flags, **kwargs)
-    return parser
 
 
 def params_from_args(args: argparse.Namespace) -> GenerationParams:

@@ -9,6 +9,7 @@ against). Torch-free on purpose: this module ships in the thin client.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Iterable, Mapping
@@ -134,9 +135,9 @@ class GenerationParams:
         for spec in self.specs():
             setattr(self, spec.name, _check(spec, getattr(self, spec.name)))
         self.seed_list()  # parse now so bad seeds fail before any work starts
-        self.oss_step_list()
-        if self.oss_steps and max(self.oss_step_list()) > MAX_STEPS:
-            raise ParamError("oss_steps", f"steps must be <= {MAX_STEPS}")
+        oss = parse_int_list("oss_steps", self.oss_steps, minimum=1, maximum=MAX_STEPS)
+        if any(b <= a for a, b in itertools.pairwise(oss)):
+            raise ParamError("oss_steps", f"step indices must increase strictly, got {oss}")
         return self
 
     def seed_list(self) -> list[int]:

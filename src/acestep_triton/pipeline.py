@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from acestep_client.params import OUTPUT_SAMPLE_RATE, GenerationParams, ParamError
 
 from .codec import AudioCodec
+from .lyrics import MAX_LYRIC_TOKENS
 from .models.mel import LogMelSpectrogram
 from .sampling import (
     Denoiser,
@@ -38,10 +40,6 @@ from .sampling.noise import resolve_duration
 
 ProgressFn = Callable[[int, int], None]
 CancelFn = Callable[[], bool]
-
-MAX_LYRIC_TOKENS = 4096
-"""Lyric token limit we serve (upstream has none; the Conformer's cost grows with its square)."""
-
 
 @dataclass
 class GenerationOutput:

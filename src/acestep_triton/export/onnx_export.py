@@ -129,9 +129,9 @@ def _legacy_exporter(opset: int) -> Iterator[None]:
 
     Silenced: the DeprecationWarning of the legacy exporter (its use is deliberate, see the module
     docstring), TracerWarnings (library code converts shapes to Python values, e.g. diffusers'
-    "sequence longer than head dim" choice, whose two branches compute the same function) and
-    constant-folding and advanced-indexing notes. What guards against a traced-in size is not a warning but the parity
-    check at another batch and length.
+    "sequence longer than head dim" choice, whose two branches compute the same function), and
+    constant-folding and advanced-indexing notes. What guards against a traced-in size is not a
+    warning but the parity check at another batch and length.
     """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*legacy TorchScript.*")
@@ -205,7 +205,7 @@ def export_component(name: str, module: nn.Module, out_path: str | Path, *, opse
                 input_names=list(spec.input_names), output_names=list(spec.output_names),
                 dynamic_axes=spec.dynamic_axes(), do_constant_folding=True,
             )
-        _publish(traced, out_path, spec, external_data)
+        _publish(traced, out_path, spec, external_data, sizes=graph.checkpoint_sizes())
     check_contract(spec.name, out_path, sizes=graph.checkpoint_sizes())
     return out_path
 
@@ -229,17 +229,40 @@ def data_file(onnx_path: str | Path) -> Path:
     return onnx_path.with_name(onnx_path.name + ".data")
 
 
-def _publish(traced: Path, out_path: Path, spec: specs.ComponentSpec, external_data: bool | None) -> None:
+def _stamp_output_shapes(model: Any, spec: specs.ComponentSpec, sizes: Mapping[str, int]) -> None:
+    """Declare each output's shape as the contract states it.
+
+    The exporter's shape inference loses some static dims on the way (the DCAE encoder's latent
+    height 16 comes out as ``Mullatents_dim_2``) and invents names for dynamic ones. Numbers the
+    contract fixes, and checkpoint sizes known from the model, become fixed dims; every other
+    symbol becomes a named dynamic dim. The parity check confirms the real shapes.
+    """
+    for value, tensor in zip(model.graph.output, spec.outputs, strict=True):
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) != len(tensor.shape):
+            continue  # left for check_contract to report
+        for dim, symbol in zip(dims, tensor.shape, strict=True):
+            size = symbol if isinstance(symbol, int) else sizes.get(symbol)
+            if size is not None:
+                dim.dim_value = int(size)
+            else:
+                dim.dim_param = str(symbol)
+
+
+def _publish(traced: Path, out_path: Path, spec: specs.ComponentSpec, external_data: bool | None,
+             sizes: Mapping[str, int] | None = None) -> None:
     """Move the exported model to ``out_path``; gather external weights into one data file.
 
     Tensors torch already wrote outside the proto are copied (one at a time, streaming) into
     ``<out_path>.data``; with ``external_data=True`` inline weights of 1 KiB or more go there too.
+    Output shapes are declared from the contract (:func:`_stamp_output_shapes`).
     """
     import onnx
-    from onnx.external_data_helper import set_external_data
 
     model = onnx.load(str(traced), load_external_data=False)
     model.doc_string = spec.description
+    if len(model.graph.output) == len(spec.outputs):
+        _stamp_output_shapes(model, spec, sizes or {})
     tensors = list(_all_tensors(model.graph))
     already_external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in tensors)
     target_data = data_file(out_path)
@@ -266,8 +289,10 @@ def _publish(traced: Path, out_path: Path, spec: specs.ComponentSpec, external_d
             out.write(data)
             del tensor.external_data[:]
             tensor.ClearField("raw_data")
-            set_external_data(tensor, location=target_data.name, offset=offset, length=len(data))
             tensor.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", target_data.name), ("offset", offset), ("length", len(data))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, str(value)
     onnx.save(model, str(out_path))
 
 
@@ -441,14 +466,15 @@ def export_all(components: Any, out_dir: str | Path, *, progress: bool = True,
                rtol: float = FP32_RTOL, external_data: bool | None = None) -> dict[str, Path]:
     """Export every served component (or those in ``names``) into ``out_dir/<component>.onnx``.
 
-    ``components`` is a ``checkpoint.Components`` or a mapping of component name → torch model.
+    ``components`` is a ``checkpoint.Components`` (all six) or a mapping of component name →
+    torch model (the components it names).
     With ``parity`` (default) each file is checked right after its export on
     :data:`PARITY_EXAMPLE` inputs, and a :class:`ParityError` naming the component and its
     errors is raised above ``rtol``. Progress (component i of n, elapsed time) goes to stderr.
     Writes :data:`MANIFEST` (files, checkpoint sizes, parity numbers) beside the files.
     """
     sources = component_sources(components)
-    wanted = list(specs.COMPONENTS) if names is None else [specs.component(n).name for n in names]
+    wanted = list(sources) if names is None else [specs.component(n).name for n in names]
     missing = [n for n in wanted if n not in sources]
     if missing:
         raise KeyError(f"no torch model for {missing}")
@@ -491,15 +517,21 @@ def export_all(components: Any, out_dir: str | Path, *, progress: bool = True,
 
 
 def _code_fingerprint() -> str:
-    """Hash of the code that determines an export: model sources, this package, versions."""
+    """Hash of what determines an export besides the weights: the model, checkpoint-loading and
+    export sources, the opset and the versions of the libraries that trace and run the graphs."""
+    from importlib.metadata import version
+
     import acestep_triton.models as models_pkg
 
-    digest = hashlib.sha256(f"torch {torch.__version__} opset {DEFAULT_OPSET}".encode())
-    roots = [Path(models_pkg.__file__).parent, Path(__file__).parent]
-    for root in roots:
-        for path in sorted(root.glob("*.py")):
-            digest.update(path.name.encode())
-            digest.update(path.read_bytes())
+    libraries = ("torch", "transformers", "diffusers", "onnx", "onnxruntime")
+    stamp = f"opset {DEFAULT_OPSET} " + " ".join(f"{n} {version(n)}" for n in libraries)
+    digest = hashlib.sha256(stamp.encode())
+    package = Path(models_pkg.__file__).parent.parent
+    sources = [*sorted((package / "models").glob("*.py")), *sorted(Path(__file__).parent.glob("*.py")),
+               package / "checkpoint.py"]
+    for path in sources:
+        digest.update(str(path.relative_to(package)).encode() + b"\0")
+        digest.update(path.read_bytes())
     return digest.hexdigest()
 
 

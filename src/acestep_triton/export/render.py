@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 from acestep_client.params import MAX_BATCH
-
 from acestep_triton.export.specs import (
     COMPONENTS,
     DYNAMIC_SYMBOLS,

@@ -18,7 +18,6 @@ lazily; everything else here is plain torch and unit-testable.
 from __future__ import annotations
 
 import json
-import logging
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -26,13 +25,12 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from acestep_client.params import GenerationParams, ParamError, params_from_wire
 
 from ..pipeline import MusicGenerator
 from ..sampling import SamplingCancelled
 from .assets import ServingAssets, load_assets
-
-LOG = logging.getLogger("acestep_triton.orchestrator")
 
 #: Called as ``call(model_name, {input_name: tensor}, [output_names]) -> [tensors]``.
 ComponentCall = Callable[[str, Mapping[str, torch.Tensor], Sequence[str]], list[torch.Tensor]]
@@ -141,11 +139,12 @@ class TritonPythonModel:
             raise ValueError(f"{self.model_name}: config parameter 'assets_dir' is required")
         torch.set_num_threads(max(1, int(parameters.get("torch_threads", "1"))))
         assets: ServingAssets = load_assets(assets_dir)
+        assets.lyric_tokenizer.warm_up()  # fail at load time, not on the first request
         denoiser = TritonDenoiser(bls_call(pb_utils), assets.text_layers, assets.lyric_layers,
                                   assets.dit_layers)
         self.generator = MusicGenerator(denoiser, assets.prompt_tokenizer, assets.lyric_tokenizer,
                                         assets.mel)
-        LOG.info("%s ready (task %s, assets %s)", self.model_name, self.task, assets_dir)
+        pb_utils.Logger.log_info(f"{self.model_name} ready (task {self.task}, assets {assets_dir})")
 
     def execute(self, requests: list[Any]) -> None:
         for request in requests:
@@ -174,11 +173,11 @@ class TritonPythonModel:
             sender.send(pb.InferenceResponse(error=pb.TritonError(str(exc))), flags=final)
             return
         except SamplingCancelled as exc:
-            LOG.info("%s: cancelled at step %d of %d", self.model_name, exc.step, exc.total)
+            pb.Logger.log_info(f"{self.model_name}: cancelled at step {exc.step} of {exc.total}")
             sender.send(flags=final)
             return
         except Exception as exc:  # never take the server down: report and end this request
-            LOG.error("%s failed: %s", self.model_name, traceback.format_exc())
+            pb.Logger.log_error(f"{self.model_name} failed: {traceback.format_exc()}")
             message = f"internal error in {self.model_name}: {type(exc).__name__}: {exc}"
             sender.send(pb.InferenceResponse(error=pb.TritonError(message)), flags=final)
             return
@@ -193,4 +192,4 @@ class TritonPythonModel:
         sender.send(pb.InferenceResponse(output_tensors=tensors), flags=final)
 
     def finalize(self) -> None:
-        LOG.info("%s unloaded", getattr(self, "model_name", "orchestrator"))
+        self.pb.Logger.log_info(f"{self.model_name} unloaded")

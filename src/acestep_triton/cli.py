@@ -1,0 +1,174 @@
+"""``acestep-triton``: every stage of the data path from one command.
+
+```
+acestep-triton checkpoint tiny OUT | download OUT     # checkpoints in the official layout
+acestep-triton onnx --checkpoint C --out D            # export + parity per component
+acestep-triton build --checkpoint C --workdir W       # onnx (cached) + assets + cpu repository
+acestep-triton render --onnx-dir D --out R ...        # (re)render a repository (cpu | gpu)
+acestep-triton serve --repository R                   # tritonserver in the foreground
+acestep-triton generate --local --checkpoint C ...    # in-process reference pipeline
+acestep-triton generate --url HOST:PORT ...           # through Triton (the thin client)
+acestep-triton demo                                   # the embedded default, end to end
+```
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+DEFAULT_WORKDIR = Path("artifacts") / "tiny"
+DEMO_PROMPT = "pop, upbeat, guitar, drums, 120 BPM"
+DEMO_LYRICS = "[verse]\nfree as a bird in the morning light\n[chorus]\nsing it loud"
+
+
+def _delegate(argv: Sequence[str]) -> int | None:
+    """Sub-commands owned by other modules keep their own parsers."""
+    if not argv:
+        return None
+    command, rest = argv[0], list(argv[1:])
+    if command == "checkpoint":
+        from .checkpoint import main
+
+        return main(rest)
+    if command == "onnx":
+        from .export.onnx_export import main
+
+        return main(rest)
+    if command == "render":
+        from .export.render import main
+
+        return main(["render", *rest])
+    if command == "serve":
+        from .serving.server import main
+
+        return main(["serve", *rest])
+    return None
+
+
+def _build(args: argparse.Namespace) -> int:
+    from .serving.deploy import build_cpu_deployment
+
+    deployment = build_cpu_deployment(args.checkpoint, args.workdir, vocab_path=args.vocab, progress=True)
+    print(deployment.repository)
+    return 0
+
+
+def _generate_local(args: argparse.Namespace) -> int:
+    """The in-process reference pipeline, writing files exactly as the client does."""
+    import json
+
+    from acestep_client.cli import ProgressPrinter, params_from_args
+    from acestep_client.client import GenerationResult
+    from acestep_client.params import ParamError
+
+    from .pipeline import local_generator
+
+    if args.checkpoint is None:
+        print("error: --local needs --checkpoint", file=sys.stderr)
+        return 2
+    try:
+        params = params_from_args(args)
+        generator = local_generator(args.checkpoint, args.vocab)
+        progress = None if args.quiet else ProgressPrinter(sys.stderr)
+        out = generator.generate(params, progress=progress)
+    except ParamError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    record = {**out.record, "format": params.format}
+    result = GenerationResult(audio=out.audio.numpy(), sample_rate=out.sample_rate, params=record,
+                              params_json=json.dumps(record, ensure_ascii=False))
+    stem = args.name or f"{params.task}_{time.strftime('%Y%m%d_%H%M%S')}"
+    for path in result.save(args.out, params.format, stem=stem):
+        print(path)
+    return 0
+
+
+def _generate(argv: Sequence[str]) -> int:
+    from acestep_client.cli import add_generate_arguments, run_generate
+
+    parser = argparse.ArgumentParser(prog="acestep-triton generate",
+                                     description="Generate music through Triton (--url) "
+                                                 "or in-process (--local).")
+    add_generate_arguments(parser)
+    parser.add_argument("--local", action="store_true", help="run in-process (no server)")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="checkpoint folder for --local")
+    parser.add_argument("--vocab", type=Path, default=None, help="lyric vocabulary for --local")
+    args = parser.parse_args(argv)
+    return _generate_local(args) if args.local else run_generate(args)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """Tiny checkpoint → ONNX → repository → real tritonserver → gRPC client → an audio file."""
+    from acestep_client.cli import ProgressPrinter
+    from acestep_client.client import AceStepClient
+    from acestep_client.params import GenerationParams
+
+    from .checkpoint import write_tiny_checkpoint
+    from .serving.deploy import build_cpu_deployment
+    from .serving.server import TritonServer
+
+    workdir: Path = args.workdir
+    ckpt = workdir / "checkpoint"
+    if not (ckpt / "ace_step_transformer" / "config.json").is_file():
+        print(f"writing the tiny random checkpoint to {ckpt}", file=sys.stderr)
+        write_tiny_checkpoint(ckpt, seed=0)
+    deployment = build_cpu_deployment(ckpt, workdir, progress=True)
+    params = GenerationParams(prompt=args.prompt, lyrics=args.lyrics, audio_duration=args.duration,
+                              infer_step=args.steps, manual_seeds=args.seeds, format=args.format)
+    print(f"starting tritonserver on {deployment.repository}", file=sys.stderr)
+    with TritonServer(deployment.repository, log_path=workdir / "tritonserver.log") as server:
+        print(f"serving on {server.grpc_url}; generating {args.duration:g} s with "
+              f"{args.steps} steps", file=sys.stderr)
+        result = AceStepClient(server.grpc_url).generate(params, on_progress=ProgressPrinter(sys.stderr))
+    for path in result.save(args.out, args.format, stem="demo"):
+        print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="acestep-triton", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n", 2)[2])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (("checkpoint", "tiny random or official checkpoint"),
+                            ("onnx", "export the six components to ONNX"),
+                            ("render", "render a model repository"), ("serve", "run tritonserver"),
+                            ("generate", "generate music (--local in-process, or --url through Triton)")):
+        sub.add_parser(name, help=help_text, add_help=False)
+    build = sub.add_parser("build", help="export + assets + cpu repository for a checkpoint")
+    build.add_argument("--checkpoint", type=Path, required=True)
+    build.add_argument("--vocab", type=Path, default=None)
+    build.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+    demo = sub.add_parser("demo", help="the embedded default: tiny model served by a real tritonserver")
+    demo.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+    demo.add_argument("--out", type=Path, default=Path("demo_out"))
+    demo.add_argument("--prompt", default=DEMO_PROMPT)
+    demo.add_argument("--lyrics", default=DEMO_LYRICS)
+    demo.add_argument("--duration", type=float, default=10.0)
+    demo.add_argument("--steps", type=int, default=27)
+    demo.add_argument("--seeds", default="42")
+    demo.add_argument("--format", default="wav", choices=("wav", "flac", "ogg", "mp3"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    delegated = _delegate(argv)
+    if delegated is not None:
+        return delegated
+    if argv and argv[0] == "generate":
+        return _generate(argv[1:])
+    args = build_parser().parse_args(argv)
+    if args.command == "build":
+        return _build(args)
+    if args.command == "demo":
+        return _demo(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""From a checkpoint folder to a runnable CPU model repository, in one call.
+
+The demo command, the CLI's ``build`` step and the end-to-end tests all need the same chain
+(ONNX export with parity, serving assets, rendered repository), so it lives here once.
+Exports are cached by checkpoint content and export-code fingerprint, so a second build of the
+same checkpoint only re-renders.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..export.onnx_export import export_cached
+from ..export.render import load_endpoints, render_repository
+from .assets import write_assets
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """The folders of a built deployment."""
+
+    repository: Path
+    assets: Path
+    onnx_dir: Path
+
+
+def build_cpu_deployment(ckpt_dir: str | Path, workdir: str | Path, *, vocab_path: str | Path | None = None,
+                         endpoints: list[str] | None = None, components: Any = None,
+                         onnx_dir: str | Path | None = None, progress: bool = False,
+                         **render_options: Any) -> Deployment:
+    """Export (cached) → assets → ``workdir/repository`` for the ``cpu`` target.
+
+    ``components`` may pass already loaded models of the checkpoint (saves loading them again);
+    ``onnx_dir`` an existing export of this checkpoint (skips the export);
+    ``render_options`` go to :func:`~acestep_triton.export.render.render_repository`.
+    """
+    workdir = Path(workdir)
+    if onnx_dir is None:
+        onnx = export_cached(ckpt_dir, workdir / "onnx", vocab_path=vocab_path, components=components,
+                             progress=progress)
+        onnx_dir = next(iter(onnx.values())).parent
+    assets = write_assets(ckpt_dir, workdir / "assets", vocab_path)
+    repository = render_repository(workdir / "repository", "cpu", onnx_dir, load_endpoints(endpoints),
+                                   assets=assets, **render_options)
+    return Deployment(repository=repository, assets=assets, onnx_dir=Path(onnx_dir))

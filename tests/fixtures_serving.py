@@ -1,0 +1,87 @@
+"""Session fixtures for end-to-end tests: real tritonserver processes serving our repositories.
+
+Two deployments, each built with the production code path
+(:func:`acestep_triton.serving.deploy.build_cpu_deployment`: ONNX export with parity, assets,
+rendered repository) and served by a real ``tritonserver`` on free loopback ports, started once
+per test session and always stopped:
+
+* ``tiny_server``: the project's tiny random checkpoint (fast; most behaviour tests);
+* ``golden_server``: upstream's golden checkpoint (fidelity to upstream's numbers).
+
+Each comes with its in-process twin (``tiny_local`` / ``golden_local``) so a test can ask both
+backends for the same request. Import the fixtures you use into the test module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fixtures_onnx import single_thread
+from triton_harness import require_tritonserver
+
+from acestep_triton.checkpoint import Components, load_components
+from acestep_triton.pipeline import MusicGenerator, TorchDenoiser
+from acestep_triton.serving.deploy import Deployment, build_cpu_deployment
+from acestep_triton.serving.server import TritonServer
+
+
+def local_generator_for(components: Components) -> MusicGenerator:
+    return MusicGenerator(TorchDenoiser(components), components.text_tokenizer, components.lyric_tokenizer,
+                          components.vocoder.mel_transform)
+
+
+def _serve(deployment: Deployment, log: Path) -> Iterator[TritonServer]:
+    require_tritonserver()
+    server = TritonServer(deployment.repository, log_path=log, startup_timeout=300)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+# ----------------------------------------------------------------------------------- tiny
+@pytest.fixture(scope="session")
+def tiny_deployment(tiny_onnx_ckpt: Path, tiny_onnx_dir: Path,
+                    tmp_path_factory: pytest.TempPathFactory) -> Deployment:
+    return build_cpu_deployment(tiny_onnx_ckpt, tmp_path_factory.mktemp("tiny_deploy"),
+                                onnx_dir=tiny_onnx_dir, intra_op_threads=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_deployment: Deployment,
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+    yield from _serve(tiny_deployment, tmp_path_factory.mktemp("tiny_log") / "tritonserver.log")
+
+
+@pytest.fixture(scope="session")
+def tiny_local(tiny_onnx_components: Components) -> MusicGenerator:
+    return local_generator_for(tiny_onnx_components)
+
+
+# ----------------------------------------------------------------------------------- golden
+@pytest.fixture(scope="session")
+def golden_models(golden_ckpt: Path, golden_dir: Path) -> Components:
+    return load_components(golden_ckpt, golden_dir / "lyrics_vocab.json")
+
+
+@pytest.fixture(scope="session")
+def golden_local(golden_models: Components) -> MusicGenerator:
+    return local_generator_for(golden_models)
+
+
+@pytest.fixture(scope="session")
+def golden_deployment(golden_ckpt: Path, golden_dir: Path, golden_models: Components,
+                      tmp_path_factory: pytest.TempPathFactory) -> Deployment:
+    with single_thread():
+        return build_cpu_deployment(golden_ckpt, tmp_path_factory.mktemp("golden_deploy"),
+                                    vocab_path=golden_dir / "lyrics_vocab.json", components=golden_models,
+                                    endpoints=["text2music"], intra_op_threads=1)
+
+
+@pytest.fixture(scope="session")
+def golden_server(golden_deployment: Deployment,
+                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+    yield from _serve(golden_deployment, tmp_path_factory.mktemp("golden_log") / "tritonserver.log")
