@@ -55,3 +55,35 @@ def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
     """``(audio [channels, samples] float32, sample_rate)`` of an audio file."""
     data, rate = sf.read(str(path), dtype="float32", always_2d=True)
     return np.ascontiguousarray(data.T), int(rate)
+
+
+def audio_file_bytes(source: str | Path | bytes | tuple[np.ndarray, int], field: str = "src_audio") -> bytes:
+    """The bytes of an audio file to send as ``src_audio``/``ref_audio``.
+
+    ``source`` is a path (sent as it is: the server decodes wav/flac/ogg/mp3 itself), raw file
+    bytes, or ``(audio [channels, samples], sample_rate)`` such as a previous result's item,
+    which is encoded losslessly as float WAV.
+    """
+    import io
+
+    if isinstance(source, bytes):
+        return source
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise ValueError(f"{field}: {path} is not a file")
+        return path.read_bytes()
+    audio, rate = source
+    data = np.asarray(audio, dtype=np.float32)
+    if data.ndim == 1:
+        data = data[None]
+    if data.ndim != 2:
+        raise ValueError(f"{field}: audio must be [channels, samples], got shape {list(data.shape)}")
+    buffer = io.BytesIO()
+    sf.write(buffer, np.ascontiguousarray(data.T), int(rate), subtype="FLOAT", format="WAV")
+    return buffer.getvalue()
+
+
+def audio_tensor(source: str | Path | bytes | tuple[np.ndarray, int], field: str = "src_audio") -> np.ndarray:
+    """A BYTES [1] array holding the file bytes (the wire form of ``src_audio``/``ref_audio``)."""
+    return np.array([audio_file_bytes(source, field)], dtype=object)

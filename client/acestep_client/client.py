@@ -30,10 +30,12 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from acestep_client.audio_io import ENCODINGS, format_from_path, write_audio
+from acestep_client.audio_io import ENCODINGS, audio_tensor, format_from_path, write_audio
 from acestep_client.params import GenerationParams, params_to_wire
 
 ProgressCallback = Callable[[int, int], None]
+AudioInput = str | Path | bytes | tuple[np.ndarray, int]
+"""An audio file path, its bytes, or (audio [channels, samples], sample_rate)."""
 _POLL_S = 0.1
 """How often a waiting generate() looks at its cancel flag and deadline."""
 
@@ -201,9 +203,14 @@ class AceStepClient:
 
     def generate(self, params: GenerationParams, *, endpoint: str | None = None,
                  on_progress: ProgressCallback | None = None, timeout: float | None = None,
-                 validate: bool = True, extra_inputs: Mapping[str, np.ndarray] | None = None
+                 validate: bool = True, extra_inputs: Mapping[str, np.ndarray] | None = None,
+                 src_audio: AudioInput | None = None, ref_audio: AudioInput | None = None,
                  ) -> GenerationResult:
         """Run one request on ``endpoint`` (default: ``params.task``) and wait for its audio.
+
+        ``src_audio`` (repaint/edit/extend) and ``ref_audio`` (audio2audio) take a file path, the
+        bytes of an audio file, or ``(audio [channels, samples], sample_rate)`` (e.g. an item of
+        a previous result); they travel as file bytes and the server decodes them.
 
         ``on_progress(step, total)`` is called in this thread for every progress response.
         ``validate`` checks the parameters locally first (a ``ParamError`` names the field);
@@ -211,6 +218,10 @@ class AceStepClient:
         """
         if validate:
             params.validate()
+        extra_inputs = dict(extra_inputs or {})
+        for name, source in (("src_audio", src_audio), ("ref_audio", ref_audio)):
+            if source is not None:
+                extra_inputs[name] = audio_tensor(source, name)
         endpoint = endpoint or params.task
         inputs = self.build_inputs(params, extra_inputs)
         client = self._new_client()

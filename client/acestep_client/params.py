@@ -26,7 +26,14 @@ MAX_LYRICS_CHARS = 8192
 SCHEDULERS = ("euler", "heun", "pingpong")
 CFG_TYPES = ("apg", "cfg", "cfg_star")
 AUDIO_FORMATS = ("wav", "flac", "ogg", "mp3")
-TASKS = ("text2music",)
+TASKS = ("text2music", "retake", "repaint", "edit", "extend", "audio2audio")
+EDIT_TYPES = ("only_lyrics", "remix")
+EDIT_PRESETS = {"only_lyrics": (0.6, 1.0), "remix": (0.2, 0.4)}
+"""Upstream UI presets (edit_n_min, edit_n_max) per edit type."""
+AUDIO_INPUTS = ("src_audio", "ref_audio")
+"""Audio travels as the bytes of an audio file (wav/flac/ogg/mp3), one BYTES [1] tensor each:
+``src_audio`` is the source of repaint/edit/extend, ``ref_audio`` the reference of audio2audio."""
+MAX_AUDIO_BYTES = 64 * 1024 * 1024
 OUTPUT_SAMPLE_RATE = 48000
 
 
@@ -109,6 +116,46 @@ class GenerationParams:
     batch_size: int = _f("batch_size", "INT32", 1, "songs generated together",
                          minimum=1, maximum=MAX_BATCH)
     task: str = _f("task", "BYTES", "text2music", "what to do", choices=TASKS)
+    # --- retake / repaint / extend (upstream names; variance 0 reproduces the original)
+    retake_seeds: str = _f("retake_seeds", "BYTES", "",
+                           "seeds of the retake noise per item; empty = random")
+    retake_variance: float = _f("retake_variance", "FP32", 0.2,
+                                "how far a retake/repaint moves from the original (0..1)",
+                                minimum=0.0, maximum=1.0)
+    repaint_start: float = _f("repaint_start", "FP32", 0.0, "repaint window start (s)",
+                              minimum=0.0, maximum=MAX_DURATION_S)
+    repaint_end: float = _f("repaint_end", "FP32", 0.0, "repaint window end (s)",
+                            minimum=0.0, maximum=MAX_DURATION_S)
+    left_extend_length: float = _f("left_extend_length", "FP32", 0.0,
+                                   "seconds added before the source (extend)",
+                                   minimum=0.0, maximum=MAX_DURATION_S)
+    right_extend_length: float = _f("right_extend_length", "FP32", 0.0,
+                                    "seconds added after the source (extend)",
+                                    minimum=0.0, maximum=MAX_DURATION_S)
+    # --- edit (FlowEdit): source prompt/lyrics are ``prompt``/``lyrics``
+    edit_type: str = _f("edit_type", "BYTES", "only_lyrics",
+                        "edit preset: only_lyrics (n_min 0.6, n_max 1.0) or remix (0.2, 0.4)",
+                        choices=EDIT_TYPES)
+    edit_target_prompt: str = _f("edit_target_prompt", "BYTES", "", "target tags (edit)",
+                                 max_chars=MAX_PROMPT_CHARS)
+    edit_target_lyrics: str = _f("edit_target_lyrics", "BYTES", "", "target lyrics (edit)",
+                                 max_chars=MAX_LYRICS_CHARS)
+    edit_n_min: float = _f("edit_n_min", "FP32", -1.0,
+                           "FlowEdit start as a fraction of the steps; < 0 = edit_type's preset",
+                           minimum=-1.0, maximum=1.0)
+    edit_n_max: float = _f("edit_n_max", "FP32", -1.0,
+                           "FlowEdit end as a fraction of the steps; < 0 = edit_type's preset",
+                           minimum=-1.0, maximum=1.0)
+    edit_n_avg: int = _f("edit_n_avg", "INT32", 1, "noise draws averaged per FlowEdit step",
+                         minimum=1, maximum=16)
+    # --- audio2audio
+    ref_audio_strength: float = _f("ref_audio_strength", "FP32", 0.5,
+                                   "how much of the reference audio is kept (audio2audio)",
+                                   minimum=0.0, maximum=1.0)
+    # --- LoRA
+    lora_name_or_path: str = _f("lora_name_or_path", "BYTES", "none",
+                                "LoRA adapter name (one the server is configured with) or 'none'")
+    lora_weight: float = _f("lora_weight", "FP32", 1.0, "LoRA strength", minimum=-3.0, maximum=3.0)
     format: str = _f("format", "BYTES", "wav", "audio file format written by the client",
                      choices=AUDIO_FORMATS, wire=False)
 
@@ -135,10 +182,30 @@ class GenerationParams:
         for spec in self.specs():
             setattr(self, spec.name, _check(spec, getattr(self, spec.name)))
         self.seed_list()  # parse now so bad seeds fail before any work starts
+        self.retake_seed_list()
+        n_min, n_max = self.edit_range()
+        if self.task == "edit" and n_min > n_max:
+            raise ParamError("edit_n_min", f"{n_min:g} is above edit_n_max {n_max:g}")
+        if self.task == "repaint" and self.repaint_end <= self.repaint_start:
+            raise ParamError("repaint_end", f"{self.repaint_end:g} s must be after repaint_start "
+                                            f"{self.repaint_start:g} s")
+        if self.task == "extend" and self.left_extend_length + self.right_extend_length <= 0:
+            raise ParamError("right_extend_length",
+                             "extend needs left_extend_length or right_extend_length > 0")
         oss = parse_int_list("oss_steps", self.oss_steps, minimum=1, maximum=MAX_STEPS)
         if any(b <= a for a, b in itertools.pairwise(oss)):
             raise ParamError("oss_steps", f"step indices must increase strictly, got {oss}")
         return self
+
+    def retake_seed_list(self) -> list[int]:
+        return parse_int_list("retake_seeds", self.retake_seeds, minimum=0, maximum=2**32 - 1)
+
+    def edit_range(self) -> tuple[float, float]:
+        """(n_min, n_max): explicit values, else the ``edit_type`` preset (upstream's UI rule)."""
+        preset = EDIT_PRESETS[self.edit_type]
+        n_min = self.edit_n_min if self.edit_n_min >= 0 else preset[0]
+        n_max = self.edit_n_max if self.edit_n_max >= 0 else preset[1]
+        return n_min, n_max
 
     def seed_list(self) -> list[int]:
         """Seeds as integers (empty list: draw random seeds)."""
@@ -168,7 +235,7 @@ class GenerationParams:
         # A saved result replays with the seeds it actually used (random ones included).
         if not values.get("manual_seeds") and isinstance(data.get("actual_seeds"), list):
             values["manual_seeds"] = data["actual_seeds"]
-        for key in ("manual_seeds", "oss_steps"):
+        for key in ("manual_seeds", "oss_steps", "retake_seeds"):
             if isinstance(values.get(key), (list, tuple)):
                 values[key] = ",".join(str(int(v)) for v in values[key])
         return cls(**values).validate()
@@ -220,9 +287,10 @@ def _check(spec: FieldSpec, value: Any) -> Any:
                 value = value.decode("utf-8")
             except UnicodeDecodeError:
                 raise ParamError(spec.name, "is not valid UTF-8") from None
-        if isinstance(value, (list, tuple)) and spec.name in ("manual_seeds", "oss_steps"):
+        if isinstance(value, (list, tuple)) and spec.name in ("manual_seeds", "oss_steps", "retake_seeds"):
             value = ",".join(str(v) for v in value)
-        if isinstance(value, int) and not isinstance(value, bool) and spec.name == "manual_seeds":
+        if isinstance(value, int) and not isinstance(value, bool) and spec.name in ("manual_seeds",
+                                                                                    "retake_seeds"):
             value = str(value)
         if not isinstance(value, str):
             raise ParamError(spec.name, f"must be a string, got {type(value).__name__}")
