@@ -99,6 +99,34 @@ def load_audio(path: str | Path) -> tuple[Tensor, int]:
     return torch.from_numpy(np.ascontiguousarray(data.T)), int(sr)
 
 
+MAX_INPUT_SECONDS = 240.0
+"""Longest source/reference audio accepted (the longest generation ACE-Step serves)."""
+
+
+def decode_audio_bytes(data: bytes, field: str, max_seconds: float = MAX_INPUT_SECONDS) -> tuple[Tensor, int]:
+    """An uploaded audio file (wav/flac/ogg/mp3 bytes) → (``[C, N]`` float32, sample rate).
+
+    Every way a file can be unusable becomes a ``ValueError("<field>: reason")`` (the pipeline
+    turns it into a ``ParamError``), so a bad upload ends that request and nothing else.
+    """
+    import io
+
+    if not data:
+        raise ValueError(f"{field}: the audio file is empty")
+    try:
+        samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
+        raise ValueError(f"{field}: cannot decode the audio file (wav, flac, ogg or mp3 expected): {exc}") from None
+    if samples.shape[0] == 0 or samples.shape[1] == 0:
+        raise ValueError(f"{field}: the audio file has no samples")
+    seconds = samples.shape[0] / rate
+    if seconds > max_seconds:
+        raise ValueError(f"{field}: {seconds:.1f} s long; the limit is {max_seconds:g} s")
+    if not np.isfinite(samples).all():
+        raise ValueError(f"{field}: the audio contains NaN or infinite samples")
+    return torch.from_numpy(np.ascontiguousarray(samples.T)), int(rate)
+
+
 def to_stereo_44k(wave: Tensor, sr: int) -> Tensor:
     """``[C, N]`` or ``[N]`` at ``sr`` → ``[2, M]`` float32 at 44.1 kHz, the model's input format.
 

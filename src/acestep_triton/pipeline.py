@@ -24,6 +24,7 @@ import torch
 
 from acestep_client.params import OUTPUT_SAMPLE_RATE, GenerationParams, ParamError
 
+from .audio import MODEL_SAMPLE_RATE, decode_audio_bytes, to_stereo_44k
 from .codec import AudioCodec
 from .lyrics import MAX_LYRIC_TOKENS
 from .models.mel import LogMelSpectrogram
@@ -34,9 +35,12 @@ from .sampling import (
     latent_frames,
     lyric_inputs,
     resolve_request_seeds,
+    sample_audio2audio,
+    sample_retake,
     sample_text2music,
 )
 from .sampling.noise import resolve_duration
+from .sampling.tasks import RepaintWindow, encode_edit_conditions, sample_edit, sample_extend, sample_repaint
 
 ProgressFn = Callable[[int, int], None]
 CancelFn = Callable[[], bool]
@@ -71,8 +75,19 @@ def sampler_config(params: GenerationParams) -> SamplerConfig:
     )
 
 
+AudioBytes = bytes | None
+TASKS_WITH_SOURCE = ("repaint", "edit", "extend")
+
+
+def _param_error(exc: ValueError) -> ParamError:
+    """Sampling code raises ``ValueError("<field>: reason")``; give it the schema's error type."""
+    field_name, _, reason = str(exc).partition(": ")
+    known = {s.name for s in GenerationParams.specs()}
+    return ParamError(field_name, reason) if field_name in known and reason else ParamError("request", str(exc))
+
+
 class MusicGenerator:
-    """Runs whole requests against any :class:`Denoiser`."""
+    """Runs whole requests of every task against any :class:`Denoiser`."""
 
     def __init__(self, denoiser: Denoiser, prompt_tokenizer: Any, lyric_tokenizer: Any,
                  mel: LogMelSpectrogram, *, overlapped_decode: bool = True) -> None:
@@ -85,43 +100,112 @@ class MusicGenerator:
         self.codec = AudioCodec(denoiser.encode_mel, denoiser.decode_latents, denoiser.vocode, mel,
                                 overlapped_decode=overlapped_decode)
 
-    def tokenize_lyrics(self, lyrics: str) -> list[int]:
-        """Lyric ids, with the served length limit checked (error names ``lyrics``)."""
+    def tokenize_lyrics(self, lyrics: str, field_name: str = "lyrics") -> list[int]:
+        """Lyric ids, with the served length limit checked (the error names the field)."""
         if not lyrics:
             return []
         ids = self.lyric_tokenizer.encode(lyrics)
         if len(ids) > MAX_LYRIC_TOKENS:
-            raise ParamError("lyrics", f"{len(ids)} tokens; the limit is {MAX_LYRIC_TOKENS}")
+            raise ParamError(field_name, f"{len(ids)} tokens; the limit is {MAX_LYRIC_TOKENS}")
         return ids
 
+    def encode_audio(self, data: bytes | None, field_name: str) -> tuple[torch.Tensor, float]:
+        """Source/reference audio file bytes → (latents [1, 8, 16, W], duration in seconds)."""
+        if data is None:
+            raise ParamError(field_name, "this task needs an audio file")
+        wave, rate = decode_audio_bytes(data, field_name)
+        latents = self.codec.encode(to_stereo_44k(wave, rate).unsqueeze(0), MODEL_SAMPLE_RATE)
+        return latents, wave.shape[-1] / rate
+
+    def _prompt(self, prompt: str, lyrics: str, lyrics_field: str = "lyrics") -> tuple[torch.Tensor, ...]:
+        input_ids, attention_mask = self.prompt_tokenizer([prompt])
+        lyric_ids, lyric_mask = lyric_inputs(self.tokenize_lyrics(lyrics, lyrics_field))
+        return input_ids, attention_mask, lyric_ids, lyric_mask
+
     @torch.inference_mode()
-    def generate(self, params: GenerationParams, *, progress: ProgressFn | None = None,
-                 should_cancel: CancelFn | None = None, rng: random.Random | None = None,
-                 seed_rng: torch.Generator | None = None) -> GenerationOutput:
-        """One request, start to finish. ``rng`` draws a random duration when
-        ``audio_duration <= 0``; ``seed_rng`` draws missing seeds (upstream: torch's global
-        generator). Raises :class:`ParamError` for bad input and ``SamplingCancelled`` when
-        ``should_cancel()`` turns true between steps."""
+    def generate(self, params: GenerationParams, *, src_audio: AudioBytes = None, ref_audio: AudioBytes = None,
+                 progress: ProgressFn | None = None, should_cancel: CancelFn | None = None,
+                 rng: random.Random | None = None, seed_rng: torch.Generator | None = None) -> GenerationOutput:
+        """One request of any task, start to finish.
+
+        ``src_audio`` (repaint/edit/extend) and ``ref_audio`` (audio2audio) are the bytes of an
+        audio file. ``rng`` draws a random duration when ``audio_duration <= 0``; ``seed_rng``
+        draws missing seeds (upstream: torch's global generator). Raises :class:`ParamError`
+        for bad input and ``SamplingCancelled`` when ``should_cancel()`` turns true between steps.
+        """
         params.validate()
+        try:
+            return self._generate(params, src_audio, ref_audio, progress, should_cancel, rng, seed_rng)
+        except ValueError as exc:
+            if isinstance(exc, ParamError):
+                raise
+            raise _param_error(exc) from exc
+
+    def _generate(self, params: GenerationParams, src_audio: AudioBytes, ref_audio: AudioBytes,
+                  progress: ProgressFn | None, should_cancel: CancelFn | None,
+                  rng: random.Random | None, seed_rng: torch.Generator | None) -> GenerationOutput:
+        task = params.task
         config = sampler_config(params)
-        duration = resolve_duration(params.audio_duration, rng)
-        noise, retake = resolve_request_seeds(params.manual_seeds or None, None, params.batch_size,
-                                              seed_rng)
-        lyric_ids, lyric_mask = lyric_inputs(self.tokenize_lyrics(params.lyrics))
-        input_ids, attention_mask = self.prompt_tokenizer([params.prompt])
-        conditions = build_conditions(self.denoiser, input_ids, attention_mask, lyric_ids, lyric_mask,
-                                      config)
-        latents = sample_text2music(
-            self.denoiser, conditions, noise.draw_latents(latent_frames(duration)), config,
-            generator=noise.step_generator, progress=progress, should_cancel=should_cancel,
-            row_query_scale=True,
-        )
+        noise, retake = resolve_request_seeds(params.manual_seeds or None, params.retake_seeds or None,
+                                              params.batch_size, seed_rng)
+        common = {"progress": progress, "should_cancel": should_cancel, "row_query_scale": True}
+        record: dict[str, Any] = {}
+        source = None
+        if task in TASKS_WITH_SOURCE:
+            source, duration = self.encode_audio(src_audio, "src_audio")
+            record["src_audio_duration"] = duration
+        ids, mask, lyric_ids, lyric_mask = self._prompt(params.prompt, params.lyrics)
+
+        if task == "edit":
+            assert source is not None
+            n_min, n_max = params.edit_range()
+            target = self._prompt(params.edit_target_prompt, params.edit_target_lyrics, "edit_target_lyrics")
+            latents = sample_edit(
+                self.denoiser, encode_edit_conditions(self.denoiser, ids, mask, lyric_ids, lyric_mask, config),
+                encode_edit_conditions(self.denoiser, *target, config), source, retake, config,
+                edit_n_min=n_min, edit_n_max=n_max, edit_n_avg=params.edit_n_avg,
+                progress=progress, should_cancel=should_cancel, row_query_scale=True)
+            record.update(edit_n_min=n_min, edit_n_max=n_max)
+        else:
+            conditions = build_conditions(self.denoiser, ids, mask, lyric_ids, lyric_mask, config)
+            if task == "repaint":
+                assert source is not None
+                frames = source.shape[-1]
+                latents = sample_repaint(
+                    self.denoiser, conditions, source, noise.draw_latents(frames), retake.draw_latents(frames),
+                    params.repaint_start, params.repaint_end, params.retake_variance, config,
+                    generator=noise.step_generator, **common)
+            elif task == "extend":
+                assert source is not None
+                window = RepaintWindow.for_extension(params.left_extend_length, params.right_extend_length,
+                                                     duration, source.shape[-1])
+                latents = sample_extend(
+                    self.denoiser, conditions, source, noise.draw_latents(source.shape[-1]),
+                    retake.draw_latents(window.retake_noise_frames), params.left_extend_length,
+                    params.right_extend_length, duration, config, retake_variance=1.0, **common)
+            elif task == "audio2audio":
+                reference, _ = self.encode_audio(ref_audio, "ref_audio")
+                latents = sample_audio2audio(
+                    self.denoiser, conditions, reference.expand(params.batch_size, -1, -1, -1),
+                    noise.draw_latents(reference.shape[-1]), params.ref_audio_strength, config,
+                    generator=noise.step_generator, **common)
+            else:  # text2music, retake
+                duration = resolve_duration(params.audio_duration, rng)
+                frames = latent_frames(duration)
+                if task == "retake":
+                    latents = sample_retake(
+                        self.denoiser, conditions, noise.draw_latents(frames), retake.draw_latents(frames),
+                        params.retake_variance, config, generator=noise.step_generator, **common)
+                else:
+                    latents = sample_text2music(self.denoiser, conditions, noise.draw_latents(frames), config,
+                                                generator=noise.step_generator, **common)
+        if task not in ("text2music", "retake"):  # the length follows the source/reference audio
+            duration = latents.shape[-1] * self.codec.samples_per_latent / MODEL_SAMPLE_RATE
         audio = self.codec.decode(latents, OUTPUT_SAMPLE_RATE, self.codec.should_overlap(duration))
-        record = params.to_dict()
+        record = {**params.to_dict(), **record}
         record.update(audio_duration=duration, actual_seeds=noise.seeds, retake_seeds=retake.seeds,
                       oss_steps=params.oss_step_list(), sample_rate=OUTPUT_SAMPLE_RATE)
-        return GenerationOutput(audio=audio, sample_rate=OUTPUT_SAMPLE_RATE, record=record,
-                                latents=latents)
+        return GenerationOutput(audio=audio, sample_rate=OUTPUT_SAMPLE_RATE, record=record, latents=latents)
 
 
 class TorchDenoiser:

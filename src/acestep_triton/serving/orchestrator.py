@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from acestep_client.params import GenerationParams, ParamError, params_from_wire
+from acestep_client.params import TASKS, GenerationParams, ParamError, params_from_wire
 
 from ..pipeline import MusicGenerator
 from ..sampling import SamplingCancelled
@@ -113,12 +113,29 @@ def bls_call(pb_utils: Any) -> ComponentCall:
     return call
 
 
-def read_request_fields(get_input: Callable[[str], Any]) -> GenerationParams:
-    """Build validated parameters from a request (``get_input(name)`` → numpy array or None)."""
-    arrays = {}
-    for spec in GenerationParams.wire_specs():
-        arrays[spec.name] = get_input(spec.name)
-    return params_from_wire(arrays)
+def read_request_fields(get_input: Callable[[str], Any], task: str) -> GenerationParams:
+    """Build validated parameters from a request (``get_input(name)`` → numpy array or None).
+
+    The endpoint decides the task: a request that omits ``task`` gets the endpoint's, one that
+    names another task is refused (it was sent to the wrong endpoint).
+    """
+    arrays = {spec.name: get_input(spec.name) for spec in GenerationParams.wire_specs()}
+    if arrays.get("task") is None:
+        arrays["task"] = np.array([task.encode()], dtype=object)
+    params = params_from_wire(arrays)
+    if params.task != task:
+        raise ParamError("task", f"{params.task!r} sent to the {task!r} endpoint")
+    return params
+
+
+def read_audio_input(get_input: Callable[[str], Any], name: str) -> bytes | None:
+    """The file bytes of an optional BYTES [1] audio input (``src_audio``/``ref_audio``)."""
+    array = get_input(name)
+    if array is None:
+        return None
+    if array.size != 1 or not isinstance(array.reshape(-1)[0], bytes):
+        raise ParamError(name, f"expected the bytes of one audio file (BYTES [1]), got shape {list(array.shape)}")
+    return array.reshape(-1)[0]
 
 
 class TritonPythonModel:
@@ -132,8 +149,8 @@ class TritonPythonModel:
         parameters = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         self.model_name = config["name"]
         self.task = parameters.get("task", "text2music")
-        if self.task != "text2music":
-            raise ValueError(f"{self.model_name}: task {self.task!r} is not served yet")
+        if self.task not in TASKS:
+            raise ValueError(f"{self.model_name}: unknown task {self.task!r} (known: {', '.join(TASKS)})")
         assets_dir = parameters.get("assets_dir")
         if not assets_dir:
             raise ValueError(f"{self.model_name}: config parameter 'assets_dir' is required")
@@ -166,9 +183,11 @@ class TritonPythonModel:
 
         started = time.perf_counter()
         try:
-            params = read_request_fields(get_input)
-            output = self.generator.generate(params, progress=progress,
-                                             should_cancel=request.is_cancelled)
+            params = read_request_fields(get_input, self.task)
+            output = self.generator.generate(
+                params, src_audio=read_audio_input(get_input, "src_audio"),
+                ref_audio=read_audio_input(get_input, "ref_audio"), progress=progress,
+                should_cancel=request.is_cancelled)
         except ParamError as exc:
             sender.send(pb.InferenceResponse(error=pb.TritonError(str(exc))), flags=final)
             return
