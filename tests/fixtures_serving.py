@@ -78,7 +78,7 @@ def golden_deployment(golden_ckpt: Path, golden_dir: Path, golden_models: Compon
     with single_thread():
         return build_cpu_deployment(golden_ckpt, tmp_path_factory.mktemp("golden_deploy"),
                                     vocab_path=golden_dir / "lyrics_vocab.json", components=golden_models,
-                                    endpoints=["text2music"], intra_op_threads=1)
+                                    endpoints=["text2music", "retake", "repaint", "edit"], intra_op_threads=1)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,44 @@
+# syntax=docker/dockerfile:1
+# ACE-Step on Triton: the Gradio front end (port 7865). It talks to the server only through the
+# thin gRPC client, so the image holds the client and the front end and nothing else: no torch,
+# no model code, no weights (a few hundred MB instead of several GB).
+#
+#   docker build -f docker/frontend.Dockerfile -t acestep-triton-frontend:0.1.0 .
+#   docker run -p 7865:7865 -e ACESTEP_SERVER_URL=my-server:8001 acestep-triton-frontend:0.1.0
+#
+# Base image: an exact CPython patch release on Debian 12 (slim); the client's wheels
+# (grpcio, numpy, soundfile with its bundled libsndfile) need no compiler there.
+FROM python:3.12.11-slim-bookworm
+
+ARG PIP_NO_CACHE_DIR=1
+ARG PIP_DISABLE_PIP_VERSION_CHECK=1
+
+LABEL org.opencontainers.image.title="acestep-triton-frontend" \
+      org.opencontainers.image.description="Gradio front end for ACE-Step on Triton (gRPC client only)" \
+      org.opencontainers.image.version="0.1.0"
+
+RUN useradd --uid 1000 --user-group --no-create-home --shell /usr/sbin/nologin acestep
+
+WORKDIR /opt/acestep
+COPY client/ client/
+COPY frontend/ frontend/
+RUN python -m pip install ./client ./frontend \
+ && python -c "import importlib.util, sys; sys.exit('torch must not be in the front-end image' if importlib.util.find_spec('torch') else 0)"
+
+COPY --chmod=0755 docker/entrypoint-frontend.sh docker/healthcheck.py docker/
+
+ENV ACESTEP_SERVER_URL=server:8001 \
+    ACESTEP_FRONTEND_PORT=7865 \
+    GRADIO_SERVER_NAME=0.0.0.0 \
+    GRADIO_ANALYTICS_ENABLED=False \
+    GRADIO_TEMP_DIR=/tmp/gradio \
+    HOME=/tmp \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1
+USER 1000:1000
+
+EXPOSE 7865
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+  CMD ["python", "/opt/acestep/docker/healthcheck.py", "--path", "/", \
+       "--port-env", "ACESTEP_FRONTEND_PORT", "--default-port", "7865"]
+ENTRYPOINT ["/opt/acestep/docker/entrypoint-frontend.sh"]

@@ -1,0 +1,80 @@
+# syntax=docker/dockerfile:1
+# ACE-Step on Triton: the production GPU server (target `gpu`: the six components as TensorRT
+# `tensorrt_plan` models, the task endpoints as Python-backend models).
+#
+#   docker build -f docker/server.gpu.Dockerfile -t acestep-triton-server:0.1.0-gpu .
+#   docker run --gpus 1 --shm-size 8g -p 8000-8002:8000-8002 \
+#     -v $PWD/checkpoints/ACE-Step-v1-3.5B:/models/checkpoint:ro -v acestep-models:/models \
+#     acestep-triton-server:0.1.0-gpu
+#
+# Base image pin: nvcr.io/nvidia/tritonserver:25.01-py3 (Triton 2.54). Why this tag:
+# * it ships the python and tensorrt backends we use, and Ubuntu 24.04 with Python 3.12 (the
+#   first releases with 3.12 are 24.12+): the Python-backend stub is built against the image's
+#   own interpreter, so the project is installed into exactly that Python, which our pins cover
+#   (requires-python <3.13);
+# * the image installs the Python backend with numpy<2, which is what the project pins (the
+#   stub's pb_utils.as_numpy() is only known to work with numpy 1, see pyproject.toml);
+# * an exact yy.mm tag, never `latest`: the TensorRT inside decides which engines load, so the
+#   tag is part of the deployment's identity (engines are rebuilt when it changes).
+# Move to a newer release deliberately: bump the tag, rebuild, and let engines be rebuilt.
+#
+# Model repository: `docker/entrypoint-server.sh` serves /models/repository if it exists, else
+# builds it from /models/checkpoint (ONNX export, then TensorRT engines). Engines are built on
+# the GPU the container runs on (they only run on that GPU model and TensorRT version), so the
+# first start on a new GPU type takes long; keep /models on a volume to build once per GPU.
+FROM nvcr.io/nvidia/tritonserver:25.01-py3
+
+# torch only runs the orchestrators' sampling loop on the CPU (the networks run in TensorRT),
+# so the small CPU build is enough; point this at a CUDA index to get a CUDA build instead.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# The NGC image installs its Python packages system-wide (the backend stub embeds that Python).
+ARG PIP_BREAK_SYSTEM_PACKAGES=1
+ARG PIP_NO_CACHE_DIR=1
+ARG PIP_DISABLE_PIP_VERSION_CHECK=1
+
+LABEL org.opencontainers.image.title="acestep-triton-server" \
+      org.opencontainers.image.description="ACE-Step v1 music generation on Triton (GPU, TensorRT)" \
+      org.opencontainers.image.version="0.1.0"
+
+WORKDIR /opt/acestep
+
+# torch first and alone (its own index), so the project install below finds it satisfied.
+RUN python3 -m pip install --index-url "${TORCH_INDEX_URL}" "torch==2.13.0"
+
+# The project is installed editable from /opt/acestep: the renderer reads model_repository/ and
+# ensemble_configs/ from the project root. Extras: export (ONNX export + parity) and download;
+# not `serve`, whose nvidia-pytriton only brings the pip-bundled tritonserver this image has.
+COPY client/ client/
+COPY pyproject.toml ./
+COPY src/ src/
+COPY model_repository/ model_repository/
+COPY ensemble_configs/ ensemble_configs/
+RUN python3 -m pip install -e ./client -e ".[export,download]" \
+ && python3 -m pip install --no-deps "py3langid==0.3.0" \
+ && python3 -c "import numpy, sys; v = numpy.__version__; sys.exit(0 if v.startswith('1.') else f'numpy must stay < 2 for the Python backend stub, got {v}')" \
+ && python3 -c "import acestep_triton.serving.orchestrator, acestep_client.params"
+
+COPY --chmod=0755 docker/entrypoint-server.sh docker/healthcheck.py docker/
+
+# uid 1000 is the image's own non-root `triton-server` user; /models is its writable volume.
+RUN mkdir -p /models && chown 1000:1000 /models
+ENV ACESTEP_MODELS_DIR=/models \
+    ACESTEP_TARGET=gpu \
+    ACESTEP_HTTP_PORT=8000 \
+    ACESTEP_GRPC_PORT=8001 \
+    ACESTEP_METRICS_PORT=8002 \
+    HOME=/tmp \
+    HF_HOME=/tmp/huggingface \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1
+VOLUME ["/models"]
+USER 1000:1000
+
+EXPOSE 8000 8001 8002
+# Ready = every model loaded (--strict-readiness). The start period covers a first start that
+# exports and builds the engines (tens of minutes for the 3.5B model); later starts take seconds.
+HEALTHCHECK --interval=30s --timeout=10s --start-period=60m --retries=3 \
+  CMD ["python3", "/opt/acestep/docker/healthcheck.py", "--path", "/v2/health/ready", \
+       "--port-env", "ACESTEP_HTTP_PORT", "--default-port", "8000"]
+ENTRYPOINT ["/opt/acestep/docker/entrypoint-server.sh"]
+CMD ["run"]

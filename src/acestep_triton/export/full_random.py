@@ -1,0 +1,357 @@
+"""Full-size ACE-Step models with random weights: for GPU benchmarks and engine builds, no download.
+
+Speed and memory depend on the architecture, not on the trained values, so the production path
+(TensorRT builds, CUDA graphs, Triton load tests) can be measured on a machine that has never
+seen the 7.7 GiB checkpoint. Two variants:
+
+* :func:`write_full_random_checkpoint` writes a checkpoint in the official four-folder layout
+  with the official configs (DiT 24 x 2560, UMT5-base 768 x 12 with a tiny stand-in tokenizer,
+  the official DCAE and vocoder), so every command that takes a checkpoint folder runs on it;
+* :func:`build_random_models` builds the same models directly on a device (random init there,
+  nothing written: 7 GB of files would take longer to write than the benchmark to run).
+
+``layers`` reduces the DiT depth (keeping its width) for machines that cannot hold 3.5B
+parameters. With fewer than 20 blocks, ERG (which weakens blocks 15-19) only touches the blocks
+that exist: fine for speed and memory measurements, not a faithful model.
+
+Command line: ``python -m acestep_triton.export.full_random OUT [--layers N] [--seed S]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+TRANSFORMER_CONFIG: dict[str, Any] = {
+    "_class_name": "ACEStepTransformer2DModel",
+    "in_channels": 8, "out_channels": 8, "num_layers": 24, "num_attention_heads": 20,
+    "attention_head_dim": 128, "inner_dim": 2560, "mlp_ratio": 2.5, "patch_size": [16, 1],
+    "max_height": 16, "max_width": 32768, "max_position": 32768, "rope_theta": 1000000.0,
+    "text_embedding_dim": 768, "speaker_embedding_dim": 512, "lyric_encoder_vocab_size": 6693,
+    "lyric_hidden_size": 1024, "ssl_encoder_depths": [8, 8], "ssl_latent_dims": [1024, 768],
+    "ssl_names": ["mert", "m-hubert"],
+}
+"""``ace_step_transformer/config.json`` of ACE-Step-v1-3.5B (docs: ACE_STEP_FACTS.md). The lyric
+Conformer has no keys: upstream hard-codes it (1024 wide, 16 heads, FF 4096, 6 blocks)."""
+
+DCAE_CONFIG: dict[str, Any] = {
+    "_class_name": "AutoencoderDC",
+    "in_channels": 2, "latent_channels": 8, "attention_head_dim": 32,
+    "encoder_block_types": ["ResBlock", "ResBlock", "ResBlock", "EfficientViTBlock"],
+    "decoder_block_types": ["ResBlock", "ResBlock", "ResBlock", "EfficientViTBlock"],
+    "encoder_block_out_channels": [128, 256, 512, 1024], "decoder_block_out_channels": [128, 256, 512, 1024],
+    "encoder_layers_per_block": [2, 2, 3, 3], "decoder_layers_per_block": [3, 3, 3, 3],
+    "encoder_qkv_multiscales": [[], [], [5], [5]], "decoder_qkv_multiscales": [[], [], [5], [5]],
+    "upsample_block_type": "interpolate", "downsample_block_type": "Conv",
+    "decoder_norm_types": "rms_norm", "decoder_act_fns": "silu", "decoder_conv_act_fn": "relu",
+    "encoder_out_shortcut": True, "decoder_in_shortcut": True, "scaling_factor": 0.41407,
+}
+"""``music_dcae_f8c8/config.json`` (diffusers ``AutoencoderDC``, mel 128 x T -> latent 8 x 16 x T/8)."""
+
+VOCODER_CONFIG: dict[str, Any] = {
+    "_class_name": "ADaMoSHiFiGANV1",
+    "input_channels": 128, "depths": [3, 3, 9, 3], "dims": [128, 256, 384, 512], "kernel_sizes": [7],
+    "drop_path_rate": 0.0, "num_mels": 512, "upsample_initial_channel": 1024,
+    "upsample_rates": [4, 4, 2, 2, 2, 2, 2], "upsample_kernel_sizes": [8, 8, 4, 4, 4, 4, 4],
+    "resblock_kernel_sizes": [3, 7, 11, 13], "resblock_dilation_sizes": [[1, 3, 5]] * 4,
+    "pre_conv_kernel_size": 13, "post_conv_kernel_size": 13, "use_template": False,
+    "sampling_rate": 44100, "n_fft": 2048, "win_length": 2048, "hop_length": 512,
+    "n_mels": 128, "f_min": 40, "f_max": 16000,
+}
+"""``music_vocoder/config.json`` (ConvNeXt encoder + HiFi-GAN generator, 512x upsampling)."""
+
+UMT5_VOCAB_SIZE = 256384
+"""umt5-base's vocabulary: the embedding keeps this size although the stand-in tokenizer has
+only a few hundred pieces, so memory and the embedding lookup are the real ones."""
+
+TEXT_ENCODER_CONFIG: dict[str, Any] = {
+    "architectures": ["UMT5EncoderModel"], "model_type": "umt5",
+    "d_model": 768, "d_kv": 64, "d_ff": 2048, "num_heads": 12, "num_layers": 12, "num_decoder_layers": 12,
+    "vocab_size": UMT5_VOCAB_SIZE, "feed_forward_proj": "gated-gelu", "dense_act_fn": "gelu_new",
+    "is_gated_act": True, "layer_norm_epsilon": 1e-6, "relative_attention_num_buckets": 32,
+    "relative_attention_max_distance": 128, "dropout_rate": 0.0, "classifier_dropout": 0.0,
+    "initializer_factor": 1.0, "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0,
+    "is_encoder_decoder": True, "tie_word_embeddings": False, "scalable_attention": True, "use_cache": True,
+}
+"""``umt5-base/config.json`` (google/umt5-base) with dropout off (inference)."""
+
+MIN_ERG_LAYERS = 20
+"""ERG-diffusion weakens DiT blocks 15-19: fewer blocks change what ERG does (not the speed)."""
+
+PARTS = ("text_encoder", "transformer", "dcae_encoder", "dcae_decoder", "vocoder")
+"""What :func:`build_random_models` can build."""
+
+
+@dataclass(frozen=True)
+class FullSizeConfigs:
+    """The four config dicts a random checkpoint is made from (official sizes by default).
+
+    Tests pass small configs here to exercise the same code quickly; ``text_encoder`` gets its
+    ``vocab_size`` from the stand-in tokenizer when it is ``None``.
+    """
+
+    transformer: Mapping[str, Any] = field(default_factory=lambda: dict(TRANSFORMER_CONFIG))
+    dcae: Mapping[str, Any] = field(default_factory=lambda: dict(DCAE_CONFIG))
+    vocoder: Mapping[str, Any] = field(default_factory=lambda: dict(VOCODER_CONFIG))
+    text_encoder: Mapping[str, Any] = field(default_factory=lambda: dict(TEXT_ENCODER_CONFIG))
+
+    def with_layers(self, layers: int | None) -> FullSizeConfigs:
+        """The same configs with ``layers`` DiT blocks (``None``: unchanged)."""
+        if layers is None:
+            return self
+        if layers < 1:
+            raise ValueError(f"--layers must be >= 1, got {layers}")
+        return FullSizeConfigs({**self.transformer, "num_layers": int(layers)}, self.dcae, self.vocoder,
+                               self.text_encoder)
+
+
+def transformer_config(layers: int | None = None) -> dict[str, Any]:
+    """The official DiT config, optionally with ``layers`` blocks."""
+    return dict(FullSizeConfigs().with_layers(layers).transformer)
+
+
+# ------------------------------------------------------------------------------- random init
+def fill_zero_matrices(module: nn.Module, generator: torch.Generator | None = None) -> None:
+    """Give all-zero matrices (adaLN tables, relative-position biases: our constructors start them
+    at zero, trained checkpoints never have them zero) a normal start of scale 1/sqrt(width), so
+    every path computes something, as with real weights."""
+    with torch.no_grad():
+        for param in module.parameters():
+            if param.ndim >= 2 and param.is_floating_point() and not param.any():
+                param.normal_(0.0, param.shape[-1] ** -0.5, generator=generator)
+
+
+def _finish(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    module = module.to(dtype)
+    module.eval()
+    module.requires_grad_(False)
+    return module
+
+
+def _build(factory: Any, device: torch.device, seed: int) -> nn.Module:
+    """Construct on ``device`` (parameters are allocated and initialised there, so a 3.5B model
+    on a GPU takes seconds rather than a minute of CPU init plus a 12 GB copy)."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        module = factory()
+    fill_zero_matrices(module)
+    return module
+
+
+@dataclass
+class RandomModels:
+    """The models :func:`build_random_models` made (``None`` where a part was not asked for)."""
+
+    configs: FullSizeConfigs
+    transformer: Any = None
+    text_encoder: Any = None
+    dcae_encoder: Any = None
+    dcae_decoder: Any = None
+    vocoder: Any = None
+
+    def parameter_count(self) -> int:
+        seen: set[int] = set()
+        total = 0
+        for module in (self.transformer, self.text_encoder, self.dcae_encoder, self.dcae_decoder, self.vocoder):
+            if module is None:
+                continue
+            for p in module.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    total += p.numel()
+        return total
+
+
+def build_random_models(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, *,
+                        layers: int | None = None, seed: int = 0,
+                        parts: Iterable[str] = ("transformer", "dcae_decoder", "vocoder"),
+                        configs: FullSizeConfigs | None = None, fold_vocoder: bool = True) -> RandomModels:
+    """Build random models of the official sizes directly on ``device`` in ``dtype`` (eval mode,
+    no gradients), without writing files.
+
+    ``parts`` picks from :data:`PARTS` (default: what latents -> audio and the sampling loop
+    need). The text encoder gets umt5-base's full vocabulary. ``fold_vocoder`` folds the
+    vocoder's weight norm into plain weights (what serving runs). Deterministic for a given
+    seed, device and torch version.
+    """
+    from acestep_triton.models.dcae import DCAEDecoder, DCAEEncoder
+    from acestep_triton.models.transformer import ACEStepTransformer
+    from acestep_triton.models.vocoder import Vocoder
+
+    wanted = list(parts)
+    unknown = sorted(set(wanted) - set(PARTS))
+    if unknown:
+        raise ValueError(f"unknown parts {unknown}; choose from {PARTS}")
+    device = torch.device(device)
+    configs = (configs or FullSizeConfigs()).with_layers(layers)
+    models = RandomModels(configs=configs)
+    if "transformer" in wanted:
+        models.transformer = _finish(_build(lambda: ACEStepTransformer.from_config(configs.transformer),
+                                            device, seed + 2), dtype)
+    if "text_encoder" in wanted:
+        from acestep_triton.models.text_encoder import TextEncoder
+
+        config = dict(configs.text_encoder)
+        config.setdefault("vocab_size", UMT5_VOCAB_SIZE)
+        models.text_encoder = _finish(_build(lambda: TextEncoder(config), device, seed + 1), dtype)
+    if "dcae_encoder" in wanted:
+        models.dcae_encoder = _finish(_build(lambda: DCAEEncoder(configs.dcae), device, seed + 3), dtype)
+    if "dcae_decoder" in wanted:
+        models.dcae_decoder = _finish(_build(lambda: DCAEDecoder(configs.dcae), device, seed + 4), dtype)
+    if "vocoder" in wanted:
+        vocoder = _build(lambda: Vocoder(configs.vocoder), device, seed + 5)
+        if fold_vocoder:
+            vocoder.fold_weight_norm()
+        models.vocoder = _finish(vocoder, dtype)
+    return models
+
+
+# ------------------------------------------------------------------------------- checkpoint
+def _save(state: Mapping[str, torch.Tensor], path: Path, dtype: torch.dtype | None = None) -> int:
+    """Write ``state`` as safetensors (floating tensors cast to ``dtype``); return the bytes written.
+
+    Tensors are cast one at a time and not cloned when already contiguous and owned, so peak
+    memory stays near one copy of the model.
+    """
+    from safetensors.torch import save_file
+
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key in sorted(state):
+        tensor = state[key].detach()
+        if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+            tensor = tensor.to(dtype)
+        if tensor.device.type != "cpu":
+            tensor = tensor.cpu()
+        pointer = tensor.untyped_storage().data_ptr()
+        if not tensor.is_contiguous() or pointer in seen:
+            tensor = tensor.clone().contiguous()  # safetensors refuses shared storage
+        seen.add(tensor.untyped_storage().data_ptr())
+        out[key] = tensor
+    save_file(out, str(path), metadata={"format": "pt"})
+    return path.stat().st_size
+
+
+def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def write_full_random_checkpoint(out_dir: str | Path, *, seed: int = 0, layers: int | None = None,
+                                 configs: FullSizeConfigs | None = None, device: str | torch.device = "cpu",
+                                 progress: bool = False) -> Path:
+    """Write a random checkpoint with the official configs in the official layout; return its path.
+
+    The DiT is stored in bf16 (like the official file), the rest in fp32. The text encoder has
+    umt5-base's shape with the project's tiny stand-in tokenizer (its ids are a subset of the
+    embedding's rows) and the lyric vocabulary is the tiny one with the official special ids.
+    ``device`` is where weights are initialised (a GPU makes the 3.5B init fast); files are
+    written from CPU copies one model at a time. About 9 GB for the full model; the DiT alone
+    needs about 12 GB of (host) memory while it is written, less with ``layers``.
+    """
+    from acestep_triton.checkpoint import (
+        CONFIG_FILE,
+        DIFFUSERS_WEIGHTS,
+        TRANSFORMERS_WEIGHTS,
+        CheckpointLayout,
+        _write_tiny_tokenizer,
+    )
+    from acestep_triton.lyrics.vocab import write_tiny_vocab
+    from acestep_triton.models.text_encoder import TIED_KEYS
+
+    configs = (configs or FullSizeConfigs()).with_layers(layers)
+    out = Path(out_dir)
+    layout = CheckpointLayout(out)
+    started = time.monotonic()
+
+    def note(message: str) -> None:
+        if progress:
+            print(f"[{time.monotonic() - started:6.1f} s] {message}", file=sys.stderr, flush=True)
+
+    # Text encoder: stand-in tokenizer, umt5-base-shaped weights.
+    folder = layout.text_encoder_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    pieces = _write_tiny_tokenizer(folder)
+    text_config = dict(configs.text_encoder)
+    text_config.setdefault("vocab_size", pieces)
+    if int(text_config["vocab_size"]) < pieces:
+        raise ValueError(f"text encoder vocab_size {text_config['vocab_size']} < tokenizer size {pieces}")
+    _write_json(folder / CONFIG_FILE, text_config)
+    parts = build_random_models(device, torch.float32, seed=seed, parts=("text_encoder",),
+                                configs=FullSizeConfigs(configs.transformer, configs.dcae, configs.vocoder,
+                                                        text_config))
+    state = {k: v for k, v in parts.text_encoder.umt5.state_dict().items() if k not in TIED_KEYS}
+    size = _save(state, folder / TRANSFORMERS_WEIGHTS, torch.float32)
+    del parts, state
+    note(f"text encoder: {size / 1e9:.2f} GB")
+
+    # DiT: bf16 on disk, as the official file.
+    folder = layout.transformer_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_json(folder / CONFIG_FILE, configs.transformer)
+    parts = build_random_models(device, torch.bfloat16, seed=seed, parts=("transformer",), configs=configs)
+    size = _save(parts.transformer.state_dict(), folder / DIFFUSERS_WEIGHTS, torch.bfloat16)
+    del parts
+    note(f"transformer ({configs.transformer['num_layers']} blocks): {size / 1e9:.2f} GB")
+
+    # DCAE: both halves in one file, as the official one.
+    folder = layout.dcae_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_json(folder / CONFIG_FILE, configs.dcae)
+    parts = build_random_models(device, torch.float32, seed=seed, parts=("dcae_encoder", "dcae_decoder"),
+                                configs=configs)
+    size = _save({**parts.dcae_encoder.state_dict(), **parts.dcae_decoder.state_dict()},
+                 folder / DIFFUSERS_WEIGHTS, torch.float32)
+    del parts
+    note(f"DCAE: {size / 1e9:.2f} GB")
+
+    # Vocoder: keep the official weight_g/weight_v pairs (not folded).
+    folder = layout.vocoder_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_json(folder / CONFIG_FILE, configs.vocoder)
+    parts = build_random_models(device, torch.float32, seed=seed, parts=("vocoder",), configs=configs,
+                                fold_vocoder=False)
+    size = _save(parts.vocoder.state_dict(), folder / DIFFUSERS_WEIGHTS, torch.float32)
+    del parts
+    note(f"vocoder: {size / 1e9:.2f} GB")
+
+    write_tiny_vocab(out / "lyrics_vocab.json")
+    layout.validate()
+    return out
+
+
+# ------------------------------------------------------------------------------- CLI
+def main(argv: Sequence[str] | None = None) -> int:
+    """``OUT [--layers N] [--seed S] [--device cuda]``: write the random full-size checkpoint."""
+    parser = argparse.ArgumentParser(prog="python -m acestep_triton.export.full_random",
+                                     description="Write an ACE-Step checkpoint with the official configs and "
+                                                 "random weights (no download), in the official layout.")
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--layers", type=int, default=None,
+                        help=f"DiT blocks (default: the official 24; at least {MIN_ERG_LAYERS} for ERG)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="where to initialise the weights (cuda is faster)")
+    args = parser.parse_args(argv)
+    if args.layers is not None and args.layers < MIN_ERG_LAYERS:
+        print(f"note: {args.layers} DiT blocks: ERG-diffusion (blocks 15-19) is only partly there; "
+              f"use this checkpoint for speed and memory measurements", file=sys.stderr)
+    try:
+        path = write_full_random_checkpoint(args.out, seed=args.seed, layers=args.layers, device=args.device,
+                                            progress=True)
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
