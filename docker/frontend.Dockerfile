@@ -1,7 +1,10 @@
 # syntax=docker/dockerfile:1
 # ACE-Step on Triton: the Gradio front end (port 7865). It talks to the server only through the
-# thin gRPC client, so the image holds the client and the front end and nothing else: no torch,
-# no model code, no weights (a few hundred MB instead of several GB).
+# thin gRPC client, so the image holds the client, the front end and the `ui` extra's pins, and
+# nothing else: no torch, no weights (a few hundred MB instead of several GB). The front end
+# is the acestep_triton.frontend subpackage, which (like the package's __init__) imports no
+# torch: the package is installed without its core dependencies (--no-deps), and the build
+# fails if torch is importable anyway.
 #
 #   docker build -f docker/frontend.Dockerfile -t acestep-triton-frontend:0.1.0 .
 #   docker run -p 7865:7865 -e ACESTEP_SERVER_URL=my-server:8001 acestep-triton-frontend:0.1.0
@@ -20,12 +23,17 @@ LABEL org.opencontainers.image.title="acestep-triton-frontend" \
 RUN useradd --uid 1000 --user-group --no-create-home --shell /usr/sbin/nologin acestep
 
 WORKDIR /opt/acestep
+COPY --chmod=0755 docker/entrypoint-frontend.sh docker/healthcheck.py docker/extra_requirements.py docker/
 COPY client/ client/
-COPY frontend/ frontend/
-RUN python -m pip install ./client ./frontend \
- && python -c "import importlib.util, sys; sys.exit('torch must not be in the front-end image' if importlib.util.find_spec('torch') else 0)"
-
-COPY --chmod=0755 docker/entrypoint-frontend.sh docker/healthcheck.py docker/
+COPY pyproject.toml ./
+COPY src/ src/
+RUN python -m pip install ./client \
+ && python docker/extra_requirements.py pyproject.toml ui > /tmp/ui-requirements.txt \
+ && python -m pip install -r /tmp/ui-requirements.txt \
+ && python -m pip install --no-deps . \
+ && rm /tmp/ui-requirements.txt \
+ && python -c "import importlib.util, sys; sys.exit('torch must not be in the front-end image' if importlib.util.find_spec('torch') else 0)" \
+ && python -c "import acestep_triton.frontend"
 
 ENV ACESTEP_SERVER_URL=server:8001 \
     ACESTEP_FRONTEND_PORT=7865 \

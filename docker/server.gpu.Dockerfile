@@ -16,7 +16,9 @@
 #   stub's pb_utils.as_numpy() is only known to work with numpy 1, see pyproject.toml);
 # * an exact yy.mm tag, never `latest`: the TensorRT inside decides which engines load, so the
 #   tag is part of the deployment's identity (engines are rebuilt when it changes).
-# Move to a newer release deliberately: bump the tag, rebuild, and let engines be rebuilt.
+# Move to a newer release deliberately, together with the `gpu` extra's tensorrt pin (the two
+# TensorRT versions must be equal; check_tensorrt.py below enforces it): bump both, rebuild,
+# and let the engines be rebuilt (the entry point notices the new TensorRT version).
 #
 # Model repository: `docker/entrypoint-server.sh` serves /models/repository if it exists, else
 # builds it from /models/checkpoint (ONNX export, then TensorRT engines). Engines are built on
@@ -24,9 +26,9 @@
 # first start on a new GPU type takes long; keep /models on a volume to build once per GPU.
 FROM nvcr.io/nvidia/tritonserver:25.01-py3
 
-# torch only runs the orchestrators' sampling loop on the CPU (the networks run in TensorRT),
-# so the small CPU build is enough; point this at a CUDA index to get a CUDA build instead.
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# torch from PyPI is the CUDA build: the engine build step (acestep_triton.export.tensorrt)
+# needs CUDA to see the GPU it builds for; the orchestrators' sampling loop runs in it too.
+ARG TORCH_INDEX_URL=https://pypi.org/simple
 # The NGC image installs its Python packages system-wide (the backend stub embeds that Python).
 ARG PIP_BREAK_SYSTEM_PACKAGES=1
 ARG PIP_NO_CACHE_DIR=1
@@ -42,19 +44,22 @@ WORKDIR /opt/acestep
 RUN python3 -m pip install --index-url "${TORCH_INDEX_URL}" "torch==2.13.0"
 
 # The project is installed editable from /opt/acestep: the renderer reads model_repository/ and
-# ensemble_configs/ from the project root. Extras: export (ONNX export + parity) and download;
-# not `serve`, whose nvidia-pytriton only brings the pip-bundled tritonserver this image has.
+# ensemble_configs/ from the project root. Extras: export (ONNX export + parity), gpu (the
+# TensorRT builder) and download; not `serve`, whose nvidia-pytriton only brings the
+# pip-bundled tritonserver that this image already has natively.
+# The gpu extra's tensorrt must be the TensorRT version of this image (engines only load in the
+# TensorRT that built them): check_tensorrt.py fails the build when they differ.
+COPY --chmod=0755 docker/entrypoint-server.sh docker/healthcheck.py docker/check_tensorrt.py docker/
 COPY client/ client/
 COPY pyproject.toml ./
 COPY src/ src/
 COPY model_repository/ model_repository/
 COPY ensemble_configs/ ensemble_configs/
-RUN python3 -m pip install -e ./client -e ".[export,download]" \
+RUN python3 -m pip install -e ./client -e ".[export,gpu,download]" \
  && python3 -m pip install --no-deps "py3langid==0.3.0" \
  && python3 -c "import numpy, sys; v = numpy.__version__; sys.exit(0 if v.startswith('1.') else f'numpy must stay < 2 for the Python backend stub, got {v}')" \
- && python3 -c "import acestep_triton.serving.orchestrator, acestep_client.params"
-
-COPY --chmod=0755 docker/entrypoint-server.sh docker/healthcheck.py docker/
+ && python3 -c "import acestep_triton.serving.orchestrator, acestep_triton.export.tensorrt, acestep_client.params" \
+ && python3 docker/check_tensorrt.py
 
 # uid 1000 is the image's own non-root `triton-server` user; /models is its writable volume.
 RUN mkdir -p /models && chown 1000:1000 /models

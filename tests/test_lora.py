@@ -38,11 +38,11 @@ from acestep_triton.lora import (
     ServedLoras,
     apply_lora,
     base_component,
-    export_lora_variants,
     fused_transformer,
     load_lora,
     main,
     no_lora,
+    prepare_lora_onnx_dir,
     read_variants_manifest,
     target_module_paths,
     variant_specs,
@@ -367,15 +367,20 @@ def test_variants_manifest_round_trip(tmp_path: Path) -> None:
 
 
 def test_export_lora_variants_matches_the_fused_model(tiny_lora: Path, tiny_onnx_components, tmp_path: Path) -> None:
-    registry = LoraRegistry.from_dir(_registry_dir(tiny_lora, tmp_path / "loras"), weights={"rap": 0.5})
-    registry = LoraRegistry(adapters={"rap": registry.adapters["rap"]}, weights={"rap": 0.5})
+    shutil.copytree(tiny_lora, tmp_path / "loras" / "rap")
+    registry = LoraRegistry.from_dir(tmp_path / "loras", weights={"rap": 0.5})
     transformer = tiny_onnx_components.transformer
-    out = tmp_path / "onnx"
-    variants = export_lora_variants(tiny_onnx_components, registry, out)
+    base_dir, out = tmp_path / "base", tmp_path / "onnx"
+    base_dir.mkdir()
+    for name in ("text_encoder.onnx", "dit_decoder.onnx", "dit_decoder.onnx.data"):  # stand-ins: only linked
+        (base_dir / name).write_bytes(name.encode())
+    variants = prepare_lora_onnx_dir(tiny_onnx_components, registry, base_dir, out)
     assert [v.model_names for v in variants] == [["condition_encoder__rap", "dit_decoder__rap"]]
     assert read_variants_manifest(out) == variants
     manifest = json.loads((out / VARIANTS_FILE).read_text())["variants"][0]
     assert manifest["lora_weight"] == 0.5 and set(manifest["parity"]) == {"condition_encoder__rap", "dit_decoder__rap"}
+    assert manifest["base_key"] and all(p["ok"] for p in manifest["parity"].values())
+    assert all((out / n).samefile(base_dir / n) for n in ("text_encoder.onnx", "dit_decoder.onnx.data"))
 
     fused = fused_transformer(transformer, load_lora(registry.adapters["rap"], transformer), 0.5)
     for component in ("condition_encoder", "dit_decoder"):
@@ -386,6 +391,6 @@ def test_export_lora_variants_matches_the_fused_model(tiny_lora: Path, tiny_onnx
         base = check_parity(component, transformer, "", session=session)
         assert base.max_rel > CHANGED_REL, f"{component}: variant matches the base model ({base.max_rel:.2e})"
 
-    stamp = {p.name: p.stat().st_mtime_ns for p in out.glob("*.onnx")}
-    again = export_lora_variants(tiny_onnx_components, registry, out, skip_existing=True)
-    assert again == variants and {p.name: p.stat().st_mtime_ns for p in out.glob("*.onnx")} == stamp
+    stamp = {p.name: p.stat().st_mtime_ns for p in out.glob("*__*.onnx")}
+    again = prepare_lora_onnx_dir(tiny_onnx_components, registry, base_dir, out)  # unchanged: reused
+    assert again == variants and {p.name: p.stat().st_mtime_ns for p in out.glob("*__*.onnx")} == stamp

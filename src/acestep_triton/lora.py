@@ -763,7 +763,7 @@ def _transformer_of(components: Any) -> nn.Module:
 
 def export_lora_variants(components: Any, registry: LoraRegistry, onnx_dir: str | Path, *,
                          parity: bool = True, scaling: str = "upstream", skip_existing: bool = False,
-                         progress: bool = False, opset: int | None = None,
+                         base_key: str = "", progress: bool = False, opset: int | None = None,
                          rtol: float | None = None) -> list[LoraVariant]:
     """Export ``<component>__<name>.onnx`` for every adapter of ``registry`` into ``onnx_dir``.
 
@@ -773,8 +773,9 @@ def export_lora_variants(components: Any, registry: LoraRegistry, onnx_dir: str 
     :data:`VARIANTS_FILE` beside the files (with parity numbers) and returns the variants, which
     the deployment copies into the assets (:func:`write_variants_manifest`) and renders
     (:func:`variant_specs`). ``skip_existing`` reuses files whose manifest entry has the same
-    adapter bytes and strength: only safe in a folder tied to one checkpoint and export code,
-    such as ``export_cached``'s keyed folder.
+    adapter bytes, strength, scaling mode and ``base_key`` (a caller's fingerprint of the base
+    model, see :func:`prepare_lora_onnx_dir`): without a ``base_key``, only safe in a folder tied
+    to one checkpoint and export code, such as ``export_cached``'s keyed folder.
     """
     import time
 
@@ -798,12 +799,13 @@ def export_lora_variants(components: Any, registry: LoraRegistry, onnx_dir: str 
                               adapter_sha256=adapter.sha256)
         old = previous.get(name)
         if (old is not None and old.get("adapter_sha256") == adapter.sha256 and old.get("scaling") == scaling
+                and old.get("base_key", "") == base_key
                 and math.isclose(float(old.get("lora_weight", math.nan)), weight)
                 and all((onnx_dir / f"{m}.onnx").is_file() for m in variant.model_names)):
             variants.append(variant)
-            extra[name] = {k: old[k] for k in ("scaling", "parity", "export_s") if k in old}
+            extra[name] = {k: old[k] for k in ("scaling", "base_key", "parity", "export_s") if k in old}
             continue
-        entry: dict[str, Any] = {"scaling": scaling, "parity": {}, "export_s": {}}
+        entry: dict[str, Any] = {"scaling": scaling, "base_key": base_key, "parity": {}, "export_s": {}}
         with apply_lora(transformer, adapter, weight):
             for component in variant.components:
                 model = variant_model_name(component, name)
@@ -825,6 +827,47 @@ def export_lora_variants(components: Any, registry: LoraRegistry, onnx_dir: str 
     if failures:
         raise onnx_export.ParityError("LoRA variant export does not match torch:\n  " + "\n  ".join(failures))
     return variants
+
+
+def _base_onnx_files(onnx_dir: Path) -> list[Path]:
+    """The base components' ONNX graphs and external-data files in ``onnx_dir`` (no variants)."""
+    from .export import specs
+
+    names = {f"{c}.onnx" for c in specs.COMPONENTS} | {f"{c}.onnx.data" for c in specs.COMPONENTS}
+    return sorted(p for p in onnx_dir.iterdir() if p.name in names and p.is_file())
+
+
+def prepare_lora_onnx_dir(components: Any, registry: LoraRegistry, base_onnx_dir: str | Path,
+                          out_dir: str | Path, **export_options: Any) -> list[LoraVariant]:
+    """One folder with the base ONNX files (hard-linked, or copied across file systems) and every
+    variant of ``registry`` (exported, or reused when unchanged): what the renderer's
+    ``onnx_dir`` takes. The shared base folder (an export cache) is never written to.
+
+    Variants are reused only when the adapter, strength and base files are unchanged: the base
+    files' names, sizes and modification times form the ``base_key``.
+    """
+    import os
+    import shutil
+
+    base, out = Path(base_onnx_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = _base_onnx_files(base)
+    if not files:
+        raise LoraError(f"{base}: no exported component files")
+    digest = hashlib.sha256()
+    for source in files:
+        stat = source.stat()
+        digest.update(f"{source.name} {stat.st_size} {stat.st_mtime_ns}\n".encode())
+        target = out / source.name
+        if target.exists() and os.path.samefile(source, target):
+            continue
+        target.unlink(missing_ok=True)
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copy2(source, target)
+    return export_lora_variants(components, registry, out, skip_existing=True, base_key=digest.hexdigest(),
+                                **export_options)
 
 
 # ---------------------------------------------------------------------------------------------

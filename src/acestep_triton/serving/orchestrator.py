@@ -31,6 +31,7 @@ from acestep_client.params import TASKS, GenerationParams, ParamError, params_fr
 from ..pipeline import MusicGenerator
 from ..sampling import SamplingCancelled
 from .assets import ServingAssets, load_assets
+from .metrics import TaskMetrics
 
 #: Called as ``call(model_name, {input_name: tensor}, [output_names]) -> [tensors]``.
 ComponentCall = Callable[[str, Mapping[str, torch.Tensor], Sequence[str]], list[torch.Tensor]]
@@ -155,6 +156,7 @@ class TritonPythonModel:
         if not assets_dir:
             raise ValueError(f"{self.model_name}: config parameter 'assets_dir' is required")
         torch.set_num_threads(max(1, int(parameters.get("torch_threads", "1"))))
+        self.metrics = TaskMetrics(pb_utils, self.task)
         assets: ServingAssets = load_assets(assets_dir)
         assets.lyric_tokenizer.warm_up()  # fail at load time, not on the first request
         denoiser = TritonDenoiser(bls_call(pb_utils), assets.text_layers, assets.lyric_layers,
@@ -178,6 +180,7 @@ class TritonPythonModel:
             return None if tensor is None else tensor.as_numpy()
 
         def progress(step: int, total: int) -> None:
+            self.metrics.step()
             out = pb.Tensor("progress", np.array([step, total], dtype=np.int32))
             sender.send(pb.InferenceResponse(output_tensors=[out]))
 
@@ -189,18 +192,23 @@ class TritonPythonModel:
                 ref_audio=read_audio_input(get_input, "ref_audio"), progress=progress,
                 should_cancel=request.is_cancelled)
         except ParamError as exc:
+            self.metrics.finished("invalid")
             sender.send(pb.InferenceResponse(error=pb.TritonError(str(exc))), flags=final)
             return
         except SamplingCancelled as exc:
+            self.metrics.finished("cancelled")
             pb.Logger.log_info(f"{self.model_name}: cancelled at step {exc.step} of {exc.total}")
             sender.send(flags=final)
             return
         except Exception as exc:  # never take the server down: report and end this request
+            self.metrics.finished("error")
             pb.Logger.log_error(f"{self.model_name} failed: {traceback.format_exc()}")
             message = f"internal error in {self.model_name}: {type(exc).__name__}: {exc}"
             sender.send(pb.InferenceResponse(error=pb.TritonError(message)), flags=final)
             return
-        output.record["timecosts"] = {"total": time.perf_counter() - started}
+        wall = time.perf_counter() - started
+        output.record["timecosts"] = {"total": wall}
+        self.metrics.succeeded(output.audio.shape[0] * output.audio.shape[-1] / output.sample_rate, wall)
         audio = output.audio.to(torch.float32).contiguous().numpy()
         tensors = [
             pb.Tensor("audio", audio),

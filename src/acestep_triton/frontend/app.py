@@ -1,0 +1,523 @@
+"""The Gradio front end (port 7865): upstream ACE-Step's demo UI and API, served from Triton.
+
+It holds no model: every request goes through the thin client (:mod:`acestep_client`) to the
+Triton endpoints, so it runs in a slim container without torch. Its API keeps upstream's
+endpoint names (``/__call__``, ``/retake_process_func``, ``/repaint_process_func``,
+``/edit_process_func``, ``/extend_process_func``), argument names and defaults, so a
+``gradio_client`` script written for upstream's demo runs unchanged against it.
+
+Each endpoint is the click event of its tab's button (as upstream's were): the argument names
+are the keys of ``inputs_kwargs`` and their defaults are the initial values of the components
+(see :data:`~acestep_triton.frontend.upstream.UPSTREAM_DEFAULTS`). A few arguments exist only
+for API callers (``source_audio`` on repaint/edit/extend: "use this file as the source") and sit
+in hidden components. Bad input fails with a ``gr.Error`` whose message starts with the
+argument's name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from acestep_client.client import AceStepClient, AceStepError, ServerError, ServerUnavailable, field_of
+from acestep_client.params import AUDIO_INPUTS, EDIT_PRESETS, MAX_DURATION_S, GenerationParams, ParamError
+
+from .service import UPSTREAM_RANDOM_RANGE, DurationPolicy, FrontendService, Output
+from .session import Memory, pick_source, recall, remember
+from .upstream import (
+    ALIASES,
+    FORMAT_CHOICES,
+    SETTINGS,
+    SOURCE_CHOICES,
+    TAG_PRESETS,
+    UPSTREAM_DEFAULTS,
+    edit_params,
+    extend_params,
+    parse_json_data,
+    repaint_params,
+    retake_params,
+    text2music_params,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 7865
+URL_ENV = "ACESTEP_URL"
+MAX_UPLOAD = "256mb"
+"""Largest upload Gradio accepts: a 240 s, 48 kHz stereo float WAV (our own output) is ~92 MB."""
+D = UPSTREAM_DEFAULTS
+TITLE = "ACE-Step on Triton"
+PROGRESS = gr.Progress()
+"""The progress default Gradio looks for; it gives each call its own tracker, so sharing is safe."""
+
+
+# ------------------------------------------------------------------------------ components
+def _api(component: Any, name: str) -> Any:
+    """Make ``component``'s input errors name the API argument it feeds.
+
+    Gradio's own bound and choice checks say "Value 0 is less than minimum value 1." without
+    naming the argument. The instance's ``preprocess`` is wrapped rather than the class
+    subclassed, because defining a component subclass makes Gradio write a ``.pyi`` stub next
+    to the defining module (which fails on a read-only install).
+    """
+    checked = component.preprocess
+
+    def preprocess(payload: Any) -> Any:
+        try:
+            return checked(payload)
+        except gr.Error as exc:
+            raise gr.Error(f"{name}: {exc.message}") from exc
+
+    component.preprocess = preprocess
+    return component
+
+
+# ------------------------------------------------------------------------------ errors
+@contextlib.contextmanager
+def user_errors(aliases: dict[str, str]) -> Iterator[None]:
+    """Turn the client's and the schema's errors into ``gr.Error`` naming the caller's argument.
+
+    Schema fields with another name in this endpoint's API (``edit_target_prompt`` is
+    ``edit_prompt`` there) are renamed, so the message names what the caller actually passed.
+    """
+    try:
+        yield
+    except ParamError as exc:
+        raise gr.Error(f"{aliases.get(exc.field, exc.field)}: {exc.reason}") from exc
+    except ServerError as exc:
+        raise gr.Error(server_message(exc.message, aliases)) from exc
+    except ServerUnavailable as exc:
+        raise gr.Error(f"the model server is unavailable: {exc}") from exc
+    except AceStepError as exc:  # cancelled / timed out
+        raise gr.Error(str(exc)) from exc
+
+
+def server_message(message: str, aliases: dict[str, str]) -> str:
+    """A server error as the caller should read it: ``"<argument>: <reason> (...)"`` when the
+    server named a field (Triton puts its own prefix before it), else the message as it is."""
+    name = field_of(message, frozenset(AUDIO_INPUTS))
+    if name is None:
+        return f"the model server failed the request: {message}"
+    reason = message[message.index(f"{name}: ") + len(name) + 2:]
+    return f"{aliases.get(name, name)}: {reason} (rejected by the model server)"
+
+
+def _progress_callback(progress: gr.Progress) -> Any:
+    def on_progress(step: int, total: int) -> None:
+        progress((step, total), desc="denoising", unit="steps")
+
+    return on_progress
+
+
+# ------------------------------------------------------------------------------ endpoints
+class Endpoints:
+    """The API functions. Their keyword arguments are upstream's names; each returns
+    ``(audio file path, parameters JSON, session memory)`` (the memory is a ``gr.State``, not
+    part of the API)."""
+
+    def __init__(self, service: FrontendService) -> None:
+        self.service = service
+
+    def _run(self, kind: str, params: GenerationParams, memory: Memory | None, progress: gr.Progress,
+             src_audio: str | None = None, ref_audio: str | None = None) -> tuple[str, dict[str, Any], Memory]:
+        progress(0, desc="queued at the model server")
+        out: Output = self.service.generate(params, src_audio=src_audio, ref_audio=ref_audio,
+                                            on_progress=_progress_callback(progress))
+        return str(out.audio_path), out.params, remember(memory, kind, out.audio_path, out.params)
+
+    def text2music(self, progress: gr.Progress = PROGRESS, *, format: str, audio_duration: float,
+                   prompt: str, lyrics: str, infer_step: int, guidance_scale: float, scheduler_type: str,
+                   cfg_type: str, omega_scale: float, manual_seeds: str | None, guidance_interval: float,
+                   guidance_interval_decay: float, min_guidance_scale: float, use_erg_tag: bool,
+                   use_erg_lyric: bool, use_erg_diffusion: bool, oss_steps: str | None,
+                   guidance_scale_text: float, guidance_scale_lyric: float, audio2audio_enable: bool,
+                   ref_audio_strength: float, ref_audio_input: str | None = None,
+                   lora_name_or_path: str | None = None, lora_weight: float,
+                   memory: Memory | None = None) -> tuple[str, dict[str, Any], Memory]:
+        """Generate a song from tags and lyrics (audio2audio: from a reference audio)."""
+        settings = _settings(locals())
+        with user_errors(ALIASES["text2music"]):
+            params = text2music_params(settings, format=format, audio_duration=audio_duration,
+                                       audio2audio_enable=audio2audio_enable,
+                                       ref_audio_strength=ref_audio_strength, ref_audio_input=ref_audio_input,
+                                       lora_name_or_path=lora_name_or_path, lora_weight=lora_weight)
+            return self._run("text2music", params, memory, progress,
+                             ref_audio=ref_audio_input if params.task == "audio2audio" else None)
+
+    def retake(self, progress: gr.Progress = PROGRESS, *, json_data: Any = None, retake_variance: float,
+               retake_seeds: str | None, memory: Memory | None = None) -> tuple[str, dict[str, Any], Memory]:
+        """A variation of a result: ``json_data`` is its parameters JSON (default: this session's
+        last Text2Music result), replayed with new retake noise of strength ``retake_variance``."""
+        with user_errors(ALIASES["retake"]):
+            data = parse_json_data(json_data, "json_data")
+            if data is None:
+                last = recall(memory, "text2music")
+                if last is None:
+                    raise ParamError("json_data", "no parameters given and no Text2Music result in this "
+                                                  "session yet")
+                data = last["params"]
+            params = retake_params(data, retake_variance=retake_variance, retake_seeds=retake_seeds)
+            return self._run("retake", params, memory, progress)
+
+    def repaint(self, progress: gr.Progress = PROGRESS, *, text2music_json_data: Any = None,
+                repaint_json_data: Any = None, retake_variance: float, retake_seeds: str | None,
+                repaint_start: float, repaint_end: float, repaint_source: str,
+                repaint_source_audio_upload: str | None = None, prompt: str, lyrics: str, infer_step: int,
+                guidance_scale: float, scheduler_type: str, cfg_type: str, omega_scale: float,
+                manual_seeds: str | None, guidance_interval: float, guidance_interval_decay: float,
+                min_guidance_scale: float, use_erg_tag: bool, use_erg_lyric: bool, use_erg_diffusion: bool,
+                oss_steps: str | None, guidance_scale_text: float, guidance_scale_lyric: float,
+                source_audio: str | None = None, format: str, lora_name_or_path: str | None = None,
+                lora_weight: float, memory: Memory | None = None) -> tuple[str, dict[str, Any], Memory]:
+        """Regenerate the window [repaint_start, repaint_end) seconds of a source song."""
+        settings = _settings(locals())
+        with user_errors(ALIASES["repaint"]):
+            src = pick_source(kind="repaint", choice=repaint_source, explicit=source_audio,
+                              upload=repaint_source_audio_upload, text2music_json=text2music_json_data,
+                              own_json=repaint_json_data, memory=memory, output_dir=self.service.output_dir,
+                              choice_field="repaint_source", upload_field="repaint_source_audio_upload")
+            params = repaint_params(settings, retake_variance=retake_variance, retake_seeds=retake_seeds,
+                                    repaint_start=repaint_start, repaint_end=repaint_end, format=format,
+                                    lora_name_or_path=lora_name_or_path, lora_weight=lora_weight)
+            return self._run("repaint", params, memory, progress, src_audio=src)
+
+    def edit(self, progress: gr.Progress = PROGRESS, *, text2music_json_data: Any = None,
+             edit_input_params_json: Any = None, edit_source: str, edit_source_audio_upload: str | None = None,
+             prompt: str, lyrics: str, edit_prompt: str | None, edit_lyrics: str | None, edit_n_min: float,
+             edit_n_max: float, infer_step: int, guidance_scale: float, scheduler_type: str, cfg_type: str,
+             omega_scale: float, manual_seeds: str | None, guidance_interval: float,
+             guidance_interval_decay: float, min_guidance_scale: float, use_erg_tag: bool,
+             use_erg_lyric: bool, use_erg_diffusion: bool, oss_steps: str | None, guidance_scale_text: float,
+             guidance_scale_lyric: float, retake_seeds: str | None, edit_type: str, edit_n_avg: int,
+             source_audio: str | None = None, format: str, lora_name_or_path: str | None = None,
+             lora_weight: float, memory: Memory | None = None) -> tuple[str, dict[str, Any], Memory]:
+        """Edit a source song (FlowEdit) from its prompt/lyrics towards edit_prompt/edit_lyrics."""
+        settings = _settings(locals())
+        with user_errors(ALIASES["edit"]):
+            src = pick_source(kind="edit", choice=edit_source, explicit=source_audio,
+                              upload=edit_source_audio_upload, text2music_json=text2music_json_data,
+                              own_json=edit_input_params_json, memory=memory,
+                              output_dir=self.service.output_dir, choice_field="edit_source",
+                              upload_field="edit_source_audio_upload")
+            params = edit_params(settings, edit_prompt=edit_prompt, edit_lyrics=edit_lyrics, edit_type=edit_type,
+                                 edit_n_min=edit_n_min, edit_n_max=edit_n_max, edit_n_avg=edit_n_avg,
+                                 retake_seeds=retake_seeds, format=format, lora_name_or_path=lora_name_or_path,
+                                 lora_weight=lora_weight)
+            return self._run("edit", params, memory, progress, src_audio=src)
+
+    def extend(self, progress: gr.Progress = PROGRESS, *, text2music_json_data: Any = None,
+               extend_input_params_json: Any = None, extend_seeds: str | None, left_extend_length: float,
+               right_extend_length: float, extend_source: str, extend_source_audio_upload: str | None = None,
+               prompt: str, lyrics: str, infer_step: int, guidance_scale: float, scheduler_type: str,
+               cfg_type: str, omega_scale: float, manual_seeds: str | None, guidance_interval: float,
+               guidance_interval_decay: float, min_guidance_scale: float, use_erg_tag: bool,
+               use_erg_lyric: bool, use_erg_diffusion: bool, oss_steps: str | None, guidance_scale_text: float,
+               guidance_scale_lyric: float, source_audio: str | None = None, format: str,
+               lora_name_or_path: str | None = None, lora_weight: float,
+               memory: Memory | None = None) -> tuple[str, dict[str, Any], Memory]:
+        """Add left_extend_length / right_extend_length seconds before / after a source song."""
+        settings = _settings(locals())
+        with user_errors(ALIASES["extend"]):
+            src = pick_source(kind="extend", choice=extend_source, explicit=source_audio,
+                              upload=extend_source_audio_upload, text2music_json=text2music_json_data,
+                              own_json=extend_input_params_json, memory=memory,
+                              output_dir=self.service.output_dir, choice_field="extend_source",
+                              upload_field="extend_source_audio_upload")
+            params = extend_params(settings, extend_seeds=extend_seeds, left_extend_length=left_extend_length,
+                                   right_extend_length=right_extend_length, format=format,
+                                   lora_name_or_path=lora_name_or_path, lora_weight=lora_weight)
+            return self._run("extend", params, memory, progress, src_audio=src)
+
+
+def _settings(arguments: dict[str, Any]) -> dict[str, Any]:
+    return {name: arguments[name] for name in SETTINGS if name in arguments}
+
+
+# ------------------------------------------------------------------------------ layout
+def _output_ui(task_name: str, kind: str) -> tuple[gr.Audio, gr.JSON]:
+    audio = gr.Audio(type="filepath", label=f"{task_name} Generated Audio 1", interactive=False,
+                     elem_id=f"{kind}_audio")
+    with gr.Accordion(f"{task_name} Parameters", open=False):
+        params_json = gr.JSON(label=f"{task_name} Parameters", elem_id=f"{kind}_params")
+    return audio, params_json
+
+
+def _source_ui(kind: str, label: str) -> tuple[gr.Radio, gr.Audio, gr.Audio]:
+    """The source radio, its upload (shown for 'upload') and the hidden API-only ``source_audio``."""
+    choice = _api(gr.Radio(list(SOURCE_CHOICES[kind]), value=D[f"{kind}_source"], label=f"{label} Source",
+                        elem_id=f"{kind}_source"), f"{kind}_source")
+    upload = gr.Audio(type="filepath", label="Upload Audio", visible=False, elem_id=f"{kind}_source_audio_upload")
+    explicit = gr.Audio(type="filepath", label="source_audio", visible=False)
+    choice.change(lambda value: gr.update(visible=value == "upload"), inputs=[choice], outputs=[upload],
+                  api_visibility="private", queue=False)
+    return choice, upload, explicit
+
+
+def build_demo(service: FrontendService, *, lora_choices: Sequence[str] = ()) -> gr.Blocks:
+    """The UI: tabs Text2Music, Retake, Repainting, Edit, Extend; the buttons are the API."""
+    endpoints = Endpoints(service)
+    policy = service.policy
+    max_seconds = policy.max_duration or MAX_DURATION_S
+    # No analytics: a serving front end has no business phoning home (and often cannot).
+    with gr.Blocks(title=TITLE, delete_cache=(3600, 24 * 3600), analytics_enabled=False) as demo:
+        gr.Markdown(f"<h1 style='text-align: center;'>{TITLE}</h1>"
+                    f"<p style='text-align: center;'>ACE-Step v1 music generation, served by NVIDIA Triton "
+                    f"at <code>{service.client.url}</code>.</p>")
+        memory = gr.State(None)
+        with gr.Tab("Text2Music", id="text2music"), gr.Row():
+            with gr.Column():
+                with gr.Row(equal_height=True):
+                    audio_duration = _api(gr.Slider(
+                        -1, max_seconds, step=0.00001, value=D["audio_duration"], label="Audio Duration",
+                        info=f"-1 means a random duration ({policy.random_range[0]:g} ~ "
+                             f"{min(policy.random_range[1], max_seconds):g} s).", scale=9,
+                        elem_id="audio_duration"), "audio_duration")
+                    audio_format = _api(gr.Dropdown(list(FORMAT_CHOICES), value=D["format"], label="Format"),
+                                        "format")
+                with gr.Row():
+                    preset = gr.Dropdown(["Custom", *TAG_PRESETS], value="Custom", label="Preset", scale=1)
+                    prompt = gr.Textbox(value=D["prompt"], label="Tags", lines=1, max_lines=4, scale=9,
+                                        info="Comma-separated tags: genre, instruments, mood, tempo.")
+                preset.change(lambda name: TAG_PRESETS.get(name, ""), inputs=[preset], outputs=[prompt],
+                              api_visibility="private", queue=False)
+                lyrics = gr.Textbox(value=D["lyrics"], label="Lyrics", lines=9, max_lines=13,
+                                    info="Structure tags like [verse], [chorus], [bridge]; "
+                                         "[instrumental] for music without vocals.")
+                with gr.Accordion("Basic Settings", open=False):
+                    infer_step = _api(gr.Slider(1, 200, step=1, value=D["infer_step"], label="Infer Steps"),
+                                      "infer_step")
+                    guidance_scale = _api(gr.Slider(0.0, 30.0, step=0.1, value=D["guidance_scale"],
+                                                 label="Guidance Scale",
+                                                 info="Not applied when both text and lyric scales "
+                                                      "are above 1."), "guidance_scale")
+                    guidance_scale_text = _api(gr.Slider(0.0, 10.0, step=0.1, value=D["guidance_scale_text"],
+                                                      label="Guidance Scale Text",
+                                                      info="Text-only guidance (cfg); try 5.0 with "
+                                                           "lyric 1.5."), "guidance_scale_text")
+                    guidance_scale_lyric = _api(gr.Slider(0.0, 10.0, step=0.1, value=D["guidance_scale_lyric"],
+                                                       label="Guidance Scale Lyric"), "guidance_scale_lyric")
+                    manual_seeds = gr.Textbox(value=D["manual_seeds"], label="manual seeds (default None)",
+                                              placeholder="1,2,3,4", info="Seed for the generation")
+                with gr.Accordion("Advanced Settings", open=False):
+                    scheduler_type = _api(gr.Radio(["euler", "heun", "pingpong"], value=D["scheduler_type"],
+                                                label="Scheduler Type", elem_id="scheduler_type",
+                                                info="euler is recommended; heun is slower; pingpong "
+                                                     "is stochastic (SDE)."), "scheduler_type")
+                    cfg_type = _api(gr.Radio(["cfg", "apg", "cfg_star"], value=D["cfg_type"], label="CFG Type",
+                                          elem_id="cfg_type", info="apg is recommended."), "cfg_type")
+                    use_erg_tag = gr.Checkbox(value=D["use_erg_tag"], label="use ERG for tag",
+                                              info="Entropy-rectifying guidance: a weaker tag condition "
+                                                   "for more diversity.")
+                    use_erg_lyric = gr.Checkbox(value=D["use_erg_lyric"], label="use ERG for lyric")
+                    use_erg_diffusion = gr.Checkbox(value=D["use_erg_diffusion"], label="use ERG for diffusion")
+                    omega_scale = _api(gr.Slider(-100.0, 100.0, step=0.1, value=D["omega_scale"],
+                                              label="Granularity Scale",
+                                              info="Higher values can reduce artifacts."), "omega_scale")
+                    guidance_interval = _api(gr.Slider(0.0, 1.0, step=0.01, value=D["guidance_interval"],
+                                                    label="Guidance Interval",
+                                                    info="0.5: guidance only in the middle half of the "
+                                                         "steps."), "guidance_interval")
+                    guidance_interval_decay = _api(gr.Slider(0.0, 1.0, step=0.01,
+                                                          value=D["guidance_interval_decay"],
+                                                          label="Guidance Interval Decay",
+                                                          info="Decay from the guidance scale to the min "
+                                                               "guidance scale inside the interval."),
+                                                   "guidance_interval_decay")
+                    min_guidance_scale = _api(gr.Slider(0.0, 200.0, step=0.1, value=D["min_guidance_scale"],
+                                                     label="Min Guidance Scale"), "min_guidance_scale")
+                    oss_steps = gr.Textbox(value=D["oss_steps"], label="OSS Steps",
+                                           placeholder="16, 29, 52, 96, 129, 158, 172, 183, 189, 200",
+                                           info="Optimal step selection (1-based step indices).")
+                with gr.Accordion("Reference Audio (Audio2Audio)", open=False):
+                    audio2audio_enable = gr.Checkbox(value=D["audio2audio_enable"], label="Enable Audio2Audio",
+                                                     elem_id="audio2audio_checkbox")
+                    ref_audio_input = gr.Audio(type="filepath", label="Reference Audio (for Audio2Audio)",
+                                               visible=False, elem_id="ref_audio_input")
+                    ref_audio_strength = _api(gr.Slider(0.0, 1.0, step=0.01, value=D["ref_audio_strength"],
+                                                     label="Refer audio strength", visible=False,
+                                                     elem_id="ref_audio_strength"), "ref_audio_strength")
+                    audio2audio_enable.change(
+                        lambda on: (gr.update(visible=on), gr.update(visible=on)), inputs=[audio2audio_enable],
+                        outputs=[ref_audio_input, ref_audio_strength], api_visibility="private", queue=False)
+                with gr.Accordion("LoRA", open=False):
+                    lora_name_or_path = gr.Dropdown(["none", *lora_choices], value=D["lora_name_or_path"],
+                                                    label="Lora Name or Path", allow_custom_value=True,
+                                                    info="An adapter the model server is configured with.")
+                    lora_weight = _api(gr.Number(value=D["lora_weight"], label="Lora weight", step=0.1,
+                                              minimum=-3, maximum=3), "lora_weight")
+                text2music_btn = gr.Button("Generate", variant="primary", elem_id="text2music_generate")
+            with gr.Column():
+                t2m_audio, t2m_json = _output_ui("Text2Music", "text2music")
+
+        settings = {"prompt": prompt, "lyrics": lyrics, "infer_step": infer_step, "guidance_scale": guidance_scale,
+                    "scheduler_type": scheduler_type, "cfg_type": cfg_type, "omega_scale": omega_scale,
+                    "manual_seeds": manual_seeds, "guidance_interval": guidance_interval,
+                    "guidance_interval_decay": guidance_interval_decay, "min_guidance_scale": min_guidance_scale,
+                    "use_erg_tag": use_erg_tag, "use_erg_lyric": use_erg_lyric,
+                    "use_erg_diffusion": use_erg_diffusion, "oss_steps": oss_steps,
+                    "guidance_scale_text": guidance_scale_text, "guidance_scale_lyric": guidance_scale_lyric}
+        lora = {"lora_name_or_path": lora_name_or_path, "lora_weight": lora_weight}
+        with gr.Tab("Retake", id="retake"):
+            gr.Markdown("A variation of the last Text2Music result (its parameters, new retake noise).")
+            retake_variance = _api(gr.Slider(0.0, 1.0, step=0.01, value=D["retake_variance"], label="variance"),
+                                   "retake_variance")
+            retake_seeds = gr.Textbox(value=D["retake_seeds"], label="retake seeds (default None)")
+            retake_btn = gr.Button("Retake", variant="primary")
+            retake_audio, retake_json = _output_ui("Retake", "retake")
+        with gr.Tab("Repainting", id="repaint"):
+            gr.Markdown("Uses the tags, lyrics and settings of the Text2Music tab.")
+            repaint_variance = _api(gr.Slider(0.0, 1.0, step=0.01, value=D["retake_variance"], label="variance"),
+                                    "retake_variance")
+            repaint_seeds = gr.Textbox(value=D["retake_seeds"], label="repaint seeds (default None)")
+            repaint_start = _api(gr.Slider(0.0, MAX_DURATION_S, step=0.01, value=D["repaint_start"],
+                                        label="Repaint Start Time"), "repaint_start")
+            repaint_end = _api(gr.Slider(0.0, MAX_DURATION_S, step=0.01, value=D["repaint_end"],
+                                      label="Repaint End Time"), "repaint_end")
+            repaint_source, repaint_upload, repaint_explicit = _source_ui("repaint", "Repaint")
+            repaint_btn = gr.Button("Repaint", variant="primary")
+            repaint_audio, repaint_json = _output_ui("Repaint", "repaint")
+        with gr.Tab("Edit", id="edit"):
+            gr.Markdown("Edits from the Text2Music tab's tags and lyrics (and settings) towards these.")
+            edit_prompt = gr.Textbox(value=D["edit_prompt"], label="Edit Tags", lines=2, max_lines=4,
+                                     info="Empty: keep the source tags.")
+            edit_lyrics = gr.Textbox(value=D["edit_lyrics"], label="Edit Lyrics", lines=9, max_lines=13,
+                                     info="Empty: keep the source lyrics.")
+            edit_seeds = gr.Textbox(value=D["retake_seeds"], label="edit seeds (default None)")
+            edit_type = _api(gr.Radio(["only_lyrics", "remix"], value=D["edit_type"], label="Edit Type",
+                                   elem_id="edit_type",
+                                   info="only_lyrics keeps the song and changes the words (keep the change "
+                                        "small); remix can change melody and genre."), "edit_type")
+            edit_n_min = _api(gr.Slider(0.0, 1.0, step=0.01, value=D["edit_n_min"], label="edit_n_min"), "edit_n_min")
+            edit_n_max = _api(gr.Slider(0.0, 1.0, step=0.01, value=D["edit_n_max"], label="edit_n_max"), "edit_n_max")
+            edit_n_avg = _api(gr.Slider(1, 16, step=1, value=D["edit_n_avg"], label="edit_n_avg",
+                                     info="Noise draws averaged per edit step."), "edit_n_avg")
+            edit_type.change(_edit_preset, inputs=[edit_type], outputs=[edit_n_min, edit_n_max],
+                             api_visibility="private", queue=False)
+            edit_source, edit_upload, edit_explicit = _source_ui("edit", "Edit")
+            edit_btn = gr.Button("Edit", variant="primary")
+            edit_audio, edit_json = _output_ui("Edit", "edit")
+        with gr.Tab("Extend", id="extend"):
+            gr.Markdown("Uses the tags, lyrics and settings of the Text2Music tab.")
+            extend_seeds = gr.Textbox(value=D["extend_seeds"], label="extend seeds (default None)")
+            left_extend_length = _api(gr.Slider(0.0, MAX_DURATION_S, step=0.01, value=D["left_extend_length"],
+                                             label="Left Extend Length"), "left_extend_length")
+            right_extend_length = _api(gr.Slider(0.0, MAX_DURATION_S, step=0.01, value=D["right_extend_length"],
+                                              label="Right Extend Length"), "right_extend_length")
+            extend_source, extend_upload, extend_explicit = _source_ui("extend", "Extend")
+            extend_btn = gr.Button("Extend", variant="primary")
+            extend_audio, extend_json = _output_ui("Extend", "extend")
+
+        # The endpoints, in upstream's argument order (positional calls keep working too).
+        state = {"memory": memory}
+        text2music_btn.click(
+            endpoints.text2music, api_name="__call__", outputs=[t2m_audio, t2m_json, memory],
+            inputs_kwargs={"format": audio_format, "audio_duration": audio_duration, **settings,
+                           "audio2audio_enable": audio2audio_enable, "ref_audio_strength": ref_audio_strength,
+                           "ref_audio_input": ref_audio_input, **lora, **state})
+        retake_btn.click(
+            endpoints.retake, api_name="retake_process_func", outputs=[retake_audio, retake_json, memory],
+            inputs_kwargs={"json_data": t2m_json, "retake_variance": retake_variance,
+                           "retake_seeds": retake_seeds, **state})
+        tail = {"format": audio_format, **lora, **state}
+        repaint_btn.click(
+            endpoints.repaint, api_name="repaint_process_func", outputs=[repaint_audio, repaint_json, memory],
+            inputs_kwargs={"text2music_json_data": t2m_json, "repaint_json_data": repaint_json,
+                           "retake_variance": repaint_variance, "retake_seeds": repaint_seeds,
+                           "repaint_start": repaint_start, "repaint_end": repaint_end,
+                           "repaint_source": repaint_source, "repaint_source_audio_upload": repaint_upload,
+                           **settings, "source_audio": repaint_explicit, **tail})
+        edit_settings = {k: v for k, v in settings.items() if k not in ("prompt", "lyrics")}
+        edit_btn.click(
+            endpoints.edit, api_name="edit_process_func", outputs=[edit_audio, edit_json, memory],
+            inputs_kwargs={"text2music_json_data": t2m_json, "edit_input_params_json": edit_json,
+                           "edit_source": edit_source, "edit_source_audio_upload": edit_upload,
+                           "prompt": prompt, "lyrics": lyrics, "edit_prompt": edit_prompt,
+                           "edit_lyrics": edit_lyrics, "edit_n_min": edit_n_min, "edit_n_max": edit_n_max,
+                           **edit_settings, "retake_seeds": edit_seeds, "edit_type": edit_type,
+                           "edit_n_avg": edit_n_avg, "source_audio": edit_explicit, **tail})
+        extend_btn.click(
+            endpoints.extend, api_name="extend_process_func", outputs=[extend_audio, extend_json, memory],
+            inputs_kwargs={"text2music_json_data": t2m_json, "extend_input_params_json": extend_json,
+                           "extend_seeds": extend_seeds, "left_extend_length": left_extend_length,
+                           "right_extend_length": right_extend_length, "extend_source": extend_source,
+                           "extend_source_audio_upload": extend_upload, **settings,
+                           "source_audio": extend_explicit, **tail})
+    return demo
+
+
+def _edit_preset(edit_type: str) -> tuple[float, float]:
+    """The sliders' values for an edit type (upstream's presets)."""
+    return EDIT_PRESETS.get(edit_type, EDIT_PRESETS["only_lyrics"])
+
+
+# ------------------------------------------------------------------------------ command line
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="acestep-frontend", description=__doc__.splitlines()[0])
+    parser.add_argument("--url", default=os.environ.get(URL_ENV, "localhost:8001"),
+                        help=f"Triton gRPC address (env {URL_ENV}; default %(default)s)")
+    parser.add_argument("--server-name", default="127.0.0.1",
+                        help="interface to listen on (0.0.0.0 in a container; default %(default)s)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default %(default)s)")
+    parser.add_argument("--output-dir", type=Path, default=None,
+                        help="where result files are written (default: a new temporary folder)")
+    parser.add_argument("--keep-hours", type=float, default=24.0,
+                        help="delete result files older than this (default %(default)s)")
+    parser.add_argument("--max-duration", type=float, default=None,
+                        help="deployment cap: no request may produce more seconds of audio than this "
+                             "(default: the server's limit)")
+    parser.add_argument("--random-duration", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                        default=UPSTREAM_RANDOM_RANGE,
+                        help="range that audio_duration -1 draws from (default: upstream's 30 240)")
+    parser.add_argument("--lora", action="append", default=[], metavar="NAME",
+                        help="LoRA adapter offered in the UI (repeatable; the server must know it)")
+    parser.add_argument("--concurrency", type=int, default=4,
+                        help="requests in flight to the model server at once (default %(default)s)")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds before a request is cancelled")
+    return parser
+
+
+def create_service(args: argparse.Namespace) -> FrontendService:
+    output_dir = args.output_dir or Path(tempfile.mkdtemp(prefix="acestep-frontend-"))
+    policy = DurationPolicy(random_range=tuple(args.random_duration), max_duration=args.max_duration)
+    return FrontendService(AceStepClient(args.url), output_dir, policy,
+                           keep_seconds=args.keep_hours * 3600.0, timeout=args.timeout)
+
+
+def launch(service: FrontendService, *, server_name: str = "127.0.0.1", port: int = DEFAULT_PORT,
+           concurrency: int = 4, lora_choices: Sequence[str] = (), block: bool = True) -> gr.Blocks:
+    """Build and start the app; with ``block=False`` return once it is serving."""
+    demo = build_demo(service, lora_choices=lora_choices)
+    demo.queue(default_concurrency_limit=concurrency)
+    demo.launch(server_name=server_name, server_port=port, allowed_paths=[str(service.output_dir)],
+                max_file_size=MAX_UPLOAD, prevent_thread_lock=not block, show_error=True, quiet=not block,
+                ssr_mode=False)
+    return demo
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        service = create_service(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not service.client.is_ready():
+        log.warning("no ready Triton server at %s yet; requests will fail until it is up", args.url)
+    log.info("results go to %s", service.output_dir)
+    launch(service, server_name=args.server_name, port=args.port, concurrency=args.concurrency,
+           lora_choices=args.lora)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
