@@ -119,8 +119,17 @@ def onnx_vs_torch(components: Any, onnx_paths: Mapping[str, Path], *, batch: int
 def run_smoke(url: str, local: Any, components: Any, onnx_paths: Mapping[str, Path], *, duration: float = 2.0,
               steps: int = 4, requests: int = 2, repeats: int = 5, threads: int = 1,
               out: Printer = print) -> dict[str, Any]:
-    """Both measurements; prints both tables through ``out`` and returns the numbers."""
-    e2e = triton_vs_inprocess(url, local, duration=duration, steps=steps, requests=requests)
+    """Both measurements; prints both tables through ``out`` and returns the numbers.
+
+    torch runs with ``threads`` threads throughout (restored afterwards): on a small CPU, torch's
+    default thread pool makes the tiny model's kernels wait on each other (seconds per call).
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        e2e = triton_vs_inprocess(url, local, duration=duration, steps=steps, requests=requests)
+    finally:
+        torch.set_num_threads(previous)
     served, inproc = statistics.median(e2e["triton_s"]), statistics.median(e2e["inprocess_s"])
     rows = [("Triton (gRPC + BLS + onnxruntime)", len(e2e["triton_s"]), served,
              bench.percentile(e2e["triton_s"], 90), duration / served, served / inproc),

@@ -7,7 +7,7 @@
 # fails if torch is importable anyway.
 #
 #   docker build -f docker/frontend.Dockerfile -t acestep-triton-frontend:0.1.0 .
-#   docker run -p 7865:7865 -e ACESTEP_SERVER_URL=my-server:8001 acestep-triton-frontend:0.1.0
+#   docker run -p 7865:7865 -e ACESTEP_URL=my-server:8001 acestep-triton-frontend:0.1.0
 #
 # Base image: an exact CPython patch release on Debian 12 (slim); the client's wheels
 # (grpcio, numpy, soundfile with its bundled libsndfile) need no compiler there.
@@ -35,9 +35,9 @@ RUN python -m pip install ./client \
  && python -c "import importlib.util, sys; sys.exit('torch must not be in the front-end image' if importlib.util.find_spec('torch') else 0)" \
  && python -c "import acestep_triton.frontend"
 
-ENV ACESTEP_SERVER_URL=server:8001 \
+ENV ACESTEP_URL=server:8001 \
+    ACESTEP_FRONTEND_HOST=0.0.0.0 \
     ACESTEP_FRONTEND_PORT=7865 \
-    GRADIO_SERVER_NAME=0.0.0.0 \
     GRADIO_ANALYTICS_ENABLED=False \
     GRADIO_TEMP_DIR=/tmp/gradio \
     HOME=/tmp \

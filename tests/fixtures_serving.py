@@ -14,6 +14,7 @@ backends for the same request. Import the fixtures you use into the test module.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from fixtures_onnx import single_thread
 from triton_harness import require_tritonserver
 
 from acestep_triton.checkpoint import Components, load_components
+from acestep_triton.lora import SERVING_FILE, write_tiny_lora
 from acestep_triton.pipeline import MusicGenerator, TorchDenoiser
 from acestep_triton.serving.deploy import Deployment, build_cpu_deployment
 from acestep_triton.serving.server import TritonServer
@@ -43,11 +45,27 @@ def _serve(deployment: Deployment, log: Path) -> Iterator[TritonServer]:
 
 
 # ----------------------------------------------------------------------------------- tiny
+TINY_LORA = "tiny"
+TINY_LORA_WEIGHT = 0.5
+
+
 @pytest.fixture(scope="session")
-def tiny_deployment(tiny_onnx_ckpt: Path, tiny_onnx_dir: Path,
-                    tmp_path_factory: pytest.TempPathFactory) -> Deployment:
-    return build_cpu_deployment(tiny_onnx_ckpt, tmp_path_factory.mktemp("tiny_deploy"),
-                                onnx_dir=tiny_onnx_dir, intra_op_threads=1)
+def tiny_lora_dir(tiny_onnx_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA registry with one adapter (``tiny``), served fused at strength 0.5."""
+    root = tmp_path_factory.mktemp("loras")
+    write_tiny_lora(tiny_onnx_ckpt, root / TINY_LORA)
+    (root / TINY_LORA / SERVING_FILE).write_text(json.dumps({"lora_weight": TINY_LORA_WEIGHT}))
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_deployment(tiny_onnx_ckpt: Path, tiny_onnx_dir: Path, tiny_onnx_components: Components,
+                    tiny_lora_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Deployment:
+    """Every endpoint, plus the tiny LoRA's fused component variants."""
+    with single_thread():
+        return build_cpu_deployment(tiny_onnx_ckpt, tmp_path_factory.mktemp("tiny_deploy"),
+                                    onnx_dir=tiny_onnx_dir, components=tiny_onnx_components,
+                                    lora_dir=tiny_lora_dir, intra_op_threads=1)
 
 
 @pytest.fixture(scope="session")

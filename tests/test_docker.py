@@ -659,7 +659,7 @@ def test_compose_frontends_wait_for_a_healthy_server(compose: dict) -> None:
         service = services[name]
         (server, condition), = service["depends_on"].items()
         assert condition == {"condition": "service_healthy"}
-        assert service["environment"]["ACESTEP_SERVER_URL"] == f"{server}:8001"
+        assert service["environment"]["ACESTEP_URL"] == f"{server}:8001"
         assert server in services and not server.startswith("frontend")
 
 
@@ -740,6 +740,45 @@ def test_entrypoint_refuses_a_missing_checkpoint(tmp_path: Path) -> None:
     assert f"no complete checkpoint at {tmp_path}/checkpoint" in result.stderr
     assert "ACESTEP_TINY_CHECKPOINT=1" in result.stderr and "download" in result.stderr
     assert not (tmp_path / "repository").exists()
+
+
+def test_frontend_entrypoint_serves_the_ui_the_healthcheck_probes(tmp_path: Path) -> None:
+    """`entrypoint-frontend.sh` starts the real Gradio front end with the flags it passes (the
+    server address, interface and port from the environment), the image's HEALTHCHECK command
+    sees it healthy, and SIGTERM stops it. The server it points at is not running: the UI must
+    come up anyway (it reports errors per request)."""
+    pytest.importorskip("gradio", reason="the front end needs gradio (the ui extra)")
+    from acestep_triton.serving.server import free_ports
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    if not (Path(sys.executable).parent / "acestep-frontend").exists():
+        # the console script is declared by pyproject.toml (checked above); run the module meanwhile
+        shim = bin_dir / "acestep-frontend"
+        shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m acestep_triton.frontend "$@"\n')
+        shim.chmod(0o755)
+    port, dead_server = free_ports(2)
+    env = _env(ACESTEP_URL=f"127.0.0.1:{dead_server}", ACESTEP_FRONTEND_HOST="127.0.0.1",
+               ACESTEP_FRONTEND_PORT=str(port), GRADIO_ANALYTICS_ENABLED="False", HOME=str(tmp_path),
+               TMPDIR=str(tmp_path))
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    log = (tmp_path / "frontend.log").open("w")
+    process = subprocess.Popen(["bash", str(DOCKER / "entrypoint-frontend.sh")], env=env, stdout=log,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        argv = _image_healthcheck_argv(FRONTEND)
+        deadline = time.monotonic() + 120
+        while subprocess.run(argv, env=env, capture_output=True).returncode != 0:
+            assert process.poll() is None, (tmp_path / "frontend.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, (tmp_path / "frontend.log").read_text()[-3000:]
+            time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        log.close()
 
 
 @pytest.mark.slow

@@ -151,7 +151,8 @@ def test_upstream_script_runs_unchanged(frontend: str, monkeypatch: pytest.Monke
     assert np.abs(source).max() > 1e-3, "silent text2music output"
 
     edit_path, edit = results["/edit_process_func"]
-    assert (edit["task"], edit["edit_type"], edit["edit_n_min"], edit["edit_n_max"]) == ("edit", "remix", 0.7, 1.0)
+    assert (edit["task"], edit["edit_type"]) == ("edit", "remix")
+    assert (edit["edit_n_min"], edit["edit_n_max"]) == (pytest.approx(0.7), 1.0)  # float32 on the wire
     assert edit["edit_target_prompt"] == "rock, electric guitar"
     edit_err = abs(seconds(edit_path) - length)
     assert edit_err <= FRAME_S + 1e-6, f"edit output differs from its source by {edit_err:.4f} s"
@@ -309,7 +310,7 @@ def test_audio2audio_follows_the_reference(api: Client, wav_3s: Path) -> None:
     path, params = api.predict(audio2audio_enable=True, ref_audio_input=handle_file(str(wav_3s)),
                                ref_audio_strength=0.5, infer_step=5, manual_seeds="3", api_name="/__call__")
     assert params["task"] == "audio2audio" and params["audio2audio_enable"] is True
-    assert params["ref_audio_strength"] == 0.5
+    assert params["ref_audio_strength"] == pytest.approx(0.5)
     assert abs(seconds(path) - 3.0) <= FRAME_S, seconds(path)
 
 

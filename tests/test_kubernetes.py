@@ -338,11 +338,11 @@ def test_frontend_talks_to_the_server_over_grpc(rendered: dict[str, list[Doc]], 
     docs = rendered[overlay]
     frontend = one(docs, "Deployment", "acestep-frontend")
     c = container(frontend, "frontend")
-    host, port = env(c)["ACESTEP_SERVER_URL"].rsplit(":", 1)
+    host, port = env(c)["ACESTEP_URL"].rsplit(":", 1)
     service = one(docs, "Service", host)
     assert {p["name"]: p["port"] for p in service["spec"]["ports"]}["grpc"] == int(port)
     assert env(c)["ACESTEP_FRONTEND_PORT"] == str(FRONTEND_PORT)
-    assert env(c).get("GRADIO_SERVER_NAME") == "0.0.0.0"
+    assert env(c).get("ACESTEP_FRONTEND_HOST") == "0.0.0.0"
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         assert c[probe]["httpGet"]["port"] in ("http", FRONTEND_PORT), probe
     assert one(docs, "Service", "acestep-frontend")["spec"].get("sessionAffinity") == "ClientIP"

@@ -79,6 +79,9 @@ def add_generate_arguments(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--name", default=None, help="file name stem (default: <task>_<timestamp>)")
     gen.add_argument("--timeout", type=float, default=None, help="seconds before cancelling")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    gen.add_argument("--src-audio", type=Path, default=None,
+                     help="source audio file for repaint/edit/extend (wav/flac/ogg/mp3)")
+    gen.add_argument("--ref-audio", type=Path, default=None, help="reference audio file for audio2audio")
     fields = gen.add_argument_group("generation parameters")
     for spec in GenerationParams.specs():
         flags = [_flag(spec.name), *ALIASES.get(spec.name, ())]
@@ -118,7 +121,8 @@ def run_generate(args: argparse.Namespace, stderr: TextIO | None = None) -> int:
     progress = None if args.quiet else ProgressPrinter(stderr)
     client = AceStepClient(args.url)
     try:
-        result = client.generate(params, endpoint=args.endpoint, on_progress=progress, timeout=args.timeout)
+        result = client.generate(params, endpoint=args.endpoint, on_progress=progress, timeout=args.timeout,
+                                 src_audio=args.src_audio, ref_audio=args.ref_audio)
     except ServerUnavailable as exc:
         print(f"error: server unavailable: {exc}", file=stderr)
         return 3
@@ -128,6 +132,9 @@ def run_generate(args: argparse.Namespace, stderr: TextIO | None = None) -> int:
     except GenerationCancelled as exc:
         print(f"error: {exc}", file=stderr)
         return 4
+    except ValueError as exc:  # ParamError, or an unreadable --src-audio/--ref-audio
+        print(f"error: {exc}", file=stderr)
+        return 2
     except KeyboardInterrupt:
         print("\ninterrupted; request cancelled", file=stderr)
         return 130

@@ -52,7 +52,8 @@ def _delegate(argv: Sequence[str]) -> int | None:
 def _build(args: argparse.Namespace) -> int:
     from .serving.deploy import build_cpu_deployment
 
-    deployment = build_cpu_deployment(args.checkpoint, args.workdir, vocab_path=args.vocab, progress=True)
+    deployment = build_cpu_deployment(args.checkpoint, args.workdir, vocab_path=args.vocab, progress=True,
+                                      lora_dir=args.lora_dir)
     print(deployment.repository)
     return 0
 
@@ -74,7 +75,10 @@ def _generate_local(args: argparse.Namespace) -> int:
         params = params_from_args(args)
         generator = local_generator(args.checkpoint, args.vocab)
         progress = None if args.quiet else ProgressPrinter(sys.stderr)
-        out = generator.generate(params, progress=progress)
+        out = generator.generate(
+            params, progress=progress,
+            src_audio=args.src_audio.read_bytes() if args.src_audio else None,
+            ref_audio=args.ref_audio.read_bytes() if args.ref_audio else None)
     except ParamError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -143,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--checkpoint", type=Path, required=True)
     build.add_argument("--vocab", type=Path, default=None)
     build.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+    build.add_argument("--lora-dir", type=Path, default=None,
+                       help="LoRA registry: one folder per adapter (+ serving.json with its lora_weight)")
     demo = sub.add_parser("demo", help="the embedded default: tiny model served by a real tritonserver")
     demo.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     demo.add_argument("--out", type=Path, default=Path("demo_out"))

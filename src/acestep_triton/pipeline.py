@@ -26,6 +26,7 @@ from acestep_client.params import OUTPUT_SAMPLE_RATE, GenerationParams, ParamErr
 
 from .audio import MODEL_SAMPLE_RATE, decode_audio_bytes, to_stereo_44k
 from .codec import AudioCodec
+from .lora import InProcessLoras, LoraRegistry, LoraScope, no_lora
 from .lyrics import MAX_LYRIC_TOKENS
 from .models.mel import LogMelSpectrogram
 from .sampling import (
@@ -90,11 +91,13 @@ class MusicGenerator:
     """Runs whole requests of every task against any :class:`Denoiser`."""
 
     def __init__(self, denoiser: Denoiser, prompt_tokenizer: Any, lyric_tokenizer: Any,
-                 mel: LogMelSpectrogram, *, overlapped_decode: bool = True) -> None:
+                 mel: LogMelSpectrogram, *, overlapped_decode: bool = True,
+                 lora_scope: LoraScope | None = None) -> None:
         """``overlapped_decode``: decode songs longer than 48 s in bounded windows (upstream's
         opt-in ``overlapped_decode``). On by default here: it bounds every component call's
         size, which a server with fixed engine profiles and shared memory needs."""
         self.denoiser = denoiser
+        self.lora_scope: LoraScope = lora_scope or no_lora
         self.prompt_tokenizer = prompt_tokenizer
         self.lyric_tokenizer = lyric_tokenizer
         self.codec = AudioCodec(denoiser.encode_mel, denoiser.decode_latents, denoiser.vocode, mel,
@@ -135,7 +138,8 @@ class MusicGenerator:
         """
         params.validate()
         try:
-            return self._generate(params, src_audio, ref_audio, progress, should_cancel, rng, seed_rng)
+            with self.lora_scope(params.lora_name_or_path, params.lora_weight):
+                return self._generate(params, src_audio, ref_audio, progress, should_cancel, rng, seed_rng)
         except ValueError as exc:
             if isinstance(exc, ParamError):
                 raise
@@ -252,10 +256,16 @@ class TorchDenoiser:
         return self.c.vocoder(mel)
 
 
-def local_generator(ckpt_dir: str | Path, vocab_path: str | Path | None = None) -> MusicGenerator:
-    """The in-process reference pipeline for a checkpoint folder (official or tiny layout)."""
+def local_generator(ckpt_dir: str | Path, vocab_path: str | Path | None = None,
+                    lora_dir: str | Path | None = None) -> MusicGenerator:
+    """The in-process reference pipeline for a checkpoint folder (official or tiny layout).
+
+    ``lora_name_or_path`` may name an adapter of ``lora_dir`` or, as upstream, an adapter path;
+    any ``lora_weight`` works here (the adapter is fused per request)."""
     from .checkpoint import load_components
 
     components = load_components(ckpt_dir, vocab_path)
+    registry = LoraRegistry.from_dir(lora_dir) if lora_dir is not None else None
     return MusicGenerator(TorchDenoiser(components), components.text_tokenizer,
-                          components.lyric_tokenizer, components.vocoder.mel_transform)
+                          components.lyric_tokenizer, components.vocoder.mel_transform,
+                          lora_scope=InProcessLoras(components.transformer, registry))

@@ -12,8 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..checkpoint import load_components
 from ..export.onnx_export import export_cached
 from ..export.render import load_endpoints, render_repository
+from ..export.specs import COMPONENTS
+from ..lora import LoraRegistry, prepare_lora_onnx_dir, variant_specs, write_variants_manifest
 from .assets import write_assets
 
 
@@ -29,7 +32,7 @@ class Deployment:
 def build_cpu_deployment(ckpt_dir: str | Path, workdir: str | Path, *, vocab_path: str | Path | None = None,
                          endpoints: list[str] | None = None, components: Any = None,
                          onnx_dir: str | Path | None = None, progress: bool = False,
-                         **render_options: Any) -> Deployment:
+                         lora_dir: str | Path | None = None, **render_options: Any) -> Deployment:
     """Export (cached) → assets → ``workdir/repository`` for the ``cpu`` target.
 
     ``components`` may pass already loaded models of the checkpoint (saves loading them again);
@@ -42,6 +45,15 @@ def build_cpu_deployment(ckpt_dir: str | Path, workdir: str | Path, *, vocab_pat
                              progress=progress)
         onnx_dir = next(iter(onnx.values())).parent
     assets = write_assets(ckpt_dir, workdir / "assets", vocab_path)
+    specs = list(COMPONENTS.values())
+    if lora_dir is not None:  # fused variants: <component>__<name> models, listed in the assets
+        if components is None:
+            components = load_components(ckpt_dir, vocab_path)
+        variants = prepare_lora_onnx_dir(components, LoraRegistry.from_dir(lora_dir), onnx_dir,
+                                         workdir / "onnx_lora", progress=progress)
+        onnx_dir = workdir / "onnx_lora"
+        write_variants_manifest(variants, assets)
+        specs += variant_specs(variants)
     repository = render_repository(workdir / "repository", "cpu", onnx_dir, load_endpoints(endpoints),
-                                   assets=assets, **render_options)
+                                   assets=assets, components=specs, **render_options)
     return Deployment(repository=repository, assets=assets, onnx_dir=Path(onnx_dir))

@@ -28,6 +28,7 @@ import torch
 
 from acestep_client.params import TASKS, GenerationParams, ParamError, params_from_wire
 
+from ..lora import RoutingCall, ServedLoras, base_component, read_variants_manifest
 from ..pipeline import MusicGenerator
 from ..sampling import SamplingCancelled
 from .assets import ServingAssets, load_assets
@@ -97,7 +98,7 @@ def bls_call(pb_utils: Any) -> ComponentCall:
     from ..export.specs import COMPONENTS
 
     def call(model: str, inputs: Mapping[str, torch.Tensor], outputs: Sequence[str]) -> list[torch.Tensor]:
-        spec = COMPONENTS[model]
+        spec = COMPONENTS[base_component(model)]  # LoRA variants (dit_decoder__rap) share the contract
         tensors = []
         for name, value in inputs.items():
             value = value.detach().reshape(spec.request_shape(name, tuple(value.shape)))
@@ -159,10 +160,11 @@ class TritonPythonModel:
         self.metrics = TaskMetrics(pb_utils, self.task)
         assets: ServingAssets = load_assets(assets_dir)
         assets.lyric_tokenizer.warm_up()  # fail at load time, not on the first request
-        denoiser = TritonDenoiser(bls_call(pb_utils), assets.text_layers, assets.lyric_layers,
-                                  assets.dit_layers)
+        routing = RoutingCall(bls_call(pb_utils))
+        denoiser = TritonDenoiser(routing, assets.text_layers, assets.lyric_layers, assets.dit_layers)
+        variants = read_variants_manifest(assets_dir)
         self.generator = MusicGenerator(denoiser, assets.prompt_tokenizer, assets.lyric_tokenizer,
-                                        assets.mel)
+                                        assets.mel, lora_scope=ServedLoras(routing, variants))
         pb_utils.Logger.log_info(f"{self.model_name} ready (task {self.task}, assets {assets_dir})")
 
     def execute(self, requests: list[Any]) -> None:
