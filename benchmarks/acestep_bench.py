@@ -20,11 +20,19 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 
 
+def importable(name: str) -> bool:
+    """Whether ``import name`` would find a module (without importing it)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def ensure_project_importable() -> None:
     """Make ``acestep_triton`` / ``acestep_client`` importable from a checkout that was not
     pip-installed (a bare GPU machine): put ``src/`` and ``client/`` on ``sys.path``."""
     for package, folder in (("acestep_triton", REPO / "src"), ("acestep_client", REPO / "client")):
-        if importlib.util.find_spec(package) is None and folder.is_dir():
+        if not importable(package) and folder.is_dir():
             sys.path.insert(0, str(folder))
 
 
@@ -35,7 +43,7 @@ def stub_soundfile_if_missing() -> bool:
     benchmark reads and writes none, and a bare GPU image may lack the package (and the cffi it
     needs). The placeholder raises if anything does try to use it.
     """
-    if importlib.util.find_spec("soundfile") is not None:
+    if importable("soundfile"):
         return False
     stub = types.ModuleType("soundfile")
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import os
 import platform
 import statistics
@@ -208,7 +207,7 @@ def generate(variant: Variant, conditions: EncodedConditions, noise: Tensor, con
 
 # ------------------------------------------------------------------------------- TensorRT
 def tensorrt_available() -> bool:
-    return importlib.util.find_spec("tensorrt") is not None
+    return bench.importable("tensorrt")
 
 
 def _build_engine_subprocess(onnx_path: Path, plan: Path, precision: str, frames: int, tokens: int,

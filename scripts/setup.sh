@@ -14,8 +14,13 @@ want=$(cat pyproject.toml client/pyproject.toml scripts/setup.sh | sha256sum | c
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # torch first and alone: the CPU wheel of this exact version is the one available offline.
   python -m pip install -q --disable-pip-version-check "torch==2.13.0"
-  python -m pip install -q --disable-pip-version-check -e ./client -e ".[export,serve,download,dev]"
+  python -m pip install -q --disable-pip-version-check -e ./client -e ".[export,serve,download,ui,dev]"
   python -m pip install -q --disable-pip-version-check --no-deps "py3langid==0.3.0"
   echo "$want" > "$stamp"
 fi
 python -m acestep_triton.serving.server prepare >/dev/null
+# Headless Chromium for the front end's browser test (Playwright drives the system browser).
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium) \
+    >/dev/null 2>&1 || echo "warning: could not install chromium; the browser test will be skipped" >&2
+fi

@@ -42,6 +42,9 @@ from acestep_triton.frontend.session import own_output, pick_source, remember  #
 from acestep_triton.frontend.upstream import UPSTREAM_DEFAULTS, edit_params, retake_params  # noqa: E402
 from acestep_triton.serving.server import TritonServer  # noqa: E402
 
+# Gradio 6.31's queue statistics still use pandas options that pandas 3 deprecates; not ours to fix.
+pytestmark = [pytest.mark.filterwarnings("ignore:.*no_silent_downcasting.*:DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore:The copy keyword is deprecated:DeprecationWarning")]
 RATE = 48000
 FRAME_S = 512 * 8 / 44100
 """One latent frame in seconds: the grid every duration is quantised to."""
@@ -326,6 +329,14 @@ def test_progress_reaches_api_clients(api: Client) -> None:
     steps = sorted(i for i, total in seen if total == 30 and i is not None)
     assert steps, f"no denoising progress seen, only {seen}"
     assert steps[-1] <= 30
+
+
+def test_a_missing_model_server_is_reported(tmp_path: Path) -> None:
+    with running_frontend(f"127.0.0.1:{free_port()}", tmp_path) as url:
+        start = time.monotonic()
+        with pytest.raises(AppError, match=r"^the model server is unavailable"):
+            Client(url, verbose=False).predict(**FAST, api_name="/__call__")
+        assert time.monotonic() - start < 15, "the front end hung on a dead server"
 
 
 # ------------------------------------------------------------------------------ mapping, policy, safety

@@ -21,6 +21,7 @@ import soundfile as sf
 pytest.importorskip("gradio_client", reason="the ui extra (gradio, gradio_client) is not installed")
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
 from test_frontend import FRAME_S, RATE, running_frontend  # noqa: E402
+from test_frontend import pytestmark as frontend_pytestmark  # noqa: E402
 
 from acestep_triton.serving.server import TritonServer  # noqa: E402
 
@@ -40,6 +41,12 @@ def chromium_path() -> str | None:
     return None
 
 
+# Decided at collection, so a machine without a browser does not start tritonserver for nothing.
+pytestmark = [pytest.mark.skipif(chromium_path() is None,
+                                 reason=f"no Chromium found (apt-get install -y chromium, or set {CHROMIUM_ENV})"),
+              *frontend_pytestmark]
+
+
 @pytest.fixture(scope="module")
 def page_url(tiny_server: TritonServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with running_frontend(tiny_server.grpc_url, tmp_path_factory.mktemp("browser_out")) as url:
@@ -49,8 +56,7 @@ def page_url(tiny_server: TritonServer, tmp_path_factory: pytest.TempPathFactory
 @pytest.fixture(scope="module")
 def browser() -> Iterator[sync_api.Browser]:
     executable = chromium_path()
-    if executable is None:
-        pytest.skip(f"no Chromium found (apt-get install -y chromium, or set {CHROMIUM_ENV})")
+    assert executable is not None  # pytestmark skips otherwise
     with sync_api.sync_playwright() as playwright:
         # --no-sandbox: CI containers run as root, where Chromium's sandbox refuses to start.
         instance = playwright.chromium.launch(executable_path=executable, headless=True,

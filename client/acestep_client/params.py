@@ -356,6 +356,10 @@ def decode_field(spec: FieldSpec, array: Any) -> Any:
     expected = np.dtype(NUMPY_DTYPES[spec.triton_dtype])
     if arr.dtype != expected:
         raise ParamError(spec.name, f"expected {spec.triton_dtype} ({expected}), got {arr.dtype}")
+    if spec.triton_dtype == "FP32":
+        # the shortest decimal that round-trips the float32 (0.7, not 0.699999988079071): the value
+        # the user typed, as upstream's Python floats carried it
+        return float(str(item))
     return item.item()
 
 

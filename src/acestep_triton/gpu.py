@@ -79,10 +79,17 @@ class GraphBackend(Protocol):
 
 
 class TorchCUDAGraphs:
-    """:class:`GraphBackend` with ``torch.cuda.CUDAGraph``; all graphs share one memory pool."""
+    """:class:`GraphBackend` with ``torch.cuda.CUDAGraph``.
 
-    def __init__(self, warmup: int = 2) -> None:
+    Each graph gets its own private memory pool (the default): a graph's output then never
+    shares memory with another graph's intermediates, whatever order the shapes are replayed in
+    (conditional-only and guided steps alternate). ``share_pool=True`` saves memory when the
+    caller guarantees capture-order replay.
+    """
+
+    def __init__(self, warmup: int = 2, share_pool: bool = False) -> None:
         self.warmup = warmup
+        self.share_pool = share_pool
         self.pool: Any = None
 
     def capture(self, fn: Callable[[], Tensor], device: torch.device) -> Callable[[], Tensor]:
@@ -94,10 +101,10 @@ class TorchCUDAGraphs:
             for _ in range(self.warmup):
                 fn()
         torch.cuda.current_stream(device).wait_stream(side)
-        if self.pool is None:
+        if self.share_pool and self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool if self.share_pool else None):
             output = fn()
 
         def replay() -> Tensor:
@@ -112,6 +119,9 @@ class TorchCUDAGraphs:
 class _Captured:
     inputs: tuple[Tensor, ...]
     replay: Callable[[], Tensor]
+    keepalive: tuple[Any, ...] = ()
+    """Tensors the graph reads that were allocated outside it (the RoPE tables): freed, their
+    memory would be reused by later allocations and replays would read garbage."""
 
 
 class CUDAGraphDecoder:
@@ -153,7 +163,7 @@ class CUDAGraphDecoder:
                 return self.transformer.decode(*static)
 
         replay = self.backend.capture(run, latents.device)
-        return _Captured(inputs=static, replay=replay)
+        return _Captured(inputs=static, replay=replay, keepalive=(tables, run))
 
     def __call__(self, latents: Tensor, latent_mask: Tensor, encoder_states: Tensor, encoder_mask: Tensor,
                  timestep: Tensor, query_scale: Tensor) -> Tensor:

@@ -130,8 +130,9 @@ def fill_zero_matrices(module: nn.Module, generator: torch.Generator | None = No
                 param.normal_(0.0, param.shape[-1] ** -0.5, generator=generator)
 
 
-def _finish(module: nn.Module, dtype: torch.dtype) -> nn.Module:
-    module = module.to(dtype)
+def _finish(module: nn.Module, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    # .to(device) too: buffers made from numpy (the mel filterbank) are created on the CPU.
+    module = module.to(device=device, dtype=dtype)
     module.eval()
     module.requires_grad_(False)
     return module
@@ -140,10 +141,13 @@ def _finish(module: nn.Module, dtype: torch.dtype) -> nn.Module:
 def _build(factory: Any, device: torch.device, seed: int) -> nn.Module:
     """Construct on ``device`` (parameters are allocated and initialised there, so a 3.5B model
     on a GPU takes seconds rather than a minute of CPU init plus a 12 GB copy)."""
-    torch.manual_seed(seed)
-    with torch.device(device):
-        module = factory()
-    fill_zero_matrices(module)
+    # Seed a private copy of the RNG state: callers' random streams are left as they were.
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        with torch.device(device):
+            module = factory()
+        fill_zero_matrices(module)
     return module
 
 
@@ -196,22 +200,22 @@ def build_random_models(device: str | torch.device = "cpu", dtype: torch.dtype =
     models = RandomModels(configs=configs)
     if "transformer" in wanted:
         models.transformer = _finish(_build(lambda: ACEStepTransformer.from_config(configs.transformer),
-                                            device, seed + 2), dtype)
+                                            device, seed + 2), dtype, device)
     if "text_encoder" in wanted:
         from acestep_triton.models.text_encoder import TextEncoder
 
         config = dict(configs.text_encoder)
         config.setdefault("vocab_size", UMT5_VOCAB_SIZE)
-        models.text_encoder = _finish(_build(lambda: TextEncoder(config), device, seed + 1), dtype)
+        models.text_encoder = _finish(_build(lambda: TextEncoder(config), device, seed + 1), dtype, device)
     if "dcae_encoder" in wanted:
-        models.dcae_encoder = _finish(_build(lambda: DCAEEncoder(configs.dcae), device, seed + 3), dtype)
+        models.dcae_encoder = _finish(_build(lambda: DCAEEncoder(configs.dcae), device, seed + 3), dtype, device)
     if "dcae_decoder" in wanted:
-        models.dcae_decoder = _finish(_build(lambda: DCAEDecoder(configs.dcae), device, seed + 4), dtype)
+        models.dcae_decoder = _finish(_build(lambda: DCAEDecoder(configs.dcae), device, seed + 4), dtype, device)
     if "vocoder" in wanted:
         vocoder = _build(lambda: Vocoder(configs.vocoder), device, seed + 5)
         if fold_vocoder:
             vocoder.fold_weight_norm()
-        models.vocoder = _finish(vocoder, dtype)
+        models.vocoder = _finish(vocoder, dtype, device)
     return models
 
 

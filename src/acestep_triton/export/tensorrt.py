@@ -253,7 +253,7 @@ def _half_tensor(array: Any, name: str, precision: str) -> Any:
         return numpy_helper.from_array(np.clip(array, -finite, finite).astype(np.float16), name)
     import torch
 
-    bits = torch.from_numpy(np.ascontiguousarray(array)).to(torch.bfloat16).view(torch.int16).numpy()
+    bits = torch.from_numpy(np.array(array, dtype=np.float32)).to(torch.bfloat16).view(torch.int16).numpy()
     tensor = TensorProto()
     tensor.name = name
     tensor.data_type = TensorProto.BFLOAT16

@@ -22,7 +22,7 @@ import logging
 import os
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +111,7 @@ def server_message(message: str, aliases: dict[str, str]) -> str:
     return f"{aliases.get(name, name)}: {reason} (rejected by the model server)"
 
 
-def _progress_callback(progress: gr.Progress) -> Any:
+def _progress_callback(progress: gr.Progress) -> Callable[[int, int], None]:
     def on_progress(step: int, total: int) -> None:
         progress((step, total), desc="denoising", unit="steps")
 
@@ -480,7 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lora", action="append", default=[], metavar="NAME",
                         help="LoRA adapter offered in the UI (repeatable; the server must know it)")
     parser.add_argument("--concurrency", type=int, default=4,
-                        help="requests in flight to the model server at once (default %(default)s)")
+                        help="requests each endpoint keeps in flight to the model server at once; more "
+                             "wait in Gradio's queue (default %(default)s)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds before a request is cancelled")
     return parser
 
