@@ -8,6 +8,7 @@ name. Nothing here imports torch or the project, so every script can call
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import json
 import math
@@ -52,6 +53,9 @@ def stub_soundfile_if_missing() -> bool:
 
     stub.read = stub.write = stub.info = stub.SoundFile = unavailable  # type: ignore[attr-defined]
     stub.__acestep_stub__ = True  # type: ignore[attr-defined]
+    # a real module spec: libraries probe optional packages with importlib.util.find_spec, which
+    # raises on a module whose __spec__ is None (transformers does this for soundfile)
+    stub.__spec__ = importlib.machinery.ModuleSpec("soundfile", loader=None)
     sys.modules["soundfile"] = stub
     return True
 

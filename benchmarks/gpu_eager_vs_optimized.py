@@ -205,7 +205,64 @@ def generate(variant: Variant, conditions: EncodedConditions, noise: Tensor, con
     return latents, audio, looped - started, done - looped
 
 
+def graph_self_check(decoder: Any, transformer: nn.Module, conditions: EncodedConditions,
+                     noise: Tensor) -> dict[str, Any]:
+    """One guided step's DiT call (conditional + ERG-weakened unconditional row) through the CUDA
+    graph and eagerly, at two timesteps: the replay must equal eager decode and follow its
+    inputs (a stale static buffer would return the first result twice)."""
+    from acestep_triton.sampling.erg import dit_query_scale
+
+    device = noise.device
+    layers = int(transformer.num_layers)
+    latents = torch.cat([noise, noise * 0.5])
+    frames = torch.ones(2, noise.shape[-1], device=device)
+    states = torch.cat([conditions.cond, conditions.uncond if conditions.uncond is not None else conditions.cond])
+    mask = torch.cat([conditions.mask, conditions.mask])
+    scale = torch.stack([dit_query_scale(layers, False, device), dit_query_scale(layers, True, device)])
+    diffs, results = [], []
+    with torch.inference_mode():
+        for t in (500.0, 250.0):
+            timestep = torch.full((2,), t, device=device)
+            graphed = decoder(latents, frames, states, mask, timestep, scale)
+            eager = transformer.decode(latents, frames, states, mask, timestep, scale)
+            diffs.append(float((graphed - eager).abs().max() / eager.abs().max().clamp_min(1e-12)))
+            results.append(graphed)
+    return {"max_rel_diff": max(diffs), "follows_inputs": not torch.equal(results[0], results[1])}
+
+
 # ------------------------------------------------------------------------------- TensorRT
+def compiled_graph_decoder(transformer: nn.Module, conditions: EncodedConditions, noise: Tensor,
+                           no_graphs: bool) -> tuple[DecodeFn, str]:
+    """A copy of the DiT whose blocks are compiled by TorchInductor (fused element-wise work),
+    replayed as CUDA graphs. One compilation serves all 24 blocks (same code, weights as inputs);
+    the copy keeps the other variants eager."""
+    started = time.perf_counter()
+    twin = copy.deepcopy(transformer)
+    for block in twin.transformer_blocks:
+        block.compile(dynamic=False)
+    decode: DecodeFn = twin.decode
+    if not no_graphs:
+        from acestep_triton.gpu import CUDAGraphDecoder
+
+        decode = CUDAGraphDecoder(twin)
+    # compile both shapes a step can have (guided rows, conditional-only) before timing
+    rows = 2
+    with torch.inference_mode():
+        for batch in (rows, 1):
+            frames = noise.shape[-1]
+            decode(noise.expand(batch, -1, -1, -1).contiguous(),
+                   torch.ones(batch, frames, device=noise.device),
+                   conditions.cond.expand(batch, -1, -1).contiguous(),
+                   conditions.mask.expand(batch, -1).contiguous(),
+                   torch.full((batch,), 500.0, device=noise.device),
+                   torch.ones(batch, twin.num_layers, device=noise.device))
+    if noise.is_cuda:
+        torch.cuda.synchronize()
+    graphs = "" if no_graphs else " + CUDA graphs"
+    return decode, (f"TorchInductor-compiled DiT blocks{graphs}, CFG branches batched "
+                    f"(compiled in {time.perf_counter() - started:.0f} s)")
+
+
 def tensorrt_available() -> bool:
     return bench.importable("tensorrt")
 
@@ -267,6 +324,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per variant and step count")
     parser.add_argument("--warmup-steps", type=int, default=3, help="steps of the warm-up generation")
     parser.add_argument("--no-graphs", action="store_true", help="optimized variant without CUDA graphs")
+    parser.add_argument("--compile", action="store_true",
+                        help="add a variant with TorchInductor-compiled DiT blocks (+ CUDA graphs)")
     parser.add_argument("--trt", choices=("auto", "on", "off"), default="auto")
     parser.add_argument("--trt-precision", choices=("bf16", "fp16"), default="bf16")
     parser.add_argument("--trt-build-timeout", type=float, default=480.0)
@@ -348,15 +407,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     eager = CallCounter(transformer.decode)  # counts real DiT calls, inside the branch splitter
     variants.append(Variant("eager-sequential", base.with_decode(SequentialBranches(eager, items=1)), False,
                             eager, "PyTorch, one DiT call per CFG branch"))
-    if device.type == "cuda" and not args.no_graphs:
+    uses_graphs = device.type == "cuda" and not args.no_graphs
+    if uses_graphs:
         from acestep_triton.gpu import CUDAGraphDecoder
 
-        optimized = CallCounter(CUDAGraphDecoder(transformer))
+        graphs = CUDAGraphDecoder(transformer)
+        check = graph_self_check(graphs, transformer, conditions, noise)
+        info["graph_self_check"] = check
+        print(f"CUDA graph self-check: replay vs eager decode, max rel diff {check['max_rel_diff']:.3g}; "
+              f"replay follows new inputs: {check['follows_inputs']}", flush=True)
+        optimized = CallCounter(graphs)
         note = "PyTorch, CFG branches batched, CUDA graphs"
     else:
         optimized = CallCounter(transformer.decode)
         note = "PyTorch, CFG branches batched" + (" (no CUDA graphs on CPU)" if device.type != "cuda" else "")
     variants.append(Variant("optimized", base.with_decode(optimized), True, optimized, note))
+    if args.compile:
+        compiled_decode, compile_note = compiled_graph_decoder(transformer, conditions, noise,
+                                                               args.no_graphs or device.type != "cuda")
+        print(f"compiled: {compile_note}", flush=True)
+        compiled = CallCounter(compiled_decode)
+        variants.append(Variant("compiled", base.with_decode(compiled), True, compiled, compile_note))
 
     want_trt = args.trt == "on" or (args.trt == "auto" and device.type == "cuda" and tensorrt_available())
     info["tensorrt"] = {"requested": args.trt, "available": tensorrt_available()}
@@ -381,7 +452,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results: list[Measurement] = []
     for steps in steps_list:
         config = SamplerConfig(infer_step=steps)
-        warm = SamplerConfig(infer_step=max(args.warmup_steps, 1))
+        # >= 3 warm-up steps when graphs are captured: then the warm-up has both a guided
+        # (2-row) and a conditional-only (1-row) step, so no capture happens while timing.
+        warm = SamplerConfig(infer_step=max(args.warmup_steps, 3 if uses_graphs else 1))
         for variant in variants:  # warm-up: allocations, cuDNN autotuning, CUDA-graph capture
             generate(variant, conditions, noise, warm, codec, args.seconds)
         measured = {v.name: Measurement(v.name, steps) for v in variants}
@@ -438,7 +511,7 @@ def summary(results: list[Measurement], seconds: float) -> str:
     by = {(m.variant, m.steps): m for m in results}
     for steps in sorted({m.steps for m in results}):
         eager = by[("eager-sequential", steps)]
-        for name in ("optimized", "tensorrt"):
+        for name in ("optimized", "compiled", "tensorrt"):
             other = by.get((name, steps))
             if other is None:
                 continue

@@ -14,7 +14,8 @@
 # Results go to $OUT (results.json, results.md, trt_results.*, gpu_check.log) when OUT is set.
 #
 # Settings (environment): LAYERS (24), AUDIO_SECONDS (60), STEPS (27,60), REPEATS (2),
-# BENCH_TIMEOUT (360 s), TRT_LAYERS (8), TRT_TIMEOUT (420 s), PYTHON (python3), INSTALL_EXTRAS (0).
+# BENCH_TIMEOUT (360 s), TRT_LAYERS (8), TRT_TIMEOUT (420 s), PYTHON (python3), INSTALL_EXTRAS (0),
+# COMPILE (1: add the TorchInductor-compiled + CUDA-graph variant; 0: skip it).
 # GPU_CHECK_CPU=1 runs the same script on a CPU with the tiny model (what the test suite does).
 set -euo pipefail
 export PYTHONUNBUFFERED=1
@@ -95,6 +96,9 @@ fi
 
 # ---------------------------------------------------------------- 3. eager vs optimized (torch)
 BENCH=(benchmarks/gpu_eager_vs_optimized.py --seconds "$AUDIO_SECONDS" --steps "$STEPS" --repeats "$REPEATS")
+if [[ "${COMPILE:-1}" == "1" ]]; then
+  BENCH+=(--compile)  # adds the TorchInductor-compiled variant
+fi
 if [[ "$CPU_MODE" == "1" ]]; then
   BENCH+=(--model tiny --device cpu --warmup-steps 1)
 else

@@ -142,6 +142,36 @@ def test_sequential_branches_split_rows_per_item() -> None:
     assert calls == [(2, torch.Size([2, 24]))] * 3
 
 
+def test_graph_self_check_compares_replay_with_eager() -> None:
+    import torch
+
+    from acestep_triton.gpu import CUDAGraphDecoder
+
+    gpu = load_benchmark("gpu_eager_vs_optimized")
+
+    class EagerGraphs:  # "replay" recomputes into the captured output, as a CUDA graph would
+        def capture(self, fn: Any, device: Any) -> Any:
+            output = fn()
+            return lambda: output.copy_(fn())
+
+    class StaleGraphs:  # a broken replay that ignores new inputs
+        def capture(self, fn: Any, device: Any) -> Any:
+            output = fn()
+            return lambda: output
+
+    models = gpu.build_random_models("cpu", torch.float32, configs=gpu.tiny_configs(), parts=("transformer",))
+    transformer = models.transformer
+    ids, mask, lyric_ids, lyric_mask, states = gpu.fixed_inputs(transformer, 8, 10, torch.device("cpu"), 0)
+    denoiser = gpu.BenchDenoiser(transformer, None, None, torch.float32, states)
+    with torch.inference_mode():
+        conditions = gpu.build_conditions(denoiser, ids, mask, lyric_ids, lyric_mask, gpu.SamplerConfig())
+    noise = torch.randn(1, 8, 16, 9)
+    good = gpu.graph_self_check(CUDAGraphDecoder(transformer, backend=EagerGraphs()), transformer, conditions, noise)
+    assert good == {"max_rel_diff": 0.0, "follows_inputs": True}
+    bad = gpu.graph_self_check(CUDAGraphDecoder(transformer, backend=StaleGraphs()), transformer, conditions, noise)
+    assert not bad["follows_inputs"] and bad["max_rel_diff"] > 1e-3
+
+
 # ------------------------------------------------------------------------------- the GPU check script
 @pytest.mark.slow
 def test_gpu_check_script_runs_end_to_end_in_cpu_mode(tmp_path: Path) -> None:

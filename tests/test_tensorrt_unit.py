@@ -570,8 +570,8 @@ def test_graph_decoder_replays_with_new_inputs_and_one_graph_per_shape(
     graph = export_graph("dit_decoder", transformer)
     outputs = []
     for seed in range(3):  # same shape, new values each time: replays read the static buffers
-        inputs = graph.example_inputs(2, 9, seed=seed)
-        with torch.inference_mode():
+        with torch.inference_mode():  # inference tensors in, as inside the sampling loop
+            inputs = {k: v.clone() for k, v in graph.example_inputs(2, 9, seed=seed).items()}
             got, want = decoder(*inputs.values()), transformer.decode(*inputs.values())
         assert torch.equal(got, want), f"seed {seed}: {float((got - want).abs().max()):.3g}"
         outputs.append(got)
@@ -600,6 +600,40 @@ def test_graph_decoder_never_builds_rope_tables_while_capturing(tiny_onnx_compon
         monkeypatch.undo()
         want = transformer.decode(*inputs.values())
     assert torch.equal(got, want)
+
+
+class ForgetfulGraphs(EagerGraphs):
+    """Like ``TorchCUDAGraphs``, keeps only the graph's output after capture, not the function."""
+
+    def capture(self, fn: Any, device: torch.device) -> Any:
+        output = fn()
+        return lambda: output
+
+
+def test_graph_decoder_keeps_tensors_the_graph_reads_alive(tiny_onnx_components: Components,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CUDA graph reads the RoPE tables by address; if they were freed, their memory would be
+    reused and replays would read garbage."""
+    import gc
+    import weakref
+
+    from acestep_triton import gpu
+
+    made: list[weakref.ref] = []
+    original = gpu.rope_tables_for
+
+    def tracked(*args: Any) -> Any:
+        tables = original(*args)
+        made.extend(weakref.ref(t) for pair in tables.values() for t in pair)
+        return tables
+
+    monkeypatch.setattr(gpu, "rope_tables_for", tracked)
+    transformer = tiny_onnx_components.transformer
+    decoder = CUDAGraphDecoder(transformer, backend=ForgetfulGraphs())
+    with torch.inference_mode():
+        decoder(*export_graph("dit_decoder", transformer).example_inputs(1, 4, seed=0).values())
+    gc.collect()
+    assert made and all(ref() is not None for ref in made), "RoPE tables were freed after capture"
 
 
 def test_static_rope_refuses_unknown_lengths() -> None:
