@@ -164,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from acestep_triton.checkpoint import load_components, write_tiny_checkpoint
     from acestep_triton.export.onnx_export import export_cached
     from acestep_triton.pipeline import MusicGenerator, TorchDenoiser
-    from acestep_triton.serving.deploy import build_cpu_deployment
+    from acestep_triton.serving.deploy import build_deployment
     from acestep_triton.serving.server import TritonServer
 
     with tempfile.TemporaryDirectory(prefix="acestep_smoke_") as tmp:
@@ -179,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.url:
             results = run_smoke(args.url, local, components, onnx_paths, **kwargs)
         else:
-            deployment = build_cpu_deployment(ckpt, workdir / "deploy", onnx_dir=next(iter(onnx_paths.values())).parent,
+            deployment = build_deployment(ckpt, workdir / "deploy", onnx_dir=next(iter(onnx_paths.values())).parent,
                                               intra_op_threads=args.threads)
             with TritonServer(deployment.repository, log_path=workdir / "tritonserver.log",
                               startup_timeout=300) as server:

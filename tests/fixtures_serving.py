@@ -1,7 +1,7 @@
 """Session fixtures for end-to-end tests: real tritonserver processes serving our repositories.
 
 Two deployments, each built with the production code path
-(:func:`acestep_triton.serving.deploy.build_cpu_deployment`: ONNX export with parity, assets,
+(:func:`acestep_triton.serving.deploy.build_deployment`: ONNX export with parity, assets,
 rendered repository) and served by a real ``tritonserver`` on free loopback ports, started once
 per test session and always stopped:
 
@@ -25,7 +25,7 @@ from triton_harness import require_tritonserver
 from acestep_triton.checkpoint import Components, load_components
 from acestep_triton.lora import SERVING_FILE, write_tiny_lora
 from acestep_triton.pipeline import MusicGenerator, TorchDenoiser
-from acestep_triton.serving.deploy import Deployment, build_cpu_deployment
+from acestep_triton.serving.deploy import Deployment, build_deployment
 from acestep_triton.serving.server import TritonServer
 
 
@@ -63,7 +63,7 @@ def tiny_deployment(tiny_onnx_ckpt: Path, tiny_onnx_dir: Path, tiny_onnx_compone
                     tiny_lora_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Deployment:
     """Every endpoint, plus the tiny LoRA's fused component variants."""
     with single_thread():
-        return build_cpu_deployment(tiny_onnx_ckpt, tmp_path_factory.mktemp("tiny_deploy"),
+        return build_deployment(tiny_onnx_ckpt, tmp_path_factory.mktemp("tiny_deploy"),
                                     onnx_dir=tiny_onnx_dir, components=tiny_onnx_components,
                                     lora_dir=tiny_lora_dir, intra_op_threads=1)
 
@@ -94,7 +94,7 @@ def golden_local(golden_models: Components) -> MusicGenerator:
 def golden_deployment(golden_ckpt: Path, golden_dir: Path, golden_models: Components,
                       tmp_path_factory: pytest.TempPathFactory) -> Deployment:
     with single_thread():
-        return build_cpu_deployment(golden_ckpt, tmp_path_factory.mktemp("golden_deploy"),
+        return build_deployment(golden_ckpt, tmp_path_factory.mktemp("golden_deploy"),
                                     vocab_path=golden_dir / "lyrics_vocab.json", components=golden_models,
                                     endpoints=["text2music", "retake", "repaint", "edit"], intra_op_threads=1)
 

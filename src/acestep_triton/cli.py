@@ -2,8 +2,10 @@
 
 ```
 acestep-triton checkpoint tiny OUT | download OUT     # checkpoints in the official layout
+acestep-triton random-checkpoint OUT [--layers N]     # official sizes, random weights
 acestep-triton onnx --checkpoint C --out D            # export + parity per component
-acestep-triton build --checkpoint C --workdir W       # onnx (cached) + assets + cpu repository
+acestep-triton trt --onnx-dir D --out E               # TensorRT engines (GPU)
+acestep-triton build --checkpoint C --workdir W       # onnx (cached) + assets + repository (--target cpu|gpu)
 acestep-triton render --onnx-dir D --out R ...        # (re)render a repository (cpu | gpu)
 acestep-triton serve --repository R                   # tritonserver in the foreground
 acestep-triton generate --local --checkpoint C ...    # in-process reference pipeline
@@ -38,6 +40,14 @@ def _delegate(argv: Sequence[str]) -> int | None:
         from .export.onnx_export import main
 
         return main(rest)
+    if command == "trt":
+        from .export.tensorrt import main
+
+        return main(rest)
+    if command == "random-checkpoint":
+        from .export.full_random import main
+
+        return main(rest)
     if command == "render":
         from .export.render import main
 
@@ -50,10 +60,10 @@ def _delegate(argv: Sequence[str]) -> int | None:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from .serving.deploy import build_cpu_deployment
+    from .serving.deploy import build_deployment
 
-    deployment = build_cpu_deployment(args.checkpoint, args.workdir, vocab_path=args.vocab, progress=True,
-                                      lora_dir=args.lora_dir)
+    deployment = build_deployment(args.checkpoint, args.workdir, vocab_path=args.vocab, progress=True,
+                                  lora_dir=args.lora_dir, target=args.target, precision=args.precision)
     print(deployment.repository)
     return 0
 
@@ -112,7 +122,7 @@ def _demo(args: argparse.Namespace) -> int:
     from acestep_client.params import GenerationParams
 
     from .checkpoint import write_tiny_checkpoint
-    from .serving.deploy import build_cpu_deployment
+    from .serving.deploy import build_deployment
     from .serving.server import TritonServer
 
     workdir: Path = args.workdir
@@ -120,7 +130,7 @@ def _demo(args: argparse.Namespace) -> int:
     if not (ckpt / "ace_step_transformer" / "config.json").is_file():
         print(f"writing the tiny random checkpoint to {ckpt}", file=sys.stderr)
         write_tiny_checkpoint(ckpt, seed=0)
-    deployment = build_cpu_deployment(ckpt, workdir, progress=True)
+    deployment = build_deployment(ckpt, workdir, progress=True)
     params = GenerationParams(prompt=args.prompt, lyrics=args.lyrics, audio_duration=args.duration,
                               infer_step=args.steps, manual_seeds=args.seeds, format=args.format)
     print(f"starting tritonserver on {deployment.repository}", file=sys.stderr)
@@ -139,7 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog=__doc__.split("\n", 2)[2])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (("checkpoint", "tiny random or official checkpoint"),
+                            ("random-checkpoint", "official sizes, random weights (no download)"),
                             ("onnx", "export the six components to ONNX"),
+                            ("trt", "build TensorRT engines from the ONNX files (GPU)"),
                             ("render", "render a model repository"), ("serve", "run tritonserver"),
                             ("generate", "generate music (--local in-process, or --url through Triton)")):
         sub.add_parser(name, help=help_text, add_help=False)
@@ -147,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--checkpoint", type=Path, required=True)
     build.add_argument("--vocab", type=Path, default=None)
     build.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+    build.add_argument("--target", choices=("cpu", "gpu"), default="cpu",
+                       help="cpu: ONNX in onnxruntime; gpu: TensorRT engines built on this GPU")
+    build.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16",
+                       help="engine precision for --target gpu")
     build.add_argument("--lora-dir", type=Path, default=None,
                        help="LoRA registry: one folder per adapter (+ serving.json with its lora_weight)")
     demo = sub.add_parser("demo", help="the embedded default: tiny model served by a real tritonserver")

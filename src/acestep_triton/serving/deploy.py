@@ -16,7 +16,7 @@ from ..checkpoint import load_components
 from ..export.onnx_export import export_cached
 from ..export.render import load_endpoints, render_repository
 from ..export.specs import COMPONENTS
-from ..lora import LoraRegistry, prepare_lora_onnx_dir, variant_specs, write_variants_manifest
+from ..lora import LoraRegistry, base_component, prepare_lora_onnx_dir, variant_specs, write_variants_manifest
 from .assets import write_assets
 
 
@@ -29,11 +29,13 @@ class Deployment:
     onnx_dir: Path
 
 
-def build_cpu_deployment(ckpt_dir: str | Path, workdir: str | Path, *, vocab_path: str | Path | None = None,
+def build_deployment(ckpt_dir: str | Path, workdir: str | Path, *, vocab_path: str | Path | None = None,
                          endpoints: list[str] | None = None, components: Any = None,
                          onnx_dir: str | Path | None = None, progress: bool = False,
-                         lora_dir: str | Path | None = None, **render_options: Any) -> Deployment:
-    """Export (cached) → assets → ``workdir/repository`` for the ``cpu`` target.
+                         lora_dir: str | Path | None = None, target: str = "cpu", precision: str = "bf16",
+                         **render_options: Any) -> Deployment:
+    """Export (cached) → assets → ``workdir/repository`` for ``target`` (cpu: ONNX run by
+    onnxruntime; gpu: TensorRT engines of ``precision`` built here, on this GPU).
 
     ``components`` may pass already loaded models of the checkpoint (saves loading them again);
     ``onnx_dir`` an existing export of this checkpoint (skips the export);
@@ -54,6 +56,17 @@ def build_cpu_deployment(ckpt_dir: str | Path, workdir: str | Path, *, vocab_pat
         onnx_dir = workdir / "onnx_lora"
         write_variants_manifest(variants, assets)
         specs += variant_specs(variants)
-    repository = render_repository(workdir / "repository", "cpu", onnx_dir, load_endpoints(endpoints),
+    if target == "gpu":  # TensorRT engines, built on (and for) this machine's GPU
+        from ..export.tensorrt import BuildOptions, build_engine
+
+        engine_dir = workdir / "engines"
+        engine_dir.mkdir(parents=True, exist_ok=True)
+        options = BuildOptions(precision=precision, max_items=render_options.get("max_items", 4),
+                               timing_cache=engine_dir / "timing.cache")
+        for spec in specs:
+            build_engine(Path(onnx_dir) / f"{spec.name}.onnx", engine_dir / f"{spec.name}.plan",
+                         base_component(spec.name), options=options)
+        render_options = {"max_items": options.max_items, **render_options, "engine_dir": engine_dir}
+    repository = render_repository(workdir / "repository", target, onnx_dir, load_endpoints(endpoints),
                                    assets=assets, components=specs, **render_options)
     return Deployment(repository=repository, assets=assets, onnx_dir=Path(onnx_dir))

@@ -97,6 +97,12 @@ def bls_call(pb_utils: Any) -> ComponentCall:
 
     from ..export.specs import COMPONENTS
 
+    # The sampling loop runs on host tensors: ask every component (TensorRT engines on the gpu
+    # target) for its outputs in CPU memory, so DLPack hands over host buffers as on the cpu target.
+    preferred = {}
+    if hasattr(pb_utils, "PreferredMemory"):
+        preferred["preferred_memory"] = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)
+
     def call(model: str, inputs: Mapping[str, torch.Tensor], outputs: Sequence[str]) -> list[torch.Tensor]:
         spec = COMPONENTS[base_component(model)]  # LoRA variants (dit_decoder__rap) share the contract
         tensors = []
@@ -104,7 +110,7 @@ def bls_call(pb_utils: Any) -> ComponentCall:
             value = value.detach().reshape(spec.request_shape(name, tuple(value.shape)))
             tensors.append(pb_utils.Tensor.from_dlpack(name, to_dlpack(value.contiguous())))
         request = pb_utils.InferenceRequest(model_name=model, requested_output_names=list(outputs),
-                                            inputs=tensors)
+                                            inputs=tensors, **preferred)
         response = request.exec()
         if response.has_error():
             raise RuntimeError(f"{model}: {response.error().message()}")
