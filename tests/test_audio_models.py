@@ -7,7 +7,6 @@ currently agree bit-for-bit, so a regression shows up as a jump from ~0 to somet
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from safetensors.torch import load_file
+from golden_helpers import max_abs_err, read_folder, strict_load
 from torch import Tensor, nn
 
 from acestep_triton.audio import load_audio, resample, resampled_length, to_stereo_44k
@@ -27,36 +26,17 @@ from acestep_triton.models.vocoder import Vocoder
 TOL = 1e-4
 
 
-def _strict_load(module: nn.Module, state_dict: dict[str, Tensor]) -> nn.Module:
-    """Load with every key accounted for (missing or unexpected keys fail the test by name)."""
-    result = module.load_state_dict(state_dict, strict=False)
-    assert not result.missing_keys, f"missing: {result.missing_keys}"
-    assert not result.unexpected_keys, f"unexpected: {result.unexpected_keys}"
-    return module.eval()
-
-
-def _folder(ckpt: Path, name: str) -> tuple[dict, dict[str, Tensor]]:
-    config = json.loads((ckpt / name / "config.json").read_text())
-    return config, load_file(str(ckpt / name / "diffusion_pytorch_model.safetensors"))
-
-
-def _err(a: Tensor, b: np.ndarray | Tensor) -> float:
-    b = torch.as_tensor(b)
-    assert tuple(a.shape) == tuple(b.shape), f"shape {tuple(a.shape)} != {tuple(b.shape)}"
-    return (a.float() - b.float()).abs().max().item()
-
-
 @pytest.fixture(scope="module")
 def vocoder(golden_ckpt: Path) -> Vocoder:
-    config, sd = _folder(golden_ckpt, "music_vocoder")
-    return _strict_load(Vocoder(config), sd)
+    config, sd = read_folder(golden_ckpt, "music_vocoder")
+    return strict_load(Vocoder(config), sd)
 
 
 @pytest.fixture(scope="module")
 def dcae(golden_ckpt: Path) -> tuple[DCAEEncoder, DCAEDecoder]:
-    config, sd = _folder(golden_ckpt, "music_dcae_f8c8")
+    config, sd = read_folder(golden_ckpt, "music_dcae_f8c8")
     enc_sd, dec_sd = split_state_dict(sd)
-    return _strict_load(DCAEEncoder(config), enc_sd), _strict_load(DCAEDecoder(config), dec_sd)
+    return strict_load(DCAEEncoder(config), enc_sd), strict_load(DCAEDecoder(config), dec_sd)
 
 
 def _padded_input(golden_components: dict[str, np.ndarray]) -> Tensor:
@@ -69,11 +49,11 @@ def _padded_input(golden_components: dict[str, np.ndarray]) -> Tensor:
 
 def test_logmel_matches_upstream(vocoder: Vocoder, golden_components: dict[str, np.ndarray]) -> None:
     mel = vocoder.mel_transform(_padded_input(golden_components))
-    err = _err(mel, golden_components["dcae_enc_mel_logmel"])
+    err = max_abs_err(mel, golden_components["dcae_enc_mel_logmel"])
     assert err <= TOL, f"DCAE-input log-mel max abs err {err:.3g}"
 
     left = torch.from_numpy(golden_components["dcae_enc_in_audio_44k"])[:, 0]  # unpadded, [1, N]
-    err = _err(vocoder.mel_transform(left), golden_components["voc_logmel_of_dcae_enc_in_left"])
+    err = max_abs_err(vocoder.mel_transform(left), golden_components["voc_logmel_of_dcae_enc_in_left"])
     assert err <= TOL, f"vocoder log-mel of the left channel max abs err {err:.3g}"
 
 
@@ -117,9 +97,9 @@ def test_dcae_encoder_matches_upstream(
         raw = encoder.encoder(normalized)
         latents = encoder(mel)
     errs = {
-        "normalized": _err(normalized, golden_components["dcae_enc_mel_normalized"]),
-        "raw": _err(raw, golden_components["dcae_enc_raw_encoder_out"]),
-        "latents": _err(latents, golden_components["dcae_enc_out_latents"]),
+        "normalized": max_abs_err(normalized, golden_components["dcae_enc_mel_normalized"]),
+        "raw": max_abs_err(raw, golden_components["dcae_enc_raw_encoder_out"]),
+        "latents": max_abs_err(latents, golden_components["dcae_enc_out_latents"]),
     }
     assert max(errs.values()) <= TOL, f"max abs errs {errs}"
 
@@ -135,10 +115,10 @@ def test_dcae_decoder_matches_upstream(
         wave = torch.cat([vocoder(mel[:, c]).squeeze(1) for c in range(2)])  # upstream: per channel
     upstream_mel = dcae_mod.denormalize_mel(torch.from_numpy(golden_components["dcae_dec_raw_decoder_out"]))
     errs = {
-        "raw": _err(raw, golden_components["dcae_dec_raw_decoder_out"]),
-        "mel": _err(mel, upstream_mel),
-        "wav44k": _err(wave, golden_components["dcae_dec_out_wav_44k"]),
-        "wav48k": _err(resample(wave, 44100, 48000), golden_components["dcae_dec_out_wav_48k"]),
+        "raw": max_abs_err(raw, golden_components["dcae_dec_raw_decoder_out"]),
+        "mel": max_abs_err(mel, upstream_mel),
+        "wav44k": max_abs_err(wave, golden_components["dcae_dec_out_wav_44k"]),
+        "wav48k": max_abs_err(resample(wave, 44100, 48000), golden_components["dcae_dec_out_wav_48k"]),
     }
     assert max(errs.values()) <= TOL, f"max abs errs {errs}"
 
@@ -160,14 +140,14 @@ def test_split_state_dict_rejects_foreign_keys() -> None:
 def test_vocoder_matches_upstream_and_folds(
     golden_ckpt: Path, golden_components: dict[str, np.ndarray]
 ) -> None:
-    config, sd = _folder(golden_ckpt, "music_vocoder")
+    config, sd = read_folder(golden_ckpt, "music_vocoder")
     assert any(k.endswith(".weight_g") for k in sd), "golden checkpoint should use old-style weight norm"
-    vocoder = _strict_load(Vocoder(config), sd)
+    vocoder = strict_load(Vocoder(config), sd)
     mel = torch.from_numpy(golden_components["voc_in_mel"])
     with torch.no_grad():
-        err = _err(vocoder(mel), golden_components["voc_out_wav"])
+        err = max_abs_err(vocoder(mel), golden_components["voc_out_wav"])
         vocoder.fold_weight_norm()
-        err_folded = _err(vocoder(mel), golden_components["voc_out_wav"])
+        err_folded = max_abs_err(vocoder(mel), golden_components["voc_out_wav"])
     assert err <= TOL and err_folded <= TOL, f"max abs err {err:.3g} (weight norm), {err_folded:.3g} (folded)"
     keys = vocoder.state_dict().keys()
     assert not any(k.endswith(("weight_g", "weight_v")) for k in keys)
@@ -186,7 +166,7 @@ def test_vocoder_config_is_validated() -> None:
 
 def test_resample_matches_upstream(golden_components: dict[str, np.ndarray]) -> None:
     wave48 = torch.from_numpy(golden_components["dcae_enc48_in_audio_48k"])
-    err = _err(resample(wave48, 48000, 44100), golden_components["resample_48k_to_44k_out"])
+    err = max_abs_err(resample(wave48, 48000, 44100), golden_components["resample_48k_to_44k_out"])
     assert err <= TOL, f"48k->44.1k max abs err {err:.3g}"
 
 

@@ -19,14 +19,13 @@ decoder's linear attention is global, so there everywhere a little). It is teste
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
-from torch import Tensor, nn
+from golden_helpers import max_abs_err, read_folder, strict_load
+from torch import Tensor
 
 from acestep_triton.audio import load_audio, resampled_length
 from acestep_triton.codec import AudioCodec
@@ -37,31 +36,14 @@ from acestep_triton.models.vocoder import Vocoder
 TOL = 1e-4
 
 
-def _strict_load(module: nn.Module, state_dict: dict[str, Tensor]) -> nn.Module:
-    result = module.load_state_dict(state_dict, strict=False)
-    assert not result.missing_keys and not result.unexpected_keys, result
-    return module.eval()
-
-
-def _folder(ckpt: Path, name: str) -> tuple[dict, dict[str, Tensor]]:
-    config = json.loads((ckpt / name / "config.json").read_text())
-    return config, load_file(str(ckpt / name / "diffusion_pytorch_model.safetensors"))
-
-
-def _err(a: Tensor, b: np.ndarray | Tensor) -> float:
-    b = torch.as_tensor(b)
-    assert tuple(a.shape) == tuple(b.shape), f"shape {tuple(a.shape)} != {tuple(b.shape)}"
-    return (a.float() - b.float()).abs().max().item()
-
-
 @pytest.fixture(scope="module")
 def golden_modules(golden_ckpt: Path) -> tuple[DCAEEncoder, DCAEDecoder, Vocoder]:
-    config, sd = _folder(golden_ckpt, "music_dcae_f8c8")
+    config, sd = read_folder(golden_ckpt, "music_dcae_f8c8")
     enc_sd, dec_sd = split_state_dict(sd)
-    encoder = _strict_load(DCAEEncoder(config), enc_sd)
-    decoder = _strict_load(DCAEDecoder(config), dec_sd)
-    config, sd = _folder(golden_ckpt, "music_vocoder")
-    vocoder = _strict_load(Vocoder(config), sd).fold_weight_norm()
+    encoder = strict_load(DCAEEncoder(config), enc_sd)
+    decoder = strict_load(DCAEDecoder(config), dec_sd)
+    config, sd = read_folder(golden_ckpt, "music_vocoder")
+    vocoder = strict_load(Vocoder(config), sd).fold_weight_norm()
     return encoder, decoder, vocoder
 
 
@@ -77,9 +59,9 @@ def test_encode_matches_upstream(codec: AudioCodec, golden_components: dict[str,
     wave44 = torch.from_numpy(golden_components["dcae_enc_in_audio_44k"])
     wave48 = torch.from_numpy(golden_components["dcae_enc48_in_audio_48k"])
     errs = {
-        "44k": _err(codec.encode(wave44), golden_components["dcae_enc_out_latents"]),
-        "48k": _err(codec.encode(wave48, sample_rate=48000), golden_components["dcae_enc48_out_latents"]),
-        "44k_unbatched": _err(codec.encode(wave44[0])[0], golden_components["dcae_enc_out_latents"][0]),
+        "44k": max_abs_err(codec.encode(wave44), golden_components["dcae_enc_out_latents"]),
+        "48k": max_abs_err(codec.encode(wave48, sample_rate=48000), golden_components["dcae_enc48_out_latents"]),
+        "44k_unbatched": max_abs_err(codec.encode(wave44[0])[0], golden_components["dcae_enc_out_latents"][0]),
     }
     assert max(errs.values()) <= TOL, f"max abs errs {errs}"
     n = wave44.shape[-1]
@@ -89,8 +71,8 @@ def test_encode_matches_upstream(codec: AudioCodec, golden_components: dict[str,
 def test_decode_matches_upstream(codec: AudioCodec, golden_components: dict[str, np.ndarray]) -> None:
     latents = torch.from_numpy(golden_components["dcae_dec_in_latents"])
     errs = {
-        "48k": _err(codec.decode(latents)[0], golden_components["dcae_dec_out_wav_48k"]),
-        "44k": _err(codec.decode(latents, sample_rate=44100)[0], golden_components["dcae_dec_out_wav_44k"]),
+        "48k": max_abs_err(codec.decode(latents)[0], golden_components["dcae_dec_out_wav_48k"]),
+        "44k": max_abs_err(codec.decode(latents, sample_rate=44100)[0], golden_components["dcae_dec_out_wav_44k"]),
     }
     assert max(errs.values()) <= TOL, f"max abs errs {errs}"
 
@@ -104,8 +86,8 @@ def test_whole_request_audio_matches_upstream(codec: AudioCodec, golden_dir: Pat
     with np.load(cases / "case_a_text2music_apg.npz") as z:
         final_latents, audio_48k = z["final_latents"], z["audio_48k"]
     errs = {
-        "encode_wav": _err(codec.encode(wave, sample_rate=sr), src_latents),
-        "decode_case_a": _err(codec.decode(torch.from_numpy(final_latents)), audio_48k),
+        "encode_wav": max_abs_err(codec.encode(wave, sample_rate=sr), src_latents),
+        "decode_case_a": max_abs_err(codec.decode(torch.from_numpy(final_latents)), audio_48k),
     }
     assert max(errs.values()) <= TOL, f"max abs errs {errs}"
 
@@ -114,7 +96,7 @@ def test_decode_batch_equals_items(codec: AudioCodec) -> None:
     torch.manual_seed(0)
     latents = torch.randn(2, 8, 16, 2)
     both = codec.decode(latents)
-    err = max(_err(both[i], codec.decode(latents[i : i + 1])[0]) for i in range(2))
+    err = max(max_abs_err(both[i], codec.decode(latents[i : i + 1])[0]) for i in range(2))
     assert both.shape == (2, 2, resampled_length(2 * 4096, 44100, 48000))
     assert err <= 1e-6, f"batched vs per-item max abs err {err:.3g}"
 
@@ -181,7 +163,7 @@ def test_overlapped_decode_windows_tile_exactly(frames: int, sample_rate: int) -
     # the plain path, the vocoder's output for zero-padded mel frames in the windowed one.
     edge = 0 if sample_rate == 44100 else 16
     n = windowed.shape[-1] - edge
-    err = _err(windowed[..., :n], plain[..., :n])
+    err = max_abs_err(windowed[..., :n], plain[..., :n])
     assert err <= 1e-6, f"{frames} frames @ {sample_rate}: windowed vs plain max abs err {err:.3g}"
     # every call has bounded size: DCAE windows of at most 512 frames, vocoder windows of 512
     assert max(nets.dcae_widths) <= 512 and set(nets.vocoder_frames) == {512}
@@ -230,7 +212,7 @@ def test_overlapped_decode_with_golden_dcae(golden_modules: tuple[DCAEEncoder, D
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         short = torch.randn(1, 8, 16, 200, generator=gen)  # one window covers it: same as plain
-        err = _err(codec._dcae_decode_windowed(short), decoder(short))
+        err = max_abs_err(codec._dcae_decode_windowed(short), decoder(short))
         assert err <= 1e-6, f"single-window DCAE decode max abs err {err:.3g}"
 
     frames = 600  # two DCAE windows, [0, 512) and [256, 600); 56 s, so upstream would overlap

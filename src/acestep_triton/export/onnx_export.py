@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from . import specs
 from .adapters import component_graph, component_sources, export_graph
+from .onnx_graph import all_tensors
 
 DEFAULT_OPSET = 17
 """ONNX opset of the exported graphs (TensorRT 10 and onnxruntime 1.2x both take it)."""
@@ -210,19 +211,6 @@ def export_component(name: str, module: nn.Module, out_path: str | Path, *, opse
     return out_path
 
 
-def _all_tensors(graph: Any) -> Iterator[Any]:
-    """Every ``TensorProto`` of a graph that may hold weights: initializers, tensor attributes,
-    subgraphs (the exporter puts weights in initializers, but nothing else may be missed)."""
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                yield from _all_tensors(sub)
-
-
 def data_file(onnx_path: str | Path) -> Path:
     """The external data file that belongs to ``onnx_path`` (``<name>.onnx.data``)."""
     onnx_path = Path(onnx_path)
@@ -263,7 +251,7 @@ def _publish(traced: Path, out_path: Path, spec: specs.ComponentSpec, external_d
     model.doc_string = spec.description
     if len(model.graph.output) == len(spec.outputs):
         _stamp_output_shapes(model, spec, sizes or {})
-    tensors = list(_all_tensors(model.graph))
+    tensors = list(all_tensors(model.graph))
     already_external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in tensors)
     target_data = data_file(out_path)
     for stale in (out_path, target_data):

@@ -245,6 +245,7 @@ def read_onnx_sizes(spec: ComponentSpec, path: Path) -> dict[str, int]:
     """
     import onnx
 
+
     model = onnx.load(str(path), load_external_data=False)
     graph_io = {v.name: v for v in list(model.graph.input) + list(model.graph.output)}
     sizes: dict[str, int] = {}
@@ -273,18 +274,10 @@ def _onnx_files(path: Path) -> list[Path]:
     """The ONNX file and the external-data files it names (they must keep their names)."""
     import onnx
 
-    def tensors(graph: Any) -> Iterable[Any]:
-        yield from graph.initializer
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.HasField("t"):
-                    yield attr.t
-                yield from attr.tensors
-                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                    yield from tensors(sub)
+    from .onnx_graph import all_tensors
 
     model = onnx.load(str(path), load_external_data=False)
-    names = {entry.value for t in tensors(model.graph) if t.data_location == onnx.TensorProto.EXTERNAL
+    names = {entry.value for t in all_tensors(model.graph) if t.data_location == onnx.TensorProto.EXTERNAL
              for entry in t.external_data if entry.key == "location"}
     return [path] + [path.parent / n for n in sorted(names)]
 
