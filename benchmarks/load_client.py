@@ -151,7 +151,15 @@ async def run_level(url: str, endpoint: str, concurrency: int, total: int, durat
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - started
-        after = await client.get_inference_statistics(as_json=True)
+        # A decoupled model's statistics are recorded as its execution returns, which can be just
+        # after the client has its final response: wait (briefly) until the level is counted.
+        done = sum(r.error is None for r in results)
+        for _ in range(40):
+            after = await client.get_inference_statistics(as_json=True)
+            counted = stats_delta(before, after).get(endpoint, {}).get("requests", 0)
+            if counted >= done:
+                break
+            await asyncio.sleep(0.05)
     finally:
         await client.close()
     ok = [r for r in results if r.error is None]
