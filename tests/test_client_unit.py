@@ -204,3 +204,13 @@ def test_progress_printer_plain_text() -> None:
     assert len(lines) == 11 and " 1/100 steps" in lines[0], lines
     assert lines[-1].startswith("[" + "#" * 30 + "] 100/100 steps"), lines
     assert "\r" not in out.getvalue()
+
+
+def test_oversized_audio_upload_is_refused_before_sending(tmp_path) -> None:
+    from acestep_client.audio_io import audio_file_bytes
+    from acestep_client.params import MAX_AUDIO_BYTES
+
+    with pytest.raises(ValueError, match=r"^src_audio: .*the limit is"):
+        audio_file_bytes(b"\0" * (MAX_AUDIO_BYTES + 1), "src_audio")
+    with pytest.raises(ValueError, match=r"^ref_audio: .* is not a file"):
+        audio_file_bytes(tmp_path / "missing.wav", "ref_audio")

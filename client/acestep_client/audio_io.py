@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from acestep_client.params import AUDIO_FORMATS
+from acestep_client.params import AUDIO_FORMATS, MAX_AUDIO_BYTES
 
 ENCODINGS: dict[str, tuple[str, str]] = {
     "wav": ("WAV", "FLOAT"),
@@ -57,6 +57,12 @@ def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
     return np.ascontiguousarray(data.T), int(rate)
 
 
+def _checked_size(data: bytes, field: str) -> bytes:
+    if len(data) > MAX_AUDIO_BYTES:
+        raise ValueError(f"{field}: {len(data) / 2**20:.0f} MiB; the limit is {MAX_AUDIO_BYTES / 2**20:.0f} MiB")
+    return data
+
+
 def audio_file_bytes(source: str | Path | bytes | tuple[np.ndarray, int], field: str = "src_audio") -> bytes:
     """The bytes of an audio file to send as ``src_audio``/``ref_audio``.
 
@@ -67,12 +73,12 @@ def audio_file_bytes(source: str | Path | bytes | tuple[np.ndarray, int], field:
     import io
 
     if isinstance(source, bytes):
-        return source
+        return _checked_size(source, field)
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.is_file():
             raise ValueError(f"{field}: {path} is not a file")
-        return path.read_bytes()
+        return _checked_size(path.read_bytes(), field)
     audio, rate = source
     data = np.asarray(audio, dtype=np.float32)
     if data.ndim == 1:

@@ -33,7 +33,8 @@ EDIT_PRESETS = {"only_lyrics": (0.6, 1.0), "remix": (0.2, 0.4)}
 AUDIO_INPUTS = ("src_audio", "ref_audio")
 """Audio travels as the bytes of an audio file (wav/flac/ogg/mp3), one BYTES [1] tensor each:
 ``src_audio`` is the source of repaint/edit/extend, ``ref_audio`` the reference of audio2audio."""
-MAX_AUDIO_BYTES = 64 * 1024 * 1024
+MAX_AUDIO_BYTES = 128 * 1024 * 1024
+"""Largest accepted audio upload: a 240 s float WAV at 48 kHz stereo (our own output) is ~92 MB."""
 OUTPUT_SAMPLE_RATE = 48000
 
 

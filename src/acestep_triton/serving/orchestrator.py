@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from acestep_client.params import TASKS, GenerationParams, ParamError, params_from_wire
+from acestep_client.params import MAX_AUDIO_BYTES, TASKS, GenerationParams, ParamError, params_from_wire
 
 from ..lora import RoutingCall, ServedLoras, base_component, read_variants_manifest
 from ..pipeline import MusicGenerator
@@ -143,7 +143,10 @@ def read_audio_input(get_input: Callable[[str], Any], name: str) -> bytes | None
         return None
     if array.size != 1 or not isinstance(array.reshape(-1)[0], bytes):
         raise ParamError(name, f"expected the bytes of one audio file (BYTES [1]), got shape {list(array.shape)}")
-    return array.reshape(-1)[0]
+    data = array.reshape(-1)[0]
+    if len(data) > MAX_AUDIO_BYTES:
+        raise ParamError(name, f"{len(data) / 2**20:.0f} MiB; the limit is {MAX_AUDIO_BYTES / 2**20:.0f} MiB")
+    return data
 
 
 class TritonPythonModel:
