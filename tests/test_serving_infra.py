@@ -208,7 +208,7 @@ def test_render_repository_gpu_layout(tmp_path: Path) -> None:
     engines = tmp_path / "engines"
     engines.mkdir()
     for name in COMPONENTS:
-        (engines / f"{name}.plan").write_bytes(name.encode())
+        write_fake_engine(engines / f"{name}.plan", max_batch=3 * MAX_BATCH)
     out = render_repository(tmp_path / "repo", "gpu", engine_dir=engines, sizes=SIZES, gpus=[0, 1],
                             instance_count=2)
     for name, spec in COMPONENTS.items():
@@ -219,6 +219,27 @@ def test_render_repository_gpu_layout(tmp_path: Path) -> None:
         assert (out / name / "1" / "model.plan").read_bytes() == name.encode()
     text = check_config((out / "text_encoder" / "config.pbtxt").read_text())
     assert list(text.output[0].dims) == [-1, SIZES["Ct"]] and text.max_batch_size == 2 * MAX_BATCH
+
+
+def write_fake_engine(plan: Path, max_batch: int) -> None:
+    """A stand-in plan (its component's name as bytes) with the sidecar the builder writes."""
+    from acestep_triton.export.tensorrt import EngineMeta
+
+    plan.write_bytes(plan.stem.encode())
+    EngineMeta(component=plan.stem, tensorrt="11.4.0", gpu="test", compute_capability="9.0", precision="bf16",
+               profile={}, max_batch=max_batch, onnx="", onnx_sha256="").write(plan)
+
+
+def test_render_refuses_a_batch_above_the_engine_profile(tmp_path: Path) -> None:
+    engines = tmp_path / "engines"
+    engines.mkdir()
+    write_fake_engine(engines / "dit_decoder.plan", max_batch=4)
+    with pytest.raises(ValueError, match=r"dit_decoder.plan: built for batches up to 4, .*max_batch_size"):
+        render_repository(tmp_path / "repo", "gpu", engine_dir=engines, sizes=SIZES, components=["dit_decoder"],
+                          max_items=16)
+    out = render_repository(tmp_path / "repo", "gpu", engine_dir=engines, sizes=SIZES, components=["dit_decoder"],
+                            max_items=1)
+    assert check_config((out / "dit_decoder" / "config.pbtxt").read_text()).max_batch_size <= 4
 
 
 def test_read_onnx_sizes_catches_contract_drift(tmp_path: Path) -> None:

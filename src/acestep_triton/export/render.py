@@ -282,6 +282,18 @@ def _onnx_files(path: Path) -> list[Path]:
     return [path] + [path.parent / n for n in sorted(names)]
 
 
+def _check_engine_batch(plan: Path, model: ModelConfigSpec) -> None:
+    """Triton refuses a ``max_batch_size`` above the engine profile's: say so at render time,
+    naming the engine and both numbers, instead of a model that fails to load."""
+    from .tensorrt import EngineMeta
+
+    meta = EngineMeta.read(plan)
+    if model.max_batch_size > meta.max_batch:
+        raise ValueError(f"{plan}: built for batches up to {meta.max_batch}, but {model.name} is rendered with "
+                         f"max_batch_size {model.max_batch_size}; render with a smaller --max-items or rebuild "
+                         f"the engine with a larger --max-batch")
+
+
 def _link_or_copy(source: Path, target: Path) -> None:
     """Hard-link (instant, no extra disk for multi-GB weights), or copy across file systems."""
     if not source.is_file():
@@ -471,7 +483,9 @@ def _render_into(out_dir: Path, target: str, specs: Sequence[ComponentSpec], onn
         else:
             version.mkdir()
             if engine_dir is not None:
-                _link_or_copy(Path(engine_dir) / f"{spec.name}.plan", version / "model.plan")
+                plan = Path(engine_dir) / f"{spec.name}.plan"
+                _check_engine_batch(plan, model)
+                _link_or_copy(plan, version / "model.plan")
 
     for orch in orchestrators:
         model = orchestrator_config(orch, Path(assets) if assets is not None else None)
