@@ -104,14 +104,8 @@ def _scale_query(q: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     return scale_rows(q, scale)
 
 
-class LinearSelfAttention(nn.Module):
-    """Linear (kernelised) self-attention over the latent frames: O(W) in the sequence length.
-
-    ``out_w = sum_s relu(q_w)·relu(k_s) v_s / max(sum_s relu(q_w)·relu(k_s), eps)``, with RoPE on q
-    and k and the frame mask multiplying q, k and v. The normaliser is obtained by appending a
-    ones column to v, so one pair of matmuls gives numerator and denominator. The products are
-    done in fp32 (sums over thousands of frames overflow fp16), then cast back to the input dtype.
-    """
+class _Projections(nn.Module):
+    """The q/k/v/out projections both attentions share (names are the official weight keys)."""
 
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
@@ -120,6 +114,16 @@ class LinearSelfAttention(nn.Module):
         self.to_k = nn.Linear(dim, dim)
         self.to_v = nn.Linear(dim, dim)
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+
+
+class LinearSelfAttention(_Projections):
+    """Linear (kernelised) self-attention over the latent frames: O(W) in the sequence length.
+
+    ``out_w = sum_s relu(q_w)·relu(k_s) v_s / max(sum_s relu(q_w)·relu(k_s), eps)``, with RoPE on q
+    and k and the frame mask multiplying q, k and v. The normaliser is obtained by appending a
+    ones column to v, so one pair of matmuls gives numerator and denominator. The products are
+    done in fp32 (sums over thousands of frames overflow fp16), then cast back to the input dtype.
+    """
 
     def forward(
         self,
@@ -141,7 +145,7 @@ class LinearSelfAttention(nn.Module):
         return self.to_out[0](_merge_heads(out).to(x.dtype))
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(_Projections):
     """Softmax attention from the latent frames to the condition tokens (speaker|text|lyric).
 
     RoPE is applied to q with the frame positions and to k with the token positions (both from
@@ -149,14 +153,6 @@ class CrossAttention(nn.Module):
     (padded frames) get exactly zero attention output, which is what upstream's all ``-inf`` rows
     yield in PyTorch's SDPA, without ever producing NaN in an exported graph.
     """
-
-    def __init__(self, dim: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.to_q = nn.Linear(dim, dim)
-        self.to_k = nn.Linear(dim, dim)
-        self.to_v = nn.Linear(dim, dim)
-        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
 
     def forward(
         self,
