@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -104,10 +103,3 @@ def load_assets(assets_dir: str | Path) -> ServingAssets:
         dit_layers=int(transformer.num_layers),
     )
 
-
-def mel_matches_checkpoint(assets_dir: str | Path, ckpt_dir: str | Path) -> bool:
-    """True when the assets' mel buffers equal the checkpoint's (a cheap consistency check)."""
-    layout = CheckpointLayout(Path(ckpt_dir))
-    saved = load_file(str(Path(assets_dir) / MEL_FILE))
-    with safe_open(str(layout.weights_path(VOCODER_DIR)), framework="pt") as f:
-        return all(torch.equal(saved[k], f.get_tensor(MEL_PREFIX + k).float()) for k in saved)
