@@ -5,7 +5,7 @@ changes, because the front end listens on a free port) and checks what each call
 The script asks for ``audio_duration=-1``, i.e. a random duration; upstream draws it from
 30-240 s, which costs minutes on CPU, so this deployment narrows the random range with the
 front end's ``random_range`` setting (``--random-duration``). That is a deployment choice of
-what "random" means and changes none of the calls. Lengths are compared within the latent
+what "random" means and changes none of the calls. Lengths are compared on the latent
 frame grid (512 x 8 samples at 44.1 kHz = 0.093 s), which every task quantises to.
 
 The other tests cover the API contract (upstream's endpoint and argument names and defaults),
@@ -119,6 +119,17 @@ def seconds(path: str | Path) -> float:
     return info.frames / info.samplerate
 
 
+def reencoded_samples(source_samples: int) -> int:
+    """48 kHz output length of a task that re-encodes a 48 kHz source of ``source_samples``.
+
+    The DCAE encoder right-pads to whole latent frames (upstream does too), so the output can be
+    one frame longer than its source, and each 44.1 <-> 48 kHz resampling rounds its length up.
+    """
+    at_44k = -(-source_samples * 147 // 160)  # integer ceil; 44100 / 48000 = 147 / 160
+    frames = -(-at_44k // 4096)
+    return -(-frames * 4096 * 160 // 147)
+
+
 def read(path: str | Path) -> np.ndarray:
     audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
     assert rate == RATE
@@ -157,8 +168,8 @@ def test_upstream_script_runs_unchanged(frontend: str, monkeypatch: pytest.Monke
     assert (edit["task"], edit["edit_type"]) == ("edit", "remix")
     assert (edit["edit_n_min"], edit["edit_n_max"]) == (pytest.approx(0.7), 1.0)  # float32 on the wire
     assert edit["edit_target_prompt"] == "rock, electric guitar"
-    edit_err = abs(seconds(edit_path) - length)
-    assert edit_err <= FRAME_S + 1e-6, f"edit output differs from its source by {edit_err:.4f} s"
+    edit_samples, source_samples = sf.info(edit_path).frames, sf.info(audio_path).frames
+    assert edit_samples == reencoded_samples(source_samples), (edit_samples, source_samples)
 
     extend_path, extend = results["/extend_process_func"]
     assert (extend["left_extend_length"], extend["right_extend_length"]) == (10.0, 15.0)
@@ -292,7 +303,7 @@ def test_sources_come_from_this_sessions_results(frontend: str) -> None:
     repainted, repaint = user.predict(repaint_start=0.5, repaint_end=1.5, infer_step=5,
                                       api_name="/repaint_process_func")
     assert repaint["task"] == "repaint" and repaint["src_audio_duration"] == pytest.approx(seconds(song), abs=1e-3)
-    assert abs(seconds(repainted) - seconds(song)) <= FRAME_S + 1e-6
+    assert sf.info(repainted).frames == reencoded_samples(sf.info(song).frames)
     with pytest.raises(AppError, match=r"^extend_source: no extend result"):
         user.predict(extend_source="last_extend", right_extend_length=2, api_name="/extend_process_func")
 
@@ -336,7 +347,7 @@ def test_a_missing_model_server_is_reported(tmp_path: Path) -> None:
         start = time.monotonic()
         with pytest.raises(AppError, match=r"^the model server is unavailable"):
             Client(url, verbose=False).predict(**FAST, api_name="/__call__")
-        assert time.monotonic() - start < 15, "the front end hung on a dead server"
+        assert time.monotonic() - start < 60, "the front end hung on a dead server"
 
 
 # ------------------------------------------------------------------------------ mapping, policy, safety

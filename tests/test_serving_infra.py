@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
-import time
+import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -514,17 +515,27 @@ def test_cancel_and_timeout_stop_the_request_on_the_server(served) -> None:
         if step == 3:
             client.cancel()
 
-    started = time.monotonic()
+    before = steps_run(served.server)
     with pytest.raises(GenerationCancelled):
         client.generate(long, endpoint=FAKE_ENDPOINT, on_progress=cancel_at_three)
     assert seen[:3] == [1, 2, 3] and len(seen) <= 4, seen
     with pytest.raises(GenerationTimeout):
         client.generate(long, endpoint=FAKE_ENDPOINT, timeout=0.3)
-    # The endpoint has one instance: a short request finishes promptly only if both long ones
-    # were really cancelled server-side (otherwise it would queue behind ~16 s of steps).
+    # The endpoint has one instance, so this short request runs only after both long loops have
+    # returned; the step counter then tells how far they went (each would run 400 steps if the
+    # server ignored the cancellation).
     result = client.generate(GenerationParams(infer_step=2, audio_duration=0.1), endpoint=FAKE_ENDPOINT)
-    elapsed = time.monotonic() - started
-    assert result.audio.shape == (1, 2, 4800) and elapsed < 6.0, f"took {elapsed:.1f} s"
+    assert result.audio.shape == (1, 2, 4800)
+    ran = steps_run(served.server) - before - 2
+    assert 3 <= ran < long.infer_step, f"the two cancelled requests ran {ran} steps"
+
+
+def steps_run(server) -> float:
+    """The fake endpoint's ``fake_steps_total`` counter, scraped from the server's metrics."""
+    with urllib.request.urlopen(server.metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    match = re.search(rf'^fake_steps_total{{model="{FAKE_ENDPOINT}"}} (\S+)$', text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0  # listed once it has counted something
 
 
 @pytest.mark.triton
