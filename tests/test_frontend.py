@@ -34,6 +34,7 @@ import soundfile as sf
 gradio_client = pytest.importorskip("gradio_client", reason="the ui extra (gradio, gradio_client) is not installed")
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
+from test_metrics import scrape, value  # noqa: E402
 
 from acestep_client.client import AceStepClient  # noqa: E402
 from acestep_client.params import GenerationParams, ParamError  # noqa: E402
@@ -340,6 +341,36 @@ def test_progress_reaches_api_clients(api: Client) -> None:
     steps = sorted(i for i, total in seen if total == 30 and i is not None)
     assert steps, f"no denoising progress seen, only {seen}"
     assert steps[-1] <= 30
+
+
+def requests_finished(server: TritonServer, outcome: str) -> float:
+    """The server's count of text2music requests that ended with ``outcome``."""
+    return value(scrape(server), "acestep_requests_total", task="text2music", outcome=outcome)
+
+
+def wait_for_cancelled_request(server: TritonServer, cancelled_before: float, succeeded_before: float) -> None:
+    """Wait until the server reports one more cancelled text2music request; fail if it finished instead.
+
+    A 200-step request runs for tens of seconds on the tiny model when nobody cancels it, so
+    the loop ends either way; the deadline only guards against a hung server.
+    """
+    deadline = time.monotonic() + 300
+    while requests_finished(server, "cancelled") == cancelled_before:
+        assert requests_finished(server, "success") == succeeded_before, \
+            "the abandoned request ran to completion on the model server"
+        assert time.monotonic() < deadline, "the server reported no outcome for the abandoned request"
+        time.sleep(0.2)
+
+
+def test_a_cancelled_job_stops_its_server_request(frontend: str, tiny_server: TritonServer) -> None:
+    cancelled, succeeded = requests_finished(tiny_server, "cancelled"), requests_finished(tiny_server, "success")
+    job = Client(frontend, verbose=False).submit(**{**FAST, "infer_step": 200}, api_name="/__call__")
+    deadline = time.monotonic() + 300
+    while not any(unit.index for unit in job.status().progress_data or [] if unit.length == 200):
+        assert not job.done() and time.monotonic() < deadline, "no denoising progress before cancelling"
+        time.sleep(0.05)
+    job.cancel()
+    wait_for_cancelled_request(tiny_server, cancelled, succeeded)
 
 
 def test_a_missing_model_server_is_reported(tmp_path: Path) -> None:

@@ -2,7 +2,9 @@
 
 Opens the page, asks the Text2Music tab for a 3 s song with the form's own controls, clicks
 Generate and waits for the audio player; then downloads the file the player links to and checks
-it is the 3 s, 48 kHz stereo song that was asked for. Uses the system Chromium through
+it is the 3 s, 48 kHz stereo song that was asked for. A second test closes the page while a
+200-step request runs and checks, in the server's metrics, that the request was cancelled
+there rather than run to completion. Uses the system Chromium through
 ``executable_path`` (no Playwright browser download); skipped, saying why, where Playwright or
 Chromium is missing (install: ``apt-get install -y chromium``, ``pip install playwright==1.65.2``).
 """
@@ -20,7 +22,7 @@ import soundfile as sf
 
 pytest.importorskip("gradio_client", reason="the ui extra (gradio, gradio_client) is not installed")
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
-from test_frontend import FRAME_S, RATE, running_frontend  # noqa: E402
+from test_frontend import FRAME_S, RATE, requests_finished, running_frontend, wait_for_cancelled_request  # noqa: E402
 from test_frontend import pytestmark as frontend_pytestmark  # noqa: E402
 
 from acestep_triton.serving.server import TritonServer  # noqa: E402
@@ -94,3 +96,23 @@ def test_generate_from_the_text2music_tab(browser: sync_api.Browser, page_url: s
     assert abs(length - DURATION_S) <= FRAME_S, f"asked the form for {DURATION_S} s, got {length:.3f} s"
     assert not errors, f"JavaScript errors on the page: {errors}"
     page.close()
+
+
+def test_closing_the_page_cancels_its_request(browser: sync_api.Browser, page_url: str,
+                                              tiny_server: TritonServer) -> None:
+    cancelled = requests_finished(tiny_server, "cancelled")
+    succeeded = requests_finished(tiny_server, "success")
+    page = browser.new_page()
+    page.goto(page_url)
+    page.wait_for_selector("#text2music_generate", timeout=60_000)
+    page.get_by_text("Basic Settings").first.click()  # the steps slider sits in a closed accordion
+    for selector, number in (("#audio_duration input[type=number]", DURATION_S),
+                             ("#infer_step input[type=number]", 200)):
+        field = page.locator(selector)
+        field.fill(str(number))
+        field.press("Enter")
+    page.click("#text2music_generate")
+    # Gradio shows "denoising" with the step counter once the model server streams progress.
+    page.wait_for_selector("text=denoising", timeout=120_000)
+    page.close()
+    wait_for_cancelled_request(tiny_server, cancelled, succeeded)

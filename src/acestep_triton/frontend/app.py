@@ -31,6 +31,7 @@ import gradio as gr
 from acestep_client.client import AceStepClient, AceStepError, ServerError, ServerUnavailable, field_of
 from acestep_client.params import AUDIO_INPUTS, EDIT_PRESETS, MAX_DURATION_S, GenerationParams, ParamError
 
+from .disconnect import raise_if_caller_gone
 from .service import UPSTREAM_RANDOM_RANGE, DurationPolicy, FrontendService, Output
 from .session import Memory, pick_source, recall, remember
 from .upstream import (
@@ -113,6 +114,7 @@ def server_message(message: str, aliases: dict[str, str]) -> str:
 
 def _progress_callback(progress: gr.Progress) -> Callable[[int, int], None]:
     def on_progress(step: int, total: int) -> None:
+        raise_if_caller_gone()  # the client then cancels the request on the model server
         progress((step, total), desc="denoising", unit="steps")
 
     return on_progress
@@ -293,7 +295,8 @@ def build_demo(service: FrontendService, *, lora_choices: Sequence[str] = ()) ->
                                     info="Structure tags like [verse], [chorus], [bridge]; "
                                          "[instrumental] for music without vocals.")
                 with gr.Accordion("Basic Settings", open=False):
-                    infer_step = _api(gr.Slider(1, 200, step=1, value=D["infer_step"], label="Infer Steps"),
+                    infer_step = _api(gr.Slider(1, 200, step=1, value=D["infer_step"], label="Infer Steps",
+                                                elem_id="infer_step"),
                                       "infer_step")
                     guidance_scale = _api(gr.Slider(0.0, 30.0, step=0.1, value=D["guidance_scale"],
                                                  label="Guidance Scale",
