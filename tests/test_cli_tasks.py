@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import soundfile as sf
+import torch
 
 from acestep_client.cli import main as client_main
 from acestep_triton.cli import main as project_main
@@ -65,3 +66,15 @@ def test_local_cli_matches_the_server(tiny_server: TritonServer, tiny_onnx_ckpt:
     (local,) = sorted((tmp_path / "local").glob("*.wav"))
     a, b = sf.read(str(served))[0], sf.read(str(local))[0]
     assert a.shape == b.shape and abs(a - b).max() < 1e-4
+
+
+def test_local_cli_refuses_an_unusable_device(tiny_onnx_ckpt: Path, tmp_path: Path, capsys) -> None:
+    base = ["generate", "--local", "--checkpoint", str(tiny_onnx_ckpt), "--out", str(tmp_path), *COMMON]
+    assert project_main([*base, "--device", "cudaa"]) == 2
+    assert "--device: 'cudaa' is not a torch device" in capsys.readouterr().err
+    assert project_main([*base, "--device", "meta"]) == 2
+    assert "only cpu and cuda devices are supported" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert project_main([*base, "--device", "cuda"]) == 2
+        assert "torch sees no CUDA device" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

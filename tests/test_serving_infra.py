@@ -22,6 +22,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 from triton_harness import (
     FAKE_ENDPOINT,
     LINEAR,
@@ -52,6 +53,7 @@ from acestep_triton.export.render import (
 )
 from acestep_triton.export.specs import COMPONENTS, ComponentSpec, TensorSpec
 from acestep_triton.serving import onnx_component
+from acestep_triton.serving.orchestrator import preferred_memory, sampling_device
 from acestep_triton.serving.server import TritonServer, TritonServerError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,6 +167,46 @@ def test_orchestrator_config_has_one_optional_input_per_wire_field(tmp_path: Pat
     assert config.parameters["assets_dir"].string_value == str(tmp_path.resolve())
     with pytest.raises(ValueError, match="assets_dir"):
         orchestrator_config(spec, None)  # {assets} without --assets
+
+
+def test_orchestrators_sample_on_the_gpu_of_the_gpu_target(tmp_path: Path) -> None:
+    spec = OrchestratorSpec.from_json(ROOT / "ensemble_configs" / "text2music.json")
+    cpu = check_config(render_config(orchestrator_config(spec, tmp_path)))
+    gpu = check_config(render_config(orchestrator_config(spec, tmp_path, "gpu", gpus=[1])))
+    assert (_kind(cpu), cpu.parameters["sampling_device"].string_value) == ("KIND_CPU", "cpu")
+    assert (_kind(gpu), gpu.parameters["sampling_device"].string_value) == ("KIND_GPU", "cuda")
+    assert list(gpu.instance_group[0].gpus) == [1]
+    # An endpoint definition may keep its loop on the host even on the gpu target, but only
+    # with a device the orchestrator knows.
+    host = OrchestratorSpec(name="t", source="s", task="text2music", parameters={"sampling_device": "cpu"})
+    assert _kind(check_config(render_config(orchestrator_config(host, None, "gpu")))) == "KIND_CPU"
+    odd = OrchestratorSpec(name="t", source="s", task="text2music", parameters={"sampling_device": "gpu"})
+    with pytest.raises(ValueError, match="sampling_device must be 'cpu' or 'cuda', got 'gpu'"):
+        orchestrator_config(odd, None, "gpu")
+
+
+def test_bls_outputs_are_asked_for_where_the_loop_samples() -> None:
+    class FakePb:
+        TRITONSERVER_MEMORY_CPU, TRITONSERVER_MEMORY_GPU = "cpu-memory", "gpu-memory"
+
+        @staticmethod
+        def PreferredMemory(kind: str, device_id: int) -> tuple[str, int]:  # noqa: N802 (pb_utils' name)
+            return kind, device_id
+
+    assert preferred_memory(FakePb, torch.device("cpu")) == {"preferred_memory": ("cpu-memory", 0)}
+    assert preferred_memory(FakePb, torch.device("cuda", 1)) == {"preferred_memory": ("gpu-memory", 1)}
+    assert preferred_memory(object(), torch.device("cuda", 1)) == {}  # stubs older than PreferredMemory
+
+
+def test_sampling_device_parameter() -> None:
+    assert sampling_device("cpu", "3") == torch.device("cpu")
+    with pytest.raises(ValueError, match="sampling_device must be 'cpu' or 'cuda', got 'gpu'"):
+        sampling_device("gpu")
+    if torch.cuda.is_available():
+        assert sampling_device("cuda", "0") == torch.device("cuda", 0)
+    else:
+        with pytest.raises(ValueError, match="sampling_device is 'cuda' but torch sees no CUDA device"):
+            sampling_device("cuda", "0")
 
 
 def test_render_repository_cpu_layout(tmp_path: Path) -> None:

@@ -76,14 +76,19 @@ def _generate_local(args: argparse.Namespace) -> int:
     from acestep_client.client import GenerationResult
     from acestep_client.params import ParamError
 
-    from .pipeline import local_generator
+    from .pipeline import local_generator, torch_device
 
     if args.checkpoint is None:
         print("error: --local needs --checkpoint", file=sys.stderr)
         return 2
     try:
+        torch_device(args.device)
+    except ValueError as exc:
+        print(f"error: --device: {exc}", file=sys.stderr)
+        return 2
+    try:
         params = params_from_args(args)
-        generator = local_generator(args.checkpoint, args.vocab)
+        generator = local_generator(args.checkpoint, args.vocab, device=args.device)
         progress = None if args.quiet else ProgressPrinter(sys.stderr)
         out = generator.generate(
             params, progress=progress,
@@ -93,7 +98,7 @@ def _generate_local(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     record = {**out.record, "format": params.format}
-    result = GenerationResult(audio=out.audio.numpy(), sample_rate=out.sample_rate, params=record,
+    result = GenerationResult(audio=out.audio.cpu().numpy(), sample_rate=out.sample_rate, params=record,
                               params_json=json.dumps(record, ensure_ascii=False))
     stem = args.name or f"{params.task}_{time.strftime('%Y%m%d_%H%M%S')}"
     for path in result.save(args.out, params.format, stem=stem):
@@ -111,6 +116,7 @@ def _generate(argv: Sequence[str]) -> int:
     parser.add_argument("--local", action="store_true", help="run in-process (no server)")
     parser.add_argument("--checkpoint", type=Path, default=None, help="checkpoint folder for --local")
     parser.add_argument("--vocab", type=Path, default=None, help="lyric vocabulary for --local")
+    parser.add_argument("--device", default="cpu", help="torch device for --local (cpu, cuda, cuda:1, ...)")
     args = parser.parse_args(argv)
     return _generate_local(args) if args.local else run_generate(args)
 

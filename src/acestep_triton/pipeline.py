@@ -14,6 +14,7 @@ Same seed and parameters → the same numbers from both (tested).
 
 from __future__ import annotations
 
+import copy
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -87,21 +88,50 @@ def _param_error(exc: ValueError) -> ParamError:
     return ParamError(field_name, reason) if field_name in known and reason else ParamError("request", str(exc))
 
 
+def torch_device(name: torch.device | str) -> torch.device:
+    """``name`` as a usable torch device; ``ValueError`` saying why when it is not one here."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"{name!r} is not a torch device ({exc})") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{name!r}: torch sees no CUDA device on this machine")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name!r}: only cpu and cuda devices are supported")
+    if device.type == "cuda" and device.index is None:  # "cuda" means the current GPU; name it
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _on_device(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``module`` on ``device``: itself when already there, else a moved copy (``Module.to``
+    moves in place, and the caller's module, e.g. the vocoder's mel front end, stays put)."""
+    if all(t.device == device for t in (*module.parameters(), *module.buffers())):
+        return module
+    return copy.deepcopy(module).to(device)
+
+
 class MusicGenerator:
     """Runs whole requests of every task against any :class:`Denoiser`."""
 
     def __init__(self, denoiser: Denoiser, prompt_tokenizer: Any, lyric_tokenizer: Any,
                  mel: LogMelSpectrogram, *, overlapped_decode: bool = True,
-                 lora_scope: LoraScope | None = None) -> None:
+                 lora_scope: LoraScope | None = None, device: torch.device | str = "cpu") -> None:
         """``overlapped_decode``: decode songs longer than 48 s in bounded windows (upstream's
         opt-in ``overlapped_decode``). On by default here: it bounds every component call's
-        size, which a server with fixed engine profiles and shared memory needs."""
+        size, which a server with fixed engine profiles and shared memory needs.
+
+        ``device``: where the sampling loop's tensors live (the mel front end moves there too).
+        The denoiser's outputs must come back on it: on a GPU the loop then never copies latents
+        to the host between steps. Noise is still drawn on the CPU (see ``sampling.noise``).
+        """
+        self.device = torch_device(device)
         self.denoiser = denoiser
         self.lora_scope: LoraScope = lora_scope or no_lora
         self.prompt_tokenizer = prompt_tokenizer
         self.lyric_tokenizer = lyric_tokenizer
-        self.codec = AudioCodec(denoiser.encode_mel, denoiser.decode_latents, denoiser.vocode, mel,
-                                overlapped_decode=overlapped_decode)
+        self.codec = AudioCodec(denoiser.encode_mel, denoiser.decode_latents, denoiser.vocode,
+                                _on_device(mel, self.device), overlapped_decode=overlapped_decode)
 
     def tokenize_lyrics(self, lyrics: str, field_name: str = "lyrics") -> list[int]:
         """Lyric ids, with the served length limit checked (the error names the field)."""
@@ -123,7 +153,7 @@ class MusicGenerator:
     def _prompt(self, prompt: str, lyrics: str, lyrics_field: str = "lyrics") -> tuple[torch.Tensor, ...]:
         input_ids, attention_mask = self.prompt_tokenizer([prompt])
         lyric_ids, lyric_mask = lyric_inputs(self.tokenize_lyrics(lyrics, lyrics_field))
-        return input_ids, attention_mask, lyric_ids, lyric_mask
+        return tuple(t.to(self.device) for t in (input_ids, attention_mask, lyric_ids, lyric_mask))
 
     @torch.inference_mode()
     def generate(self, params: GenerationParams, *, src_audio: AudioBytes = None, ref_audio: AudioBytes = None,
@@ -149,6 +179,7 @@ class MusicGenerator:
                   progress: ProgressFn | None, should_cancel: CancelFn | None,
                   rng: random.Random | None, seed_rng: torch.Generator | None) -> GenerationOutput:
         task = params.task
+        dev = self.device
         config = sampler_config(params)
         noise, retake = resolve_request_seeds(params.manual_seeds or None, params.retake_seeds or None,
                                               params.batch_size, seed_rng)
@@ -176,32 +207,33 @@ class MusicGenerator:
                 assert source is not None
                 frames = source.shape[-1]
                 latents = sample_repaint(
-                    self.denoiser, conditions, source, noise.draw_latents(frames), retake.draw_latents(frames),
-                    params.repaint_start, params.repaint_end, params.retake_variance, config,
+                    self.denoiser, conditions, source, noise.draw_latents(frames, dev),
+                    retake.draw_latents(frames, dev), params.repaint_start, params.repaint_end,
+                    params.retake_variance, config,
                     generator=noise.step_generator, **common)
             elif task == "extend":
                 assert source is not None
                 window = RepaintWindow.for_extension(params.left_extend_length, params.right_extend_length,
                                                      duration, source.shape[-1])
                 latents = sample_extend(
-                    self.denoiser, conditions, source, noise.draw_latents(source.shape[-1]),
-                    retake.draw_latents(window.retake_noise_frames), params.left_extend_length,
+                    self.denoiser, conditions, source, noise.draw_latents(source.shape[-1], dev),
+                    retake.draw_latents(window.retake_noise_frames, dev), params.left_extend_length,
                     params.right_extend_length, duration, config, retake_variance=1.0, **common)
             elif task == "audio2audio":
                 reference, _ = self.encode_audio(ref_audio, "ref_audio")
                 latents = sample_audio2audio(
                     self.denoiser, conditions, reference.expand(params.batch_size, -1, -1, -1),
-                    noise.draw_latents(reference.shape[-1]), params.ref_audio_strength, config,
+                    noise.draw_latents(reference.shape[-1], dev), params.ref_audio_strength, config,
                     generator=noise.step_generator, **common)
             else:  # text2music, retake
                 duration = resolve_duration(params.audio_duration, rng)
                 frames = latent_frames(duration)
                 if task == "retake":
                     latents = sample_retake(
-                        self.denoiser, conditions, noise.draw_latents(frames), retake.draw_latents(frames),
+                        self.denoiser, conditions, noise.draw_latents(frames, dev), retake.draw_latents(frames, dev),
                         params.retake_variance, config, generator=noise.step_generator, **common)
                 else:
-                    latents = sample_text2music(self.denoiser, conditions, noise.draw_latents(frames), config,
+                    latents = sample_text2music(self.denoiser, conditions, noise.draw_latents(frames, dev), config,
                                                 generator=noise.step_generator, **common)
         if task not in ("text2music", "retake"):  # the length follows the source/reference audio
             duration = latents.shape[-1] * self.codec.samples_per_latent / MODEL_SAMPLE_RATE
@@ -257,15 +289,18 @@ class TorchDenoiser:
 
 
 def local_generator(ckpt_dir: str | Path, vocab_path: str | Path | None = None,
-                    lora_dir: str | Path | None = None) -> MusicGenerator:
+                    lora_dir: str | Path | None = None, device: torch.device | str = "cpu") -> MusicGenerator:
     """The in-process reference pipeline for a checkpoint folder (official or tiny layout).
 
     ``lora_name_or_path`` may name an adapter of ``lora_dir`` or, as upstream, an adapter path;
-    any ``lora_weight`` works here (the adapter is fused per request)."""
+    any ``lora_weight`` works here (the adapter is fused per request). ``device``: where the
+    models run and the sampling loop keeps its tensors (fp32 everywhere)."""
     from .checkpoint import load_components
 
     components = load_components(ckpt_dir, vocab_path)
+    for module in components.modules().values():
+        module.to(device)
     registry = LoraRegistry.from_dir(lora_dir) if lora_dir is not None else None
     return MusicGenerator(TorchDenoiser(components), components.text_tokenizer,
                           components.lyric_tokenizer, components.vocoder.mel_transform,
-                          lora_scope=InProcessLoras(components.transformer, registry))
+                          lora_scope=InProcessLoras(components.transformer, registry), device=device)

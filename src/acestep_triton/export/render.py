@@ -351,25 +351,36 @@ ORCHESTRATOR_OUTPUTS = (
 """What every endpoint streams: ``progress`` (step, total) responses, then audio + parameters."""
 
 
-def orchestrator_config(spec: OrchestratorSpec, assets: Path | None = None) -> ModelConfigSpec:
+def orchestrator_config(spec: OrchestratorSpec, assets: Path | None = None, target: str = "cpu",
+                        gpus: Sequence[int] = ()) -> ModelConfigSpec:
+    """An endpoint's config. On the ``gpu`` target its instances are ``KIND_GPU`` and sample on
+    their GPU (``sampling_device: cuda``), beside the engines they call; an endpoint definition
+    may still set ``sampling_device`` itself."""
     from acestep_client.params import GenerationParams
+
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
 
     wire = tuple(TensorConfig(s.name, s.triton_dtype, (1,), optional=True)
                  for s in GenerationParams.wire_specs())
     clashes = {t.name for t in wire} & {t.name for t in spec.extra_inputs}
     if clashes:
         raise ValueError(f"{spec.name}: extra_inputs {sorted(clashes)} clash with schema fields")
-    parameters = {"task": spec.task}
+    parameters = {"task": spec.task, "sampling_device": "cuda" if target == "gpu" else "cpu"}
     for key, value in spec.parameters.items():
         if "{assets}" in value:
             if assets is None:
                 raise ValueError(f"{spec.name}: parameter {key!r} needs the assets folder (--assets)")
             value = value.replace("{assets}", str(Path(assets).resolve()))
         parameters[key] = value
+    if parameters["sampling_device"] not in ("cpu", "cuda"):
+        raise ValueError(f"{spec.name}: parameter sampling_device must be 'cpu' or 'cuda', "
+                         f"got {parameters['sampling_device']!r}")
     return ModelConfigSpec(name=spec.name, backend="python", max_batch_size=0,
                            inputs=wire + spec.extra_inputs, outputs=ORCHESTRATOR_OUTPUTS,
-                           instance_kind="KIND_CPU", instance_count=spec.instance_count, decoupled=True,
-                           parameters=parameters)
+                           instance_kind="KIND_GPU" if parameters["sampling_device"] == "cuda" else "KIND_CPU",
+                           instance_gpus=tuple(gpus) if parameters["sampling_device"] == "cuda" else (),
+                           instance_count=spec.instance_count, decoupled=True, parameters=parameters)
 
 
 def load_endpoints(names: Sequence[str] | None = None,
@@ -488,7 +499,7 @@ def _render_into(out_dir: Path, target: str, specs: Sequence[ComponentSpec], onn
                 _link_or_copy(plan, version / "model.plan")
 
     for orch in orchestrators:
-        model = orchestrator_config(orch, Path(assets) if assets is not None else None)
+        model = orchestrator_config(orch, Path(assets) if assets is not None else None, target, gpus)
         source = Path(orch.source)
         source = source if source.is_absolute() else sources_root / source
         _copy_sources(source, _write_model(out_dir, model, target) / "1")

@@ -148,9 +148,10 @@ class SeededNoise:
         shape = (1, *item_shape)
         return torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in self.generators])
 
-    def draw_latents(self, frames: int) -> torch.Tensor:
-        """Latent-shaped noise [B, 8, 16, frames]."""
-        return self.draw((LATENT_CHANNELS, LATENT_HEIGHT, frames))
+    def draw_latents(self, frames: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """Latent-shaped noise [B, 8, 16, frames], drawn on the CPU and then moved to ``device``."""
+        noise = self.draw((LATENT_CHANNELS, LATENT_HEIGHT, frames))
+        return noise if device is None else noise.to(device)
 
 
 def resolve_request_seeds(

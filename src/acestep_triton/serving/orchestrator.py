@@ -11,6 +11,12 @@ a two-line shim importing :class:`TritonPythonModel` from here. It
   between steps, and ends with ``audio`` [B,2,N] FP32 at 48 kHz, ``sample_rate`` and
   ``params_json`` (every parameter and the actual seeds).
 
+Config parameter ``sampling_device`` (``cpu``, the default, or ``cuda``; the ``gpu`` render
+target sets ``cuda`` and a ``KIND_GPU`` instance) says where the sampling loop keeps its
+tensors. On ``cuda`` the BLS requests ask for their outputs in GPU memory (``preferred_memory``)
+and the loop's tensors stay on the instance's GPU from the first component call to the final
+audio: no host round trip per step. Only the finished audio is copied to the host for gRPC.
+
 ``triton_python_backend_utils`` only exists inside the Python-backend stub, so it is imported
 lazily; everything else here is plain torch and unit-testable.
 """
@@ -33,6 +39,8 @@ from ..pipeline import MusicGenerator
 from ..sampling import SamplingCancelled
 from .assets import ServingAssets, load_assets
 from .metrics import TaskMetrics
+
+CPU = torch.device("cpu")
 
 #: Called as ``call(model_name, {input_name: tensor}, [output_names]) -> [tensors]``.
 ComponentCall = Callable[[str, Mapping[str, torch.Tensor], Sequence[str]], list[torch.Tensor]]
@@ -91,17 +99,28 @@ class TritonDenoiser:
         return self._call("vocoder", {"mel": mel}, ["waveform"])[0]
 
 
-def bls_call(pb_utils: Any) -> ComponentCall:
+def preferred_memory(pb_utils: Any, device: torch.device) -> dict[str, Any]:
+    """The ``preferred_memory`` keyword of BLS requests for a loop whose tensors live on ``device``.
+
+    Components (TensorRT engines on the gpu target) then hand their outputs over where the loop
+    needs them, and DLPack wraps them without a copy.
+    """
+    if not hasattr(pb_utils, "PreferredMemory"):
+        return {}
+    if device.type == "cuda":
+        memory = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_GPU, device.index or 0)
+    else:
+        memory = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)
+    return {"preferred_memory": memory}
+
+
+def bls_call(pb_utils: Any, device: torch.device = CPU) -> ComponentCall:
     """A :data:`ComponentCall` issuing synchronous BLS requests; tensors cross by DLPack."""
     from torch.utils.dlpack import to_dlpack
 
     from ..export.specs import COMPONENTS
 
-    # The sampling loop runs on host tensors: ask every component (TensorRT engines on the gpu
-    # target) for its outputs in CPU memory, so DLPack hands over host buffers as on the cpu target.
-    preferred = {}
-    if hasattr(pb_utils, "PreferredMemory"):
-        preferred["preferred_memory"] = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)
+    preferred = preferred_memory(pb_utils, device)
 
     def call(model: str, inputs: Mapping[str, torch.Tensor], outputs: Sequence[str]) -> list[torch.Tensor]:
         spec = COMPONENTS[base_component(model)]  # LoRA variants (dit_decoder__rap) share the contract
@@ -114,11 +133,24 @@ def bls_call(pb_utils: Any) -> ComponentCall:
         response = request.exec()
         if response.has_error():
             raise RuntimeError(f"{model}: {response.error().message()}")
-        # clone: the response's memory is released with the response object
-        return [torch.from_dlpack(pb_utils.get_output_tensor_by_name(response, name).to_dlpack()).clone()
-                for name in outputs]
+        # clone: the response's memory is released with the response object. ``.to`` is a no-op
+        # when the component honoured the preferred memory (a backend may still answer elsewhere).
+        return [torch.from_dlpack(pb_utils.get_output_tensor_by_name(response, name).to_dlpack())
+                .to(device).clone() for name in outputs]
 
     return call
+
+
+def sampling_device(name: str, instance_device_id: str | int | None = None) -> torch.device:
+    """The ``sampling_device`` config parameter as a device; ``cuda`` means this instance's GPU
+    (Triton passes ``model_instance_device_id`` to ``KIND_GPU`` instances)."""
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"config parameter sampling_device must be 'cpu' or 'cuda', got {name!r}")
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("config parameter sampling_device is 'cuda' but torch sees no CUDA device")
+    return torch.device("cuda", int(instance_device_id or 0))
 
 
 def read_request_fields(get_input: Callable[[str], Any], task: str) -> GenerationParams:
@@ -166,15 +198,20 @@ class TritonPythonModel:
         if not assets_dir:
             raise ValueError(f"{self.model_name}: config parameter 'assets_dir' is required")
         torch.set_num_threads(max(1, int(parameters.get("torch_threads", "1"))))
+        self.device = sampling_device(parameters.get("sampling_device", "cpu"), args.get("model_instance_device_id"))
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
         self.metrics = TaskMetrics(pb_utils, self.task)
         assets: ServingAssets = load_assets(assets_dir)
         assets.lyric_tokenizer.warm_up()  # fail at load time, not on the first request
-        routing = RoutingCall(bls_call(pb_utils))
+        routing = RoutingCall(bls_call(pb_utils, self.device))
         denoiser = TritonDenoiser(routing, assets.text_layers, assets.lyric_layers, assets.dit_layers)
         variants = read_variants_manifest(assets_dir)
         self.generator = MusicGenerator(denoiser, assets.prompt_tokenizer, assets.lyric_tokenizer,
-                                        assets.mel, lora_scope=ServedLoras(routing, variants))
-        pb_utils.Logger.log_info(f"{self.model_name} ready (task {self.task}, assets {assets_dir})")
+                                        assets.mel, lora_scope=ServedLoras(routing, variants),
+                                        device=self.device)
+        pb_utils.Logger.log_info(f"{self.model_name} ready (task {self.task}, sampling on {self.device}, "
+                                 f"assets {assets_dir})")
 
     def execute(self, requests: list[Any]) -> None:
         for request in requests:
@@ -220,7 +257,7 @@ class TritonPythonModel:
         wall = time.perf_counter() - started
         output.record["timecosts"] = {"total": wall}
         self.metrics.succeeded(output.audio.shape[0] * output.audio.shape[-1] / output.sample_rate, wall)
-        audio = output.audio.to(torch.float32).contiguous().numpy()
+        audio = output.audio.to(device="cpu", dtype=torch.float32).contiguous().numpy()
         tensors = [
             pb.Tensor("audio", audio),
             pb.Tensor("sample_rate", np.array([output.sample_rate], dtype=np.int32)),
