@@ -4,6 +4,8 @@ chained the way a user works: generate, then retake / repaint / extend / edit / 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import soundfile as sf
@@ -78,3 +80,27 @@ def test_local_cli_refuses_an_unusable_device(tiny_onnx_ckpt: Path, tmp_path: Pa
         assert project_main([*base, "--device", "cuda"]) == 2
         assert "torch sees no CUDA device" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_local_cli_needs_no_tritonclient(tiny_onnx_ckpt: Path, tmp_path: Path) -> None:
+    """In-process generation (e.g. on a GPU box without the serving stack) writes its files
+    without importing tritonclient."""
+    code = f"""
+import importlib.abc, sys
+
+class NoTritonClient(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "tritonclient":
+            raise ImportError("tritonclient is not installed here")
+
+sys.meta_path.insert(0, NoTritonClient())
+from acestep_triton.cli import main
+code = main(["generate", "--local", "--checkpoint", {str(tiny_onnx_ckpt)!r}, "--out", {str(tmp_path)!r},
+             "--duration", "1", "--steps", "2", "--quiet", "--name", "song"])
+assert code == 0, code
+assert not [m for m in sys.modules if m.startswith("tritonclient")]
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sf.info(str(tmp_path / "song_0.wav")).frames > 0
+    assert json.loads((tmp_path / "song_0_params.json").read_text())["infer_step"] == 2

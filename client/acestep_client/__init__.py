@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "AceStepClient": "client",
-    "GenerationResult": "client",
+    "GenerationResult": "result",
     "ServerError": "client",
     "ServerUnavailable": "client",
     "GenerationCancelled": "client",

@@ -20,7 +20,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from acestep_client.client import AceStepClient, GenerationCancelled, ServerError, ServerUnavailable
 from acestep_client.params import GenerationParams, ParamError
 
 ALIASES = {"audio_duration": ("--duration",), "infer_step": ("--steps",), "manual_seeds": ("--seeds",)}
@@ -112,6 +111,10 @@ def params_from_args(args: argparse.Namespace) -> GenerationParams:
 
 
 def run_generate(args: argparse.Namespace, stderr: TextIO | None = None) -> int:
+    # Imported here: the argument and progress helpers above are shared with the in-process
+    # CLI (``acestep-triton generate --local``), which must run without tritonclient.
+    from acestep_client.client import AceStepClient, GenerationCancelled, ServerError, ServerUnavailable
+
     stderr = stderr or sys.stderr
     try:
         params = params_from_args(args)

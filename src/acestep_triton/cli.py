@@ -73,8 +73,8 @@ def _generate_local(args: argparse.Namespace) -> int:
     import json
 
     from acestep_client.cli import ProgressPrinter, params_from_args
-    from acestep_client.client import GenerationResult
     from acestep_client.params import ParamError
+    from acestep_client.result import GenerationResult
 
     from .pipeline import local_generator, torch_device
 
