@@ -16,9 +16,9 @@
 #   stub's pb_utils.as_numpy() is only known to work with numpy 1, see pyproject.toml);
 # * an exact yy.mm tag, never `latest`: the TensorRT inside decides which engines load, so the
 #   tag is part of the deployment's identity (engines are rebuilt when it changes).
-# Move to a newer release deliberately, together with the `gpu` extra's tensorrt pin (the two
-# TensorRT versions must be equal; check_tensorrt.py below enforces it): bump both, rebuild,
-# and let the engines be rebuilt (the entry point notices the new TensorRT version).
+# Move to a newer release deliberately: rebuild, and let the engines be rebuilt (the entry point
+# notices the new TensorRT version). The TensorRT Python package that builds the engines is
+# chosen from the image itself (below), so it always matches the backend that loads them.
 #
 # Model repository: `docker/entrypoint-server.sh` serves /models/repository if it exists, else
 # builds it from /models/checkpoint (ONNX export, then TensorRT engines). Engines are built on
@@ -44,18 +44,20 @@ WORKDIR /opt/acestep
 RUN python3 -m pip install --index-url "${TORCH_INDEX_URL}" "torch==2.13.0"
 
 # The project is installed editable from /opt/acestep: the renderer reads model_repository/ and
-# ensemble_configs/ from the project root. Extras: export (ONNX export + parity), gpu (the
-# TensorRT builder) and download; not `serve`, whose nvidia-pytriton only brings the
-# pip-bundled tritonserver that this image already has natively.
-# The gpu extra's tensorrt must be the TensorRT version of this image (engines only load in the
-# TensorRT that built them): check_tensorrt.py fails the build when they differ.
+# ensemble_configs/ from the project root. Extras: export (ONNX export + parity) and download;
+# not `serve`, whose nvidia-pytriton only brings the pip-bundled tritonserver that this image
+# already has natively, and not `gpu`, whose tensorrt pin is for machines without this image.
+# The TensorRT builder is the wheel of this image's own TensorRT version and CUDA major
+# (`check_tensorrt.py --pip-requirement`, e.g. tensorrt-cu12==10.8.0.*): engines only load in
+# the TensorRT that built them. check_tensorrt.py then fails the build if they still differ.
 COPY --chmod=0755 docker/entrypoint-server.sh docker/healthcheck.py docker/check_tensorrt.py docker/
 COPY client/ client/
 COPY pyproject.toml ./
 COPY src/ src/
 COPY model_repository/ model_repository/
 COPY ensemble_configs/ ensemble_configs/
-RUN python3 -m pip install -e ./client -e ".[export,gpu,download]" \
+RUN python3 -m pip install -e ./client -e ".[export,download]" \
+ && python3 -m pip install "$(python3 docker/check_tensorrt.py --pip-requirement)" \
  && python3 -m pip install --no-deps "py3langid==0.3.0" \
  && python3 -c "import numpy, sys; v = numpy.__version__; sys.exit(0 if v.startswith('1.') else f'numpy must stay < 2 for the Python backend stub, got {v}')" \
  && python3 -c "import acestep_triton.serving.orchestrator, acestep_triton.export.tensorrt, acestep_client.params" \

@@ -523,10 +523,13 @@ def test_gpu_image_leaves_out_pytriton_and_guards_numpy_and_tensorrt() -> None:
     installs = pip_installs(stage)
     flat = " ".join(" ".join(a) for a in installs)
     assert "nvidia-pytriton" not in flat and "serve" not in re.findall(r"\.\[([^\]]*)\]", flat)[0].split(",")
-    assert {"export", "gpu"} <= set(re.findall(r"\.\[([^\]]*)\]", flat)[0].split(","))
+    assert "export" in re.findall(r"\.\[([^\]]*)\]", flat)[0].split(",")
     runs = " ".join(i.value for i in stage if i.keyword == "RUN")
     assert "numpy.__version__" in runs and "startswith('1.')" in runs, "build must fail on numpy 2"
-    assert "docker/check_tensorrt.py" in runs
+    # The TensorRT builder is chosen from the image's own TensorRT, then checked against it.
+    assert ["$(python3 docker/check_tensorrt.py --pip-requirement)"] in installs  # one quoted word
+    install = next(i.value for i in stage if i.keyword == "RUN" and "--pip-requirement" in i.value)
+    assert install.rstrip().endswith("&& python3 docker/check_tensorrt.py"), "the check must come after it"
 
 
 def test_frontend_image_has_no_torch() -> None:
@@ -600,6 +603,16 @@ def test_check_tensorrt_compares_the_builder_with_the_backend(tmp_path: Path) ->
     assert "10.8.0" in str(ct.mismatch((10, 8, 0), "10.9.0.34"))
     assert "not installed" in str(ct.mismatch((10, 8, 0), None))
     assert ct.mismatch(None, "11.0.0.1") is None
+
+    assert ct.cuda_major({"CUDA_VERSION": "12.8.0.038"}, []) == 12
+    for name in ("libcudart.so.12", "libcudart.so.13.0.48", "libcudart.so"):
+        (tmp_path / name).touch()
+    assert ct.cuda_major({}, [tmp_path]) == 13 and ct.cuda_major({}, [tmp_path / "absent"]) is None
+    assert ct.pip_requirement((10, 8, 0), 12) == "tensorrt-cu12==10.8.0.*"
+    with pytest.raises(ValueError, match="libnvinfer"):
+        ct.pip_requirement(None, 12)
+    with pytest.raises(ValueError, match="CUDA major"):
+        ct.pip_requirement((10, 8, 0), None)
 
 
 # ------------------------------------------------------------------------------- compose
