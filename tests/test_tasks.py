@@ -17,8 +17,9 @@ import soundfile as sf
 from test_pipeline_golden import case_params
 
 from acestep_client.client import AceStepClient, ServerError
-from acestep_client.params import GenerationParams, ParamError
+from acestep_client.params import OUTPUT_SAMPLE_RATE, GenerationParams, ParamError
 from acestep_triton.pipeline import MusicGenerator
+from acestep_triton.sampling.noise import MAX_FRAMES
 from acestep_triton.serving.server import TritonServer
 
 TOL = 1e-4
@@ -253,3 +254,19 @@ def test_missing_source_audio_names_the_input(client: AceStepClient) -> None:
 def test_task_sent_to_the_wrong_endpoint_is_refused(client: AceStepClient) -> None:
     with pytest.raises(ServerError, match=r"task: .retake. sent to the .text2music. endpoint"):
         client.generate(params(task="retake", audio_duration=1.0), endpoint="text2music")
+
+
+def test_a_full_length_float_upload_is_served(client: AceStepClient) -> None:
+    """240 s of 48 kHz stereo float WAV (~92 MB: the largest source the schema accepts, as our own
+    output files are) crosses gRPC, Triton and the Python backend's shared memory intact."""
+    t = np.arange(240 * OUTPUT_SAMPLE_RATE, dtype=np.float64) / OUTPUT_SAMPLE_RATE
+    wave = (0.2 * np.stack([np.sin(2 * np.pi * 220 * t), np.sin(2 * np.pi * 330 * t)])).astype(np.float32)
+    data = wav_bytes(wave, OUTPUT_SAMPLE_RATE)
+    assert len(data) > 92e6
+    params = GenerationParams(task="repaint", repaint_start=100.0, repaint_end=101.0, infer_step=1,
+                              manual_seeds="1")
+    result = client.generate(params, src_audio=data)
+    assert result.params["src_audio_duration"] == pytest.approx(240.0)
+    # It pads to 2584 frames; the frame past the 2583 a generation holds (240 s) is dropped.
+    # (Songs past 48 s are decoded in windows and cut to floor(frames x 4096 x 48000 / 44100).)
+    assert result.audio.shape == (1, 2, MAX_FRAMES * 4096 * 160 // 147)

@@ -41,7 +41,7 @@ from .sampling import (
     sample_retake,
     sample_text2music,
 )
-from .sampling.noise import resolve_duration
+from .sampling.noise import MAX_FRAMES, resolve_duration
 from .sampling.tasks import RepaintWindow, encode_edit_conditions, sample_edit, sample_extend, sample_repaint
 
 ProgressFn = Callable[[int, int], None]
@@ -148,7 +148,11 @@ class MusicGenerator:
             raise ParamError(field_name, "this task needs an audio file")
         wave, rate = decode_audio_bytes(data, field_name)
         latents = self.codec.encode(to_stereo_44k(wave, rate).unsqueeze(0), MODEL_SAMPLE_RATE)
-        return latents, wave.shape[-1] / rate
+        # The encoder pads to whole frames, so a source of up to 240 s (the decoder's limit) can
+        # come out one frame longer than a generation may be: our own 240 s song (2583 frames),
+        # resampled to 48 kHz and back, rounds up to 2584. That last frame is mostly padding;
+        # drop it rather than refuse the source (at most 93 ms of its end).
+        return latents[..., :MAX_FRAMES], wave.shape[-1] / rate
 
     def _prompt(self, prompt: str, lyrics: str, lyrics_field: str = "lyrics") -> tuple[torch.Tensor, ...]:
         input_ids, attention_mask = self.prompt_tokenizer([prompt])
