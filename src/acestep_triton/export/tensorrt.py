@@ -154,6 +154,8 @@ def dynamic_ranges(spec: ComponentSpec, max_items: int = DEFAULT_MAX_ITEMS,
     # The decoders only ever see one window or a song of at most 48 s (overlapped decode).
     windowed = spec.name in ("dcae_decoder", "vocoder")
     longest = decode_max_frames(max_frames) if windowed else max_frames
+    if spec.name == "dcae_encoder":
+        longest += 1  # a source of the longest duration pads to one more frame (then cut, pipeline.py)
     frames = (1, min(OPT_FRAMES, longest), longest)
     mel = tuple(MEL_PER_LATENT * f for f in frames)
     ranges = {"B": batch, "T": text, "Tl": lyric, "S": tuple(1 + t + ly for t, ly in zip(text, lyric, strict=True)),
