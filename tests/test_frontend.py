@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +35,7 @@ import soundfile as sf
 gradio_client = pytest.importorskip("gradio_client", reason="the ui extra (gradio, gradio_client) is not installed")
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
+from gradio_client.utils import Status  # noqa: E402
 from test_metrics import scrape, value  # noqa: E402
 
 from acestep_client.client import AceStepClient  # noqa: E402
@@ -371,6 +373,41 @@ def test_a_cancelled_job_stops_its_server_request(frontend: str, tiny_server: Tr
         time.sleep(0.05)
     job.cancel()
     wait_for_cancelled_request(tiny_server, cancelled, succeeded)
+
+
+def test_a_job_cancelled_while_queued_at_the_server_never_runs(frontend: str, tiny_server: TritonServer) -> None:
+    """Both text2music instances are busy, so the front end's request waits in Triton's queue;
+    cancelling the job there must cancel it before it runs a single step."""
+    blocker_steps = 200
+    started = [threading.Event(), threading.Event()]
+    steps_before = value(scrape(tiny_server), "acestep_denoising_steps_total", task="text2music")
+    cancelled = requests_finished(tiny_server, "cancelled")
+    succeeded = requests_finished(tiny_server, "success")
+
+    def block(flag: threading.Event) -> None:
+        AceStepClient(tiny_server.grpc_url).generate(
+            GenerationParams(audio_duration=3.0, infer_step=blocker_steps, manual_seeds="1"),
+            on_progress=lambda step, total: flag.set())
+
+    blockers = [threading.Thread(target=block, args=(flag,)) for flag in started]
+    for thread in blockers:
+        thread.start()
+    assert all(flag.wait(300) for flag in started), "the blocking requests never started"
+    job = Client(frontend, verbose=False).submit(**FAST, api_name="/__call__")
+    deadline = time.monotonic() + 300
+    while job.status().code not in (Status.PROCESSING, Status.PROGRESS):  # the handler is running
+        assert time.monotonic() < deadline and not job.done(), job.status()
+        time.sleep(0.02)
+    job.cancel()
+    for thread in blockers:
+        thread.join(600)
+    deadline = time.monotonic() + 300
+    while requests_finished(tiny_server, "cancelled") == cancelled:
+        assert requests_finished(tiny_server, "success") == succeeded + 2, "the abandoned request ran"
+        assert time.monotonic() < deadline, "the server never saw the queued request end as cancelled"
+        time.sleep(0.2)
+    steps = value(scrape(tiny_server), "acestep_denoising_steps_total", task="text2music") - steps_before
+    assert steps == 2 * blocker_steps, f"the queued request ran {steps - 2 * blocker_steps} steps after its caller left"
 
 
 def test_a_missing_model_server_is_reported(tmp_path: Path) -> None:

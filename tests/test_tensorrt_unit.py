@@ -87,7 +87,7 @@ def test_decoder_profiles_stop_at_the_overlap_window() -> None:
     assert dynamic_ranges(specs.VOCODER)["F"] == (8, 8 * 516, 8 * 516)
     # The encoder takes a whole source: 240 s pads to 2584 frames (the pipeline then keeps 2583).
     assert dynamic_ranges(specs.DCAE_ENCODER)["F"] == (8, 8 * 645, 8 * 2584)
-    assert -(-round(240 * 44100) // 4096) == 2584
+    assert -(-(240 * 44100) // 4096) == 2584
     assert dynamic_ranges(specs.VOCODER, max_items=3)["B"] == (1, 2, 6)
 
 

@@ -157,7 +157,7 @@ class AceStepClient:
                  on_progress: ProgressCallback | None = None, timeout: float | None = None,
                  validate: bool = True, extra_inputs: Mapping[str, np.ndarray] | None = None,
                  src_audio: AudioInput | None = None, ref_audio: AudioInput | None = None,
-                 ) -> GenerationResult:
+                 should_cancel: Callable[[], bool] | None = None) -> GenerationResult:
         """Run one request on ``endpoint`` (default: ``params.task``) and wait for its audio.
 
         ``src_audio`` (repaint/edit/extend) and ``ref_audio`` (audio2audio) take a file path, the
@@ -165,6 +165,9 @@ class AceStepClient:
         a previous result); they travel as file bytes and the server decodes them.
 
         ``on_progress(step, total)`` is called in this thread for every progress response.
+        ``should_cancel()`` is polled in this thread while waiting (every 0.1 s, also while the
+        request waits in the server's queue); when it returns True the request is cancelled on
+        the server and :class:`GenerationCancelled` raised (e.g. a web front end whose caller left).
         ``validate`` checks the parameters locally first (a ``ParamError`` names the field);
         the server validates again either way.
         """
@@ -190,7 +193,7 @@ class AceStepClient:
                                           enable_empty_final_response=True)
             except InferenceServerException as exc:
                 raise _translate(exc, self.url) from exc
-            result = self._collect(events, cancelled, endpoint, on_progress, timeout)
+            result = self._collect(events, cancelled, endpoint, on_progress, timeout, should_cancel)
             finished = True
             # Client-side fields (the file format) never travel; record them with the rest.
             for spec in GenerationParams.specs():
@@ -208,13 +211,14 @@ class AceStepClient:
             client.close()
 
     def _collect(self, events: queue.Queue[tuple[Any, Any]], cancelled: threading.Event, endpoint: str,
-                 on_progress: ProgressCallback | None, timeout: float | None) -> GenerationResult:
+                 on_progress: ProgressCallback | None, timeout: float | None,
+                 should_cancel: Callable[[], bool] | None = None) -> GenerationResult:
         deadline = None if timeout is None else time.monotonic() + timeout
         chunks: list[np.ndarray] = []
         sample_rate: int | None = None
         params_json: str | None = None
         while True:
-            if cancelled.is_set():
+            if cancelled.is_set() or (should_cancel is not None and should_cancel()):
                 raise GenerationCancelled(f"generation on {endpoint!r} cancelled")
             wait = _POLL_S
             if deadline is not None:

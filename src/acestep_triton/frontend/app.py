@@ -31,7 +31,7 @@ import gradio as gr
 from acestep_client.client import AceStepClient, AceStepError, ServerError, ServerUnavailable, field_of
 from acestep_client.params import AUDIO_INPUTS, EDIT_PRESETS, MAX_DURATION_S, GenerationParams, ParamError
 
-from .disconnect import raise_if_caller_gone
+from .disconnect import caller_gone
 from .service import UPSTREAM_RANDOM_RANGE, DurationPolicy, FrontendService, Output
 from .session import Memory, pick_source, recall, remember
 from .upstream import (
@@ -114,7 +114,6 @@ def server_message(message: str, aliases: dict[str, str]) -> str:
 
 def _progress_callback(progress: gr.Progress) -> Callable[[int, int], None]:
     def on_progress(step: int, total: int) -> None:
-        raise_if_caller_gone()  # the client then cancels the request on the model server
         progress((step, total), desc="denoising", unit="steps")
 
     return on_progress
@@ -133,7 +132,7 @@ class Endpoints:
              src_audio: str | None = None, ref_audio: str | None = None) -> tuple[str, dict[str, Any], Memory]:
         progress(0, desc="queued at the model server")
         out: Output = self.service.generate(params, src_audio=src_audio, ref_audio=ref_audio,
-                                            on_progress=_progress_callback(progress))
+                                            on_progress=_progress_callback(progress), should_cancel=caller_gone)
         return str(out.audio_path), out.params, remember(memory, kind, out.audio_path, out.params)
 
     def text2music(self, progress: gr.Progress = PROGRESS, *, format: str, audio_duration: float,

@@ -4,9 +4,10 @@ Gradio runs a synchronous handler in a worker thread and cannot stop that thread
 browser tab closes (its event stream drops) or a ``gradio_client`` job is cancelled, Gradio
 only marks the queued event dead (``Event.alive = False``) or tears the job down (the event
 leaves ``active_jobs``). Without a check, the request would keep the model server busy for
-nobody. The handlers call :func:`caller_gone` on every progress step and raise
-:class:`CallerGone`; the client library cancels the Triton request when its progress callback
-raises, so the server-side sampling loop stops at its next step.
+nobody. The handlers pass :func:`caller_gone` to the client library as ``should_cancel``; the
+client polls it while it waits (also while the request is still queued at the model server)
+and cancels the Triton request, so a queued request never starts and a running sampling loop
+stops at its next step.
 
 This reads Gradio's queue state through its context variables and private queue attributes, so
 it is tied to the pinned Gradio version; ``tests/test_frontend.py`` exercises it against the
@@ -15,16 +16,7 @@ real queue (a cancelled job must show up as a cancelled request in the server's 
 
 from __future__ import annotations
 
-import gradio as gr
 from gradio.context import LocalContext
-
-
-class CallerGone(gr.Error):
-    """The caller disconnected or cancelled; raised to stop (and cancel) its request."""
-
-    def __init__(self) -> None:
-        super().__init__("the caller disconnected; the request was cancelled at the model server",
-                         print_exception=False)
 
 
 def caller_gone() -> bool:
@@ -44,9 +36,3 @@ def caller_gone() -> bool:
                 return not event.alive
     # A handler runs only while its job is active; a missing job was torn down (cancelled).
     return True
-
-
-def raise_if_caller_gone() -> None:
-    """Raise :class:`CallerGone` when :func:`caller_gone` says so."""
-    if caller_gone():
-        raise CallerGone()

@@ -94,11 +94,13 @@ class FrontendService:
         self.output_dir.mkdir(parents=True, exist_ok=True)
 
     def generate(self, params: GenerationParams, *, src_audio: str | None = None, ref_audio: str | None = None,
-                 on_progress: Callable[[int, int], None] | None = None) -> Output:
-        """Apply the policy, run ``params`` on its task's endpoint, save the first item."""
+                 on_progress: Callable[[int, int], None] | None = None,
+                 should_cancel: Callable[[], bool] | None = None) -> Output:
+        """Apply the policy, run ``params`` on its task's endpoint, save the first item.
+        ``should_cancel`` (polled while waiting) abandons the request, also on the server."""
         self._apply_policy(params, src_audio, ref_audio)
         result = self.client.generate(params, on_progress=on_progress, timeout=self.timeout,
-                                      src_audio=src_audio, ref_audio=ref_audio)
+                                      src_audio=src_audio, ref_audio=ref_audio, should_cancel=should_cancel)
         stem = f"{OUTPUT_PREFIX}{params.task}_{time.strftime('%Y%m%d_%H%M%S')}_{uuid.uuid4().hex[:8]}"
         path = result.save(self.output_dir, params.format, stem=stem)[0]
         self.prune()
