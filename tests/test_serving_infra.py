@@ -253,7 +253,11 @@ def test_render_repository_gpu_layout(tmp_path: Path) -> None:
     for name in COMPONENTS:
         write_fake_engine(engines / f"{name}.plan", max_batch=3 * MAX_BATCH)
     out = render_repository(tmp_path / "repo", "gpu", engine_dir=engines, sizes=SIZES, gpus=[0, 1],
-                            instance_count=2)
+                            instance_count=2, orchestrators=render.load_endpoints(), assets=tmp_path)
+    for endpoint in render.load_endpoints():  # every task endpoint samples on the GPUs it serves
+        config = check_config((out / endpoint.name / "config.pbtxt").read_text())
+        assert (_kind(config), list(config.instance_group[0].gpus)) == ("KIND_GPU", [0, 1])
+        assert config.parameters["sampling_device"].string_value == "cuda"
     for name, spec in COMPONENTS.items():
         config = check_config((out / name / "config.pbtxt").read_text())
         assert config.platform == "tensorrt_plan"
