@@ -130,6 +130,10 @@ def bls_call(pb_utils: Any, device: torch.device = CPU) -> ComponentCall:
             tensors.append(pb_utils.Tensor.from_dlpack(name, to_dlpack(value.contiguous())))
         request = pb_utils.InferenceRequest(model_name=model, requested_output_names=list(outputs),
                                             inputs=tensors, **preferred)
+        if device.type == "cuda":
+            # DLPack hands over bare pointers: the kernels that wrote the inputs (queued on
+            # torch's stream) must be done before the component, on its own stream, reads them.
+            torch.cuda.current_stream(device).synchronize()
         response = request.exec()
         if response.has_error():
             raise RuntimeError(f"{model}: {response.error().message()}")
