@@ -378,7 +378,7 @@ def test_a_cancelled_job_stops_its_server_request(frontend: str, tiny_server: Tr
 def test_a_job_cancelled_while_queued_at_the_server_never_runs(frontend: str, tiny_server: TritonServer) -> None:
     """Both text2music instances are busy, so the front end's request waits in Triton's queue;
     cancelling the job there must cancel it before it runs a single step."""
-    blocker_steps = 200
+    blocker_steps = 300  # seconds of work per blocker: the cancel lands long before either ends
     started = [threading.Event(), threading.Event()]
     steps_before = value(scrape(tiny_server), "acestep_denoising_steps_total", task="text2music")
     cancelled = requests_finished(tiny_server, "cancelled")
