@@ -98,8 +98,8 @@ def user_errors(aliases: dict[str, str]) -> Iterator[None]:
         raise gr.Error(server_message(exc.message, aliases)) from exc
     except ServerUnavailable as exc:
         raise gr.Error(f"the model server is unavailable: {exc}") from exc
-    except AceStepError as exc:  # cancelled / timed out
-        raise gr.Error(str(exc)) from exc
+    except AceStepError as exc:  # cancelled (often: the caller left) / timed out; not a server fault
+        raise gr.Error(str(exc), print_exception=False) from exc
 
 
 def server_message(message: str, aliases: dict[str, str]) -> str:
