@@ -86,6 +86,12 @@ def test_local_validation_names_the_field_before_any_network() -> None:
         client.generate(GenerationParams(guidance_scale=-1.0))
 
 
+def test_a_request_whose_caller_already_left_is_never_sent() -> None:
+    client = AceStepClient(f"localhost:{_free_port()}")  # nothing listens: sending would fail otherwise
+    with pytest.raises(GenerationCancelled, match="cancelled before it was sent"):
+        client.generate(GenerationParams(infer_step=2), should_cancel=lambda: True)
+
+
 def test_typed_inputs_follow_the_schema() -> None:
     params = GenerationParams(prompt="jazz", infer_step=7, use_erg_tag=False, manual_seeds="1,2")
     inputs = AceStepClient.build_inputs(params, {"src_audio": np.zeros((1, 2, 10), np.float32)})

@@ -178,6 +178,8 @@ class AceStepClient:
             if source is not None:
                 extra_inputs[name] = audio_tensor(source, name)
         endpoint = endpoint or params.task
+        if should_cancel is not None and should_cancel():  # nothing sent yet: nothing to cancel there
+            raise GenerationCancelled(f"generation on {endpoint!r} cancelled before it was sent")
         inputs = self.build_inputs(params, extra_inputs)
         client = self._new_client()
         cancelled = threading.Event()
