@@ -44,7 +44,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..conditions import EncodedConditions, encode_prompt
+from ..conditions import SPEAKER_DIM, EncodedConditions, encode_prompt
 from ..config import SamplerConfig
 from ..denoiser import Denoiser
 from ..erg import lyric_query_scale
@@ -129,7 +129,7 @@ def encode_edit_conditions(
     prompt = encode_prompt(denoiser, input_ids, attention_mask, with_erg=False)
     text = prompt.states
     if speaker is None:
-        speaker = torch.zeros(text.shape[0], 512, dtype=torch.float32, device=text.device)
+        speaker = torch.zeros(text.shape[0], SPEAKER_DIM, dtype=torch.float32, device=text.device)
     normal = lyric_query_scale(denoiser.lyric_layers, False, text.device)
     cond, mask = denoiser.encode_conditions(text, attention_mask, speaker, lyric_ids, lyric_mask, normal)
     if not config.do_guidance:
