@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
 import threading
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,6 +21,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from test_metrics import scrape, value
 from triton_harness import (
     FAKE_ENDPOINT,
     LINEAR,
@@ -577,11 +576,8 @@ def test_cancel_and_timeout_stop_the_request_on_the_server(served) -> None:
 
 
 def steps_run(server) -> float:
-    """The fake endpoint's ``fake_steps_total`` counter, scraped from the server's metrics."""
-    with urllib.request.urlopen(server.metrics_url, timeout=10) as response:
-        text = response.read().decode()
-    match = re.search(rf'^fake_steps_total{{model="{FAKE_ENDPOINT}"}} (\S+)$', text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0  # listed once it has counted something
+    """The fake endpoint's ``fake_steps_total`` counter (0 until it has counted something)."""
+    return value(scrape(server), "fake_steps_total", model=FAKE_ENDPOINT)
 
 
 @pytest.mark.triton
