@@ -31,6 +31,7 @@ from acestep_client.params import MAX_BATCH
 from acestep_triton.export.specs import (
     COMPONENTS,
     DYNAMIC_SYMBOLS,
+    SAMPLING_DEVICES,
     TRITON_DTYPES,
     ComponentSpec,
     TensorSpec,
@@ -373,7 +374,7 @@ def orchestrator_config(spec: OrchestratorSpec, assets: Path | None = None, targ
                 raise ValueError(f"{spec.name}: parameter {key!r} needs the assets folder (--assets)")
             value = value.replace("{assets}", str(Path(assets).resolve()))
         parameters[key] = value
-    if parameters["sampling_device"] not in ("cpu", "cuda"):
+    if parameters["sampling_device"] not in SAMPLING_DEVICES:
         raise ValueError(f"{spec.name}: parameter sampling_device must be 'cpu' or 'cuda', "
                          f"got {parameters['sampling_device']!r}")
     return ModelConfigSpec(name=spec.name, backend="python", max_batch_size=0,

@@ -207,6 +207,9 @@ COMPONENTS: dict[str, ComponentSpec] = {
 }
 """Every served component by model name, in data-path order."""
 
+SAMPLING_DEVICES = ("cpu", "cuda")
+"""Values of an endpoint's ``sampling_device`` config parameter (renderer and orchestrator)."""
+
 
 def component(name: str) -> ComponentSpec:
     try:

@@ -34,6 +34,7 @@ import torch
 
 from acestep_client.params import MAX_AUDIO_BYTES, TASKS, GenerationParams, ParamError, params_from_wire
 
+from ..export.specs import SAMPLING_DEVICES
 from ..lora import RoutingCall, ServedLoras, base_component, read_variants_manifest
 from ..pipeline import MusicGenerator
 from ..sampling import SamplingCancelled
@@ -148,7 +149,7 @@ def bls_call(pb_utils: Any, device: torch.device = CPU) -> ComponentCall:
 def sampling_device(name: str, instance_device_id: str | int | None = None) -> torch.device:
     """The ``sampling_device`` config parameter as a device; ``cuda`` means this instance's GPU
     (Triton passes ``model_instance_device_id`` to ``KIND_GPU`` instances)."""
-    if name not in ("cpu", "cuda"):
+    if name not in SAMPLING_DEVICES:
         raise ValueError(f"config parameter sampling_device must be 'cpu' or 'cuda', got {name!r}")
     if name == "cpu":
         return torch.device("cpu")
