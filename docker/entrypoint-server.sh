@@ -22,6 +22,9 @@ CHECKPOINT=${ACESTEP_CHECKPOINT:-$MODELS_DIR/checkpoint}
 REPOSITORY=$MODELS_DIR/repository
 STAMP=$MODELS_DIR/.acestep-build
 TARGET=${ACESTEP_TARGET:-gpu}
+# Component runtime (acestep-triton build --runtime): empty = the target's default (gpu: torch,
+# compiled PyTorch + CUDA graphs; cpu: onnx); "tensorrt" builds engines on this GPU.
+RUNTIME=${ACESTEP_RUNTIME:-}
 TINY=${ACESTEP_TINY_CHECKPOINT:-0}
 CHECKPOINT_WAIT_S=${ACESTEP_CHECKPOINT_WAIT_S:-0}
 
@@ -35,13 +38,13 @@ die() {
 # What a GPU build depends on besides the checkpoint: the GPU model and the TensorRT version.
 build_identity() {
   if [ "$TARGET" != gpu ]; then
-    echo "target=$TARGET"
+    echo "target=$TARGET${RUNTIME:+ runtime=$RUNTIME}"
     return
   fi
   local gpu trt
   gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 || true)
   trt=$(python3 -c 'import tensorrt; print(tensorrt.__version__)' 2>/dev/null || true)
-  echo "target=gpu gpu=${gpu:-unknown} tensorrt=${trt:-unknown}"
+  echo "target=gpu${RUNTIME:+ runtime=$RUNTIME} gpu=${gpu:-unknown} tensorrt=${trt:-unknown}"
 }
 
 # The checkpoint is complete: every official file and the lyric vocabulary are present.
@@ -101,6 +104,9 @@ build() {
   if [ "$TARGET" != cpu ]; then
     # TensorRT engines are compiled for the GPU they are built on, so this runs on the target node.
     args+=(--target "$TARGET")
+  fi
+  if [ -n "$RUNTIME" ]; then
+    args+=(--runtime "$RUNTIME")
   fi
   log "building the $TARGET model repository from $CHECKPOINT into $MODELS_DIR"
   mkdir -p "$MODELS_DIR"

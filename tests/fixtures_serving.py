@@ -103,3 +103,29 @@ def golden_deployment(golden_ckpt: Path, golden_dir: Path, golden_models: Compon
 def golden_server(golden_deployment: Deployment,
                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     yield from _serve(golden_deployment, tmp_path_factory.mktemp("golden_log") / "tritonserver.log")
+
+
+# ----------------------------------------------------------------------------------- torch runtime
+@pytest.fixture(scope="session")
+def torch_deployment(tiny_onnx_ckpt: Path, tiny_onnx_components: Components, tiny_lora_dir: Path,
+                     tmp_path_factory: pytest.TempPathFactory) -> Deployment:
+    """The tiny checkpoint with the ``torch`` component runtime (fp32 CPU), every endpoint and
+    the tiny LoRA's variants: the GPU target's runtime, served here on the CPU."""
+    return build_deployment(tiny_onnx_ckpt, tmp_path_factory.mktemp("torch_deploy"), runtime="torch",
+                            components=tiny_onnx_components, lora_dir=tiny_lora_dir, intra_op_threads=1)
+
+
+@pytest.fixture(scope="session")
+def torch_server(torch_deployment: Deployment,
+                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+    yield from _serve(torch_deployment, tmp_path_factory.mktemp("torch_log") / "tritonserver.log")
+
+
+@pytest.fixture(scope="session")
+def golden_torch_server(golden_ckpt: Path, golden_dir: Path,
+                        tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+    """Upstream's golden checkpoint served by the ``torch`` runtime (text2music and repaint)."""
+    deployment = build_deployment(golden_ckpt, tmp_path_factory.mktemp("golden_torch_deploy"),
+                                  vocab_path=golden_dir / "lyrics_vocab.json", runtime="torch",
+                                  endpoints=["text2music", "repaint"], intra_op_threads=1)
+    yield from _serve(deployment, tmp_path_factory.mktemp("golden_torch_log") / "tritonserver.log")

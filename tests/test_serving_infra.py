@@ -51,7 +51,7 @@ from acestep_triton.export.render import (
     render_repository,
 )
 from acestep_triton.export.specs import COMPONENTS, ComponentSpec, TensorSpec
-from acestep_triton.serving import onnx_component
+from acestep_triton.serving import component_model, onnx_component
 from acestep_triton.serving.orchestrator import preferred_memory, sampling_device
 from acestep_triton.serving.server import TritonServer, TritonServerError
 
@@ -78,7 +78,8 @@ def _kind(config) -> str:
 @pytest.mark.parametrize("name", list(COMPONENTS))
 def test_component_configs_parse_and_match_contract_on_both_targets(name: str) -> None:
     spec = COMPONENTS[name]
-    parsed = {t: check_config(render_config(component_config(spec, t, sizes=SIZES))) for t in ("cpu", "gpu")}
+    parsed = {t: check_config(render_config(component_config(spec, t, sizes=SIZES, runtime=r)))
+              for t, r in (("cpu", "onnx"), ("gpu", "tensorrt"))}
     cpu, gpu = parsed["cpu"], parsed["gpu"]
     assert cpu.backend == "python" and not cpu.platform
     assert gpu.platform == "tensorrt_plan" and not gpu.backend and gpu.default_model_filename == "model.plan"
@@ -251,7 +252,7 @@ def test_render_repository_gpu_layout(tmp_path: Path) -> None:
     engines.mkdir()
     for name in COMPONENTS:
         write_fake_engine(engines / f"{name}.plan", max_batch=3 * MAX_BATCH)
-    out = render_repository(tmp_path / "repo", "gpu", engine_dir=engines, sizes=SIZES, gpus=[0, 1],
+    out = render_repository(tmp_path / "repo", "gpu", runtime="tensorrt", engine_dir=engines, sizes=SIZES, gpus=[0, 1],
                             instance_count=2, orchestrators=render.load_endpoints(), assets=tmp_path)
     for endpoint in render.load_endpoints():  # every task endpoint samples on the GPUs it serves
         config = check_config((out / endpoint.name / "config.pbtxt").read_text())
@@ -281,10 +282,10 @@ def test_render_refuses_a_batch_above_the_engine_profile(tmp_path: Path) -> None
     engines.mkdir()
     write_fake_engine(engines / "dit_decoder.plan", max_batch=4)
     with pytest.raises(ValueError, match=r"dit_decoder.plan: built for batches up to 4, .*max_batch_size"):
-        render_repository(tmp_path / "repo", "gpu", engine_dir=engines, sizes=SIZES, components=["dit_decoder"],
-                          max_items=16)
-    out = render_repository(tmp_path / "repo", "gpu", engine_dir=engines, sizes=SIZES, components=["dit_decoder"],
-                            max_items=1)
+        render_repository(tmp_path / "repo", "gpu", runtime="tensorrt", engine_dir=engines, sizes=SIZES,
+                          components=["dit_decoder"], max_items=16)
+    out = render_repository(tmp_path / "repo", "gpu", runtime="tensorrt", engine_dir=engines, sizes=SIZES,
+                            components=["dit_decoder"], max_items=1)
     assert check_config((out / "dit_decoder" / "config.pbtxt").read_text()).max_batch_size <= 4
 
 
@@ -305,8 +306,8 @@ def test_render_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = render.main(["render", "--out", str(tmp_path / "r"), "--onnx-dir", str(tmp_path / "onnx"),
                         "--target", "cpu", "--endpoints", "", "--components", "vocoder"])
     assert code == 1 and "vocoder.onnx" in capsys.readouterr().err
-    code = render.main(["render", "--out", str(tmp_path / "g"), "--target", "gpu", "--endpoints", "",
-                        "--max-items", "4"])
+    code = render.main(["render", "--out", str(tmp_path / "g"), "--target", "gpu", "--runtime", "tensorrt",
+                        "--endpoints", "", "--max-items", "4"])
     assert code == 0, capsys.readouterr().err
     vocoder = check_config((tmp_path / "g" / "vocoder" / "config.pbtxt").read_text())
     assert vocoder.max_batch_size == 8, "the vocoder takes one row per stereo channel"
@@ -334,7 +335,7 @@ class _FakePb:
 
 
 def _model_body(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spec: ComponentSpec, **kw):
-    monkeypatch.setattr(onnx_component, "pb_utils", _FakePb)
+    monkeypatch.setattr(component_model, "pb_utils", _FakePb)
     version = tmp_path / "1"
     make_linear_onnx(version / "model.onnx", spec, **kw)
     config = render_config(component_config(spec, "cpu", max_items=8))
@@ -375,7 +376,7 @@ def test_model_body_rejects_graph_that_disagrees_with_config(tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     wrong = ComponentSpec(LINEAR.name, LINEAR.inputs,
                           (TensorSpec("y", "FP32", ("B", 3)), TensorSpec("z", "FP32", ("B", 3))))
-    monkeypatch.setattr(onnx_component, "pb_utils", _FakePb)
+    monkeypatch.setattr(component_model, "pb_utils", _FakePb)
     make_linear_onnx(tmp_path / "1" / "model.onnx", LINEAR)
     from google.protobuf import json_format
 

@@ -111,7 +111,7 @@ def test_profile_batch_equals_the_rendered_max_batch_size(name: str, tiny_onnx_p
     spec = specs.component(name)
     sizes = read_onnx_sizes(spec, tiny_onnx_paths[name])
     shapes = profile_shapes(spec, sizes, max_items=3)
-    config = component_config(spec, "gpu", sizes=sizes, max_items=3)
+    config = component_config(spec, "gpu", sizes=sizes, max_items=3, runtime="tensorrt")
     assert {s[2][0] for s in shapes.values()} == {config.max_batch_size}
     for tensor in spec.inputs:  # every input present, right rank, min <= opt <= max
         low, opt, high = shapes[tensor.name]

@@ -5,7 +5,7 @@ acestep-triton checkpoint tiny OUT | download OUT     # checkpoints in the offic
 acestep-triton random-checkpoint OUT [--layers N]     # official sizes, random weights
 acestep-triton onnx --checkpoint C --out D            # export + parity per component
 acestep-triton trt --onnx-dir D --out E               # TensorRT engines (GPU)
-acestep-triton build --checkpoint C --workdir W       # onnx (cached) + assets + repository (--target cpu|gpu)
+acestep-triton build --checkpoint C --workdir W       # assets + repository (--target, --runtime onnx|torch|tensorrt)
 acestep-triton render --onnx-dir D --out R ...        # (re)render a repository (cpu | gpu)
 acestep-triton serve --repository R                   # tritonserver in the foreground
 acestep-triton generate --local --checkpoint C ...    # in-process reference pipeline
@@ -63,7 +63,8 @@ def _build(args: argparse.Namespace) -> int:
     from .serving.deploy import build_deployment
 
     deployment = build_deployment(args.checkpoint, args.workdir, vocab_path=args.vocab, progress=True,
-                                  lora_dir=args.lora_dir, target=args.target, precision=args.precision)
+                                  lora_dir=args.lora_dir, target=args.target, precision=args.precision,
+                                  runtime=args.runtime)
     print(deployment.repository)
     return 0
 
@@ -166,9 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--vocab", type=Path, default=None)
     build.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     build.add_argument("--target", choices=("cpu", "gpu"), default="cpu",
-                       help="cpu: ONNX in onnxruntime; gpu: TensorRT engines built on this GPU")
+                       help="cpu: CPU instances; gpu: GPU instances (see --runtime)")
+    build.add_argument("--runtime", choices=("onnx", "torch", "tensorrt"), default=None,
+                       help="component runtime: cpu onnx (default) or torch; gpu torch (default: "
+                            "compiled PyTorch + CUDA graphs, the fastest measured) or tensorrt")
     build.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16",
-                       help="engine precision for --target gpu")
+                       help="engine precision for --runtime tensorrt")
     build.add_argument("--lora-dir", type=Path, default=None,
                        help="LoRA registry: one folder per adapter (+ serving.json with its lora_weight)")
     demo = sub.add_parser("demo", help="the embedded default: tiny model served by a real tritonserver")

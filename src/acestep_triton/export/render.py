@@ -10,7 +10,14 @@ A repository is rendered for a *target*:
   backend runs on a pip-installed CPU tritonserver;
 * ``gpu`` (production, NGC image): each component is a ``tensorrt_plan`` model on GPU instances.
 
-Both targets give a component the same name, tensor names, dtypes and shapes, so the
+and for a *runtime* of its components: ``onnx`` (cpu only, the above), ``tensorrt`` (gpu only,
+the above) or ``torch`` (either target): a Python-backend model (``model_repository/
+torch_component``) running the checkpoint's own torch modules on the instance's device, with
+TorchInductor-compiled DiT blocks and CUDA graphs per shape bucket on a GPU. The gpu default is
+``torch``: it is the runtime measured fastest on a GPU (3.2x eager in-process on an H200,
+``benchmarks/RESULTS.md``), while no TensorRT engine has been built on hardware yet.
+
+Every target and runtime gives a component the same name, tensor names, dtypes and shapes, so the
 orchestrators (identical on both) cannot tell them apart. Every rendered text is parsed with
 Triton's own ``ModelConfig`` protobuf before it is written.
 """
@@ -23,7 +30,7 @@ import os
 import shutil
 import sys
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +51,12 @@ SOURCES_ROOT = PROJECT_ROOT / "model_repository"
 ENDPOINTS_DIR = PROJECT_ROOT / "ensemble_configs"
 """One endpoint definition per task (``<task>.json``)."""
 ONNX_COMPONENT_SOURCE = "onnx_component"
+TORCH_COMPONENT_SOURCE = "torch_component"
 RENDER_MARKER = ".acestep-rendered"
 """Written into every rendered repository; only such a folder is ever cleared by a re-render."""
 TARGETS = ("cpu", "gpu")
+RUNTIMES: dict[str, tuple[str, ...]] = {"cpu": ("onnx", "torch"), "gpu": ("torch", "tensorrt")}
+"""Component runtimes each target can render; the first is the target's default."""
 DEFAULT_MAX_ITEMS = MAX_BATCH
 """Songs per request the components are sized for (the schema's largest ``batch_size``); a
 component's ``max_batch_size`` is this times its ``rows_per_item``."""
@@ -203,19 +213,34 @@ def _tensor_config(t: TensorSpec, sizes: Mapping[str, int], batched: bool) -> Te
     return TensorConfig(t.name, t.dtype, dims, t.optional)
 
 
+def check_runtime(target: str, runtime: str | None) -> str:
+    """``runtime`` checked against ``target`` (None: the target's default)."""
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    if runtime is None:
+        return RUNTIMES[target][0]
+    if runtime not in RUNTIMES[target]:
+        raise ValueError(f"runtime {runtime!r} is not available for target {target!r} "
+                         f"(choose {' or '.join(RUNTIMES[target])})")
+    return runtime
+
+
 def component_config(spec: ComponentSpec, target: str = "cpu", *, sizes: Mapping[str, int] | None = None,
                      max_items: int = DEFAULT_MAX_ITEMS, instance_count: int = 1,
                      gpus: Sequence[int] = (), max_queue_delay_us: int = 1000,
-                     intra_op_threads: int = 0, inter_op_threads: int = 0) -> ModelConfigSpec:
-    """A component's config for ``target``: identical tensors on both targets.
+                     intra_op_threads: int = 0, inter_op_threads: int = 0, runtime: str | None = None,
+                     batching: DynamicBatching | None = None,
+                     parameters: Mapping[str, str] | None = None) -> ModelConfigSpec:
+    """A component's config for ``target`` and ``runtime``: identical tensors everywhere.
 
     Batchable components (every tensor leads with B) get ``max_batch_size`` =
-    ``spec.max_batch(max_items)`` and dynamic batching; the others keep B as an explicit ``-1``
-    dim with ``max_batch_size: 0`` (the caller already batches CFG branches and items into one
-    call). ``max_items=0`` turns Triton batching off everywhere.
+    ``spec.max_batch(max_items)`` and dynamic batching (``batching``, default: no preferred
+    sizes and ``max_queue_delay_us``); the others keep B as an explicit ``-1`` dim with
+    ``max_batch_size: 0`` (the caller already batches CFG branches and items into one call).
+    ``max_items=0`` turns Triton batching off everywhere. ``parameters`` are added to the
+    runtime's own (the torch runtime needs ``component`` and ``checkpoint_dir`` there).
     """
-    if target not in TARGETS:
-        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    runtime = check_runtime(target, runtime)
     max_batch_size = spec.max_batch(max_items)
     batched = spec.batchable and max_batch_size > 0
     sizes = sizes or {}
@@ -225,8 +250,17 @@ def component_config(spec: ComponentSpec, target: str = "cpu", *, sizes: Mapping
         "outputs": tuple(_tensor_config(t, sizes, batched) for t in spec.outputs),
         "max_batch_size": max_batch_size if batched else 0,
         "instance_count": instance_count,
-        "dynamic_batching": DynamicBatching(max_queue_delay_us) if batched else None,
+        "dynamic_batching": (batching or DynamicBatching(max_queue_delay_us)) if batched else None,
     }
+    if runtime == "torch":
+        on_gpu = target == "gpu"
+        return ModelConfigSpec(backend="python", instance_kind="KIND_GPU" if on_gpu else "KIND_CPU",
+                               instance_gpus=tuple(gpus) if on_gpu else (),
+                               parameters={"component": spec.name, "precision": "auto", "compile": "auto",
+                                           "cuda_graphs": "auto",
+                                           "torch_threads": str(intra_op_threads),
+                                           **(parameters or {})},
+                               **common)
     if target == "cpu":
         return ModelConfigSpec(backend="python", instance_kind="KIND_CPU",
                                parameters={"onnx_file": "model.onnx",
@@ -269,6 +303,21 @@ def read_onnx_sizes(spec: ComponentSpec, path: Path) -> dict[str, int]:
             elif fixed is not None and sizes.setdefault(symbol, fixed) != fixed:
                 raise ValueError(f"{path.name}: {symbol} is both {sizes[symbol]} and {fixed}")
     return sizes
+
+
+def checkpoint_sizes(ckpt_dir: str | Path) -> dict[str, int]:
+    """The checkpoint-fixed contract sizes (``Ct``, ``D``, ``Lt``, ``Ll``, ``Ld``) from a
+    checkpoint's (or an assets folder's) config files: what the torch runtime renders with,
+    having no ONNX file to read them from."""
+    from acestep_triton.checkpoint import TEXT_ENCODER_DIR, TRANSFORMER_DIR, CheckpointLayout
+    from acestep_triton.models.text_encoder import read_text_encoder_config
+    from acestep_triton.models.transformer import TransformerConfig
+
+    layout = CheckpointLayout(Path(ckpt_dir))
+    transformer = TransformerConfig.from_dict(layout.read_config(TRANSFORMER_DIR))
+    text = read_text_encoder_config(layout.folder(TEXT_ENCODER_DIR))
+    return {"Ct": int(text["d_model"]), "Lt": int(text["num_layers"]), "D": transformer.inner_dim,
+            "Ll": int(transformer.lyric_encoder_num_blocks), "Ld": int(transformer.num_layers)}
 
 
 def _onnx_files(path: Path) -> list[Path]:
@@ -428,24 +477,37 @@ def render_repository(out_dir: str | Path, target: str = "cpu", onnx_dir: str | 
                       engine_dir: str | Path | None = None, sources_root: str | Path = SOURCES_ROOT,
                       max_items: int = DEFAULT_MAX_ITEMS, instance_count: int = 1,
                       gpus: Sequence[int] = (), max_queue_delay_us: int = 1000,
-                      intra_op_threads: int = 0, inter_op_threads: int = 0) -> Path:
+                      intra_op_threads: int = 0, inter_op_threads: int = 0, runtime: str | None = None,
+                      checkpoint: str | Path | None = None,
+                      batching: Mapping[str, DynamicBatching] | None = None,
+                      component_parameters: Mapping[str, Mapping[str, str]] | None = None,
+                      endpoint_parameters: Mapping[str, str] | None = None) -> Path:
     """Write a runnable model repository into ``out_dir`` (replacing one we rendered before; it
     is built in a staging folder beside it and swapped in only when complete).
 
-    ``cpu``: ``<component>/{config.pbtxt, 1/model.py, 1/model.onnx}`` from ``onnx_dir/<component>.onnx``
-    (hard-linked with its external-data files). ``gpu``: ``<component>/{config.pbtxt, 1/model.plan}``,
-    the engine taken from ``engine_dir/<component>.plan`` when given (built elsewhere), and the
-    checkpoint sizes read from ``onnx_dir`` when given. ``components=[]`` renders endpoints only.
-    Returns ``out_dir``.
+    Runtime ``onnx`` (cpu): ``<component>/{config.pbtxt, 1/model.py, 1/model.onnx}`` from
+    ``onnx_dir/<component>.onnx`` (hard-linked with its external-data files). Runtime ``tensorrt``
+    (gpu): ``<component>/{config.pbtxt, 1/model.plan}``, the engine taken from
+    ``engine_dir/<component>.plan`` when given (built elsewhere), and the checkpoint sizes read
+    from ``onnx_dir`` when given. Runtime ``torch`` (either target): ``<component>/{config.pbtxt,
+    1/model.py}`` loading its weights from ``checkpoint`` (required) at start-up.
+    ``components=[]`` renders endpoints only. ``batching`` overrides the dynamic batching of
+    the named components, ``component_parameters`` adds config parameters per model name (LoRA
+    variants of the torch runtime), ``endpoint_parameters`` overrides parameters of every
+    endpoint (e.g. ``frame_buckets``). Returns ``out_dir``.
     """
-    if target not in TARGETS:
-        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    runtime = check_runtime(target, runtime)
     out_dir = Path(out_dir)
     chosen = COMPONENTS if components is None else components
     specs = [component(c) if isinstance(c, str) else c for c in chosen]
     onnx_dir = Path(onnx_dir) if onnx_dir is not None else None
-    if specs and target == "cpu" and onnx_dir is None:
-        raise ValueError("target cpu needs onnx_dir (the exported <component>.onnx files)")
+    if specs and runtime == "onnx" and onnx_dir is None:
+        raise ValueError("runtime onnx needs onnx_dir (the exported <component>.onnx files)")
+    if specs and runtime == "torch":
+        if checkpoint is None:
+            raise ValueError("runtime torch needs the checkpoint folder (--checkpoint)")
+        sizes = {**checkpoint_sizes(checkpoint), **(sizes or {})}
+        onnx_dir = None  # the torch runtime reads no ONNX file
     for spec in specs:  # check every input before touching out_dir
         if onnx_dir is not None and not (onnx_dir / f"{spec.name}.onnx").is_file():
             raise FileNotFoundError(f"{onnx_dir / (spec.name + '.onnx')} not found")
@@ -459,7 +521,10 @@ def render_repository(out_dir: str | Path, target: str = "cpu", onnx_dir: str | 
         _render_into(staging, target, specs, onnx_dir, orchestrators, assets=assets, sizes=sizes,
                      engine_dir=engine_dir, sources_root=Path(sources_root), max_items=max_items,
                      instance_count=instance_count, gpus=gpus, max_queue_delay_us=max_queue_delay_us,
-                     intra_op_threads=intra_op_threads, inter_op_threads=inter_op_threads)
+                     intra_op_threads=intra_op_threads, inter_op_threads=inter_op_threads, runtime=runtime,
+                     checkpoint=checkpoint, batching=batching or {},
+                     component_parameters=component_parameters or {},
+                     endpoint_parameters=endpoint_parameters or {})
         (staging / RENDER_MARKER).write_text("acestep_triton.export.render output; replaced on re-render\n")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -474,18 +539,29 @@ def _render_into(out_dir: Path, target: str, specs: Sequence[ComponentSpec], onn
                  orchestrators: Sequence[OrchestratorSpec], *, assets: str | Path | None,
                  sizes: Mapping[str, int] | None, engine_dir: str | Path | None, sources_root: Path,
                  max_items: int, instance_count: int, gpus: Sequence[int], max_queue_delay_us: int,
-                 intra_op_threads: int, inter_op_threads: int) -> None:
+                 intra_op_threads: int, inter_op_threads: int, runtime: str, checkpoint: str | Path | None,
+                 batching: Mapping[str, DynamicBatching], component_parameters: Mapping[str, Mapping[str, str]],
+                 endpoint_parameters: Mapping[str, str]) -> None:
+    from acestep_triton.lora import base_component
+
     for spec in specs:
         onnx_path = onnx_dir / f"{spec.name}.onnx" if onnx_dir is not None else None
         spec_sizes = dict(sizes or {})
         if onnx_path is not None:
             spec_sizes = {**read_onnx_sizes(spec, onnx_path), **spec_sizes}
+        extra: dict[str, str] = {}
+        if runtime == "torch":
+            extra = {"component": base_component(spec.name), "checkpoint_dir": str(Path(checkpoint).resolve())}
+        extra.update(component_parameters.get(spec.name, {}))
         model = component_config(spec, target, sizes=spec_sizes, max_items=max_items,
                                  instance_count=instance_count, gpus=gpus,
                                  max_queue_delay_us=max_queue_delay_us, intra_op_threads=intra_op_threads,
-                                 inter_op_threads=inter_op_threads)
+                                 inter_op_threads=inter_op_threads, runtime=runtime,
+                                 batching=batching.get(spec.name), parameters=extra)
         version = _write_model(out_dir, model, target) / "1"
-        if target == "cpu":
+        if runtime == "torch":
+            _copy_sources(sources_root / TORCH_COMPONENT_SOURCE, version)
+        elif runtime == "onnx":
             assert onnx_path is not None
             _copy_sources(sources_root / ONNX_COMPONENT_SOURCE, version)
             files = _onnx_files(onnx_path)
@@ -500,6 +576,8 @@ def _render_into(out_dir: Path, target: str, specs: Sequence[ComponentSpec], onn
                 _link_or_copy(plan, version / "model.plan")
 
     for orch in orchestrators:
+        if endpoint_parameters:
+            orch = replace(orch, parameters={**orch.parameters, **endpoint_parameters})
         model = orchestrator_config(orch, Path(assets) if assets is not None else None, target, gpus)
         source = Path(orch.source)
         source = source if source.is_absolute() else sources_root / source
@@ -511,6 +589,9 @@ def add_render_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``render`` options (shared with the top-level ``acestep-triton`` command)."""
     parser.add_argument("--out", required=True, type=Path, help="repository folder to (re)write")
     parser.add_argument("--target", choices=TARGETS, default="cpu")
+    parser.add_argument("--runtime", choices=sorted({r for rs in RUNTIMES.values() for r in rs}), default=None,
+                        help="component runtime: cpu onnx (default) | torch; gpu torch (default) | tensorrt")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="runtime torch: the checkpoint folder")
     parser.add_argument("--onnx-dir", type=Path, default=None, help="exported <component>.onnx files")
     parser.add_argument("--engine-dir", type=Path, default=None, help="gpu: built <component>.plan files")
     parser.add_argument("--assets", type=Path, default=None,
@@ -538,7 +619,7 @@ def run_render(args: argparse.Namespace) -> int:
         assets=args.assets, engine_dir=args.engine_dir,
         sources_root=args.sources, max_items=args.max_items, instance_count=args.instances,
         gpus=[int(g) for g in args.gpus.split(",") if g], max_queue_delay_us=args.queue_delay_us,
-        intra_op_threads=args.threads)
+        intra_op_threads=args.threads, runtime=args.runtime, checkpoint=args.checkpoint)
     models = sorted(p.name for p in out.iterdir() if p.is_dir())
     print(f"rendered {len(models)} models for target {args.target} into {out}: {', '.join(models)}")
     return 0

@@ -120,7 +120,9 @@ class LinearSelfAttention(_Projections):
     """Linear (kernelised) self-attention over the latent frames: O(W) in the sequence length.
 
     ``out_w = sum_s relu(q_w)·relu(k_s) v_s / max(sum_s relu(q_w)·relu(k_s), eps)``, with RoPE on q
-    and k and the frame mask multiplying q, k and v. The normaliser is obtained by appending a
+    and k and the frame mask multiplying q, k and v: a padded frame contributes nothing to the
+    sums over frames, so it is invisible to the valid frames (right-padding to a shape bucket
+    leaves their output unchanged). The normaliser is obtained by appending a
     ones column to v, so one pair of matmuls gives numerator and denominator. The products are
     done in fp32 (sums over thousands of frames overflow fp16), then cast back to the input dtype.
     """
@@ -149,7 +151,8 @@ class CrossAttention(_Projections):
     """Softmax attention from the latent frames to the condition tokens (speaker|text|lyric).
 
     RoPE is applied to q with the frame positions and to k with the token positions (both from
-    0). ``key_bias`` removes padded tokens; frames for which no (frame, token) pair is valid
+    0). ``key_bias`` removes padded tokens (their softmax weight is exactly 0, so tokens padded on
+    the right to a shape bucket are invisible to every frame); frames for which no (frame, token) pair is valid
     (padded frames) get exactly zero attention output, which is what upstream's all ``-inf`` rows
     yield in PyTorch's SDPA, without ever producing NaN in an exported graph.
     """
@@ -191,7 +194,12 @@ class GLUMBConv(nn.Module):
     """Sana's gated MBConv feed-forward: 1x1 expand (SiLU), depthwise k=3 along time, GLU, 1x1.
 
     The depthwise convolution mixes neighbouring frames, which is how this feed-forward adds
-    local context to the (position-agnostic apart from RoPE) linear attention.
+    local context to the (position-agnostic apart from RoPE) linear attention. It is the only
+    place in a block where a frame sees its neighbours' values directly, so its input is
+    multiplied by the frame mask: the last valid frame then sees a zero right neighbour whether
+    the latent ends there (the conv's own zero padding) or was padded on the right to a shape
+    bucket. Padded frames are thereby invisible to valid ones, and a padded call gives the same
+    velocity on the valid frames as an unpadded one (what shape buckets rely on).
 
     The checkpoint stores the 1x1 convolutions as ``Conv1d`` weights [out, in, 1]; they are
     applied as matmuls on the channel-last tokens (same numbers, no layout round trips: about 5%
@@ -206,10 +214,13 @@ class GLUMBConv(nn.Module):
         )
         self.point_conv = _ConvSlot(nn.Conv1d(hidden, dim, 1, bias=False))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, W, C] -> [B, W, C]."""
+    def forward(self, x: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, W, C] -> [B, W, C]; ``frame_mask`` [B, W, 1] (1 = frame, 0 = padding) zeroes the
+        depthwise conv's input at padded frames (``None``: every frame is valid)."""
         expand, project = self.inverted_conv.conv, self.point_conv.conv
         h = F.silu(F.linear(x, expand.weight.squeeze(-1), expand.bias))
+        if frame_mask is not None:
+            h = h * frame_mask.to(h.dtype)
         h = self.depth_conv(h.transpose(1, 2)).transpose(1, 2)
         h, gate = h.chunk(2, dim=-1)
         return F.linear(h * F.silu(gate), project.weight.squeeze(-1))
@@ -241,7 +252,8 @@ class DiTBlock(nn.Module):
         row_valid: torch.Tensor,
         query_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``temb`` [B, 6, C] is the shared adaLN projection; other arguments as in the attentions."""
+        """``temb`` [B, 6, C] is the shared adaLN projection; other arguments as in the attentions
+        (``frame_mask`` [B, 1, W, 1] also masks the feed-forward's depthwise conv input)."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
             self.scale_shift_table[None] + temb
         ).chunk(6, dim=1)
@@ -249,4 +261,4 @@ class DiTBlock(nn.Module):
         x = x + gate_msa * self.attn(h, frame_mask, rope, query_scale)
         x = x + self.cross_attn(x, context, rope, context_rope, key_bias, row_valid, query_scale)
         h = modulate(rms_norm(x), shift_mlp, scale_mlp)
-        return x + gate_mlp * self.ff(h)
+        return x + gate_mlp * self.ff(h, frame_mask[:, 0])

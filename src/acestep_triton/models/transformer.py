@@ -144,10 +144,16 @@ class TimestepEmbedder(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Latents [B, C, H, W] -> tokens [B, W, D]: a (H x 1) conv per frame, GroupNorm, 1x1 conv.
+    """Latents [B, C, H, W] + frame mask [B, W] -> tokens [B, W, D]: a (H x 1) conv per frame,
+    GroupNorm, 1x1 conv.
 
-    Note the GroupNorm statistics span all frames of the item (as trained), so the embedding of
-    a frame depends on the whole latent, padding included.
+    The GroupNorm statistics (as trained) span all frames of an item, so they are the one place
+    where a frame's embedding depends on every other frame. Here they span the *valid* frames
+    only (:func:`masked_group_norm`): an item padded on the right to a shape bucket is embedded
+    exactly as the unpadded item, which is what lets requests of different lengths share one
+    padded batch. With an all-ones mask this is the trained GroupNorm. The ``nn.GroupNorm``
+    module is kept for its affine parameters and eps (checkpoint keys
+    ``proj_in.early_conv_layers.1.weight/bias``); its own forward is not called.
     """
 
     def __init__(self, in_channels: int, patch_size: tuple[int, int], dim: int) -> None:
@@ -159,8 +165,35 @@ class PatchEmbed(nn.Module):
             nn.Conv2d(hidden, dim, kernel_size=1),
         )
 
-    def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.early_conv_layers(latents).flatten(2).transpose(1, 2)
+    def forward(self, latents: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+        """``latents`` [B, C, H, W], ``frame_mask`` [B, W] (1 = frame, 0 = padding) -> [B, W, D]."""
+        patch, norm, project = self.early_conv_layers
+        x = masked_group_norm(patch(latents), frame_mask, norm)
+        return project(x).flatten(2).transpose(1, 2)
+
+
+def masked_group_norm(x: torch.Tensor, frame_mask: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
+    """``norm`` applied to ``x`` [B, C, 1, W] with mean and (biased) variance over the frames
+    where ``frame_mask`` [B, W] is 1, so padded frames do not move the statistics of valid ones.
+
+    Statistics are computed in fp32 (two passes: the mean, then the mean squared deviation,
+    both as masked sums divided by the valid count) and the result is cast back to ``x``'s dtype,
+    so bf16 graphs normalise like fp32 ones. Pure arithmetic on the mask (no boolean indexing, no
+    branching on values), as ONNX export with dynamic W and CUDA-graph capture need. An item with
+    no valid frame gets a count clamped to 1 (finite garbage instead of NaN; it is padding).
+    """
+    batch, channels = x.shape[0], x.shape[1]
+    groups = norm.num_groups
+    h = x.float().reshape(batch, groups, -1, x.shape[-1])  # [B, G, C/G * 1, W]
+    m = frame_mask.float().reshape(batch, 1, 1, -1)
+    count = (m.sum(dim=-1, keepdim=True) * h.shape[2]).clamp_min(1.0)  # [B, 1, 1, 1]
+    mean = (h * m).sum(dim=(2, 3), keepdim=True) / count
+    centred = h - mean
+    var = (centred * centred * m).sum(dim=(2, 3), keepdim=True) / count
+    h = (centred * torch.rsqrt(var + norm.eps)).reshape(x.shape)
+    if norm.affine:
+        h = h * norm.weight.float().reshape(1, channels, 1, 1) + norm.bias.float().reshape(1, channels, 1, 1)
+    return h.to(x.dtype)
 
 
 class FinalLayer(nn.Module):
@@ -267,13 +300,21 @@ class ACEStepTransformer(nn.Module):
         """Velocity [B, C, H, W] (FP32) of ``latents`` [B, C, H, W] at ``timestep`` [B] (sigma x 1000).
 
         ``latent_mask`` [B, W] and ``encoder_mask`` [B, S]: 1 = valid (any numeric dtype).
+        Padded frames and tokens are invisible to valid ones: the patch embedding's GroupNorm
+        statistics and the feed-forward's depthwise conv see only valid frames, both attentions
+        mask frames/tokens, and RoPE positions start at 0 for both sequences. So latents padded on
+        the right of W (mask 0) and encoder states padded on the right of S (mask 0), to a shape
+        bucket, give the unpadded velocity on the valid frames (to float rounding); the velocity
+        at padded frames is meaningless.
         ``query_scale`` FP32 [num_layers] or [B, num_layers] (one row per item) multiplies both
         query projections of each block.
         """
         dtype = self.dtype
         embedded_timestep = self.timestep_embedder(timestep_features(timestep).to(dtype))
         temb = self.t_block(embedded_timestep).unflatten(1, (ADALN_CHUNKS, -1))
-        x = self.proj_in(latents.to(dtype))
+        frame_valid = latent_mask > 0.5
+        token_valid = encoder_mask > 0.5
+        x = self.proj_in(latents.to(dtype), frame_valid)
         context = encoder_states.to(dtype)
 
         # Shared by all blocks: computed once per call.
@@ -281,8 +322,6 @@ class ACEStepTransformer(nn.Module):
         token_pos = torch.arange(context.shape[1], device=x.device)
         rope = rope_tables(frame_pos, self.head_dim, self.config.rope_theta)
         context_rope = rope_tables(token_pos, self.head_dim, self.config.rope_theta)
-        frame_valid = latent_mask > 0.5
-        token_valid = encoder_mask > 0.5
         frame_mask = frame_valid.float()[:, None, :, None]
         key_bias = torch.zeros_like(encoder_mask, dtype=torch.float32).masked_fill(
             ~token_valid, torch.finfo(dtype).min)[:, None, None, :]

@@ -7,6 +7,11 @@ a two-line shim importing :class:`TritonPythonModel` from here. It
   schema (errors name the field and end only that request);
 * runs :class:`~acestep_triton.pipeline.MusicGenerator` with :class:`TritonDenoiser`, whose six
   methods are BLS requests to the six component models (tensors cross by DLPack, no copies);
+* pads every DiT call to a shape bucket (config parameters ``frame_buckets`` and
+  ``token_buckets``: ``default``, ``none`` or a comma list; see :mod:`acestep_triton.sampling.
+  buckets`), so calls of concurrent requests with similar lengths have equal shapes and
+  Triton's dynamic batcher merges them into one ``dit_decoder`` execution; padding is invisible
+  to the valid frames and tokens, so the audio does not change;
 * streams ``progress`` (step, total) after every sampling step, checks for cancellation
   between steps, and ends with ``audio`` [B,2,N] FP32 at 48 kHz, ``sample_rate`` and
   ``params_json`` (every parameter and the actual seeds).
@@ -38,6 +43,7 @@ from ..export.specs import SAMPLING_DEVICES
 from ..lora import RoutingCall, ServedLoras, base_component, read_variants_manifest
 from ..pipeline import MusicGenerator
 from ..sampling import SamplingCancelled
+from ..sampling.buckets import BucketedDenoiser, ShapeBuckets
 from .assets import ServingAssets, load_assets
 from .metrics import TaskMetrics
 
@@ -210,13 +216,16 @@ class TritonPythonModel:
         assets: ServingAssets = load_assets(assets_dir)
         assets.lyric_tokenizer.warm_up()  # fail at load time, not on the first request
         routing = RoutingCall(bls_call(pb_utils, self.device))
-        denoiser = TritonDenoiser(routing, assets.text_layers, assets.lyric_layers, assets.dit_layers)
+        denoiser: Any = TritonDenoiser(routing, assets.text_layers, assets.lyric_layers, assets.dit_layers)
+        self.buckets = ShapeBuckets.from_parameters(parameters)
+        if self.buckets.enabled:  # DiT calls padded to shared shapes: requests batch in dit_decoder
+            denoiser = BucketedDenoiser(denoiser, self.buckets)
         variants = read_variants_manifest(assets_dir)
         self.generator = MusicGenerator(denoiser, assets.prompt_tokenizer, assets.lyric_tokenizer,
                                         assets.mel, lora_scope=ServedLoras(routing, variants),
                                         device=self.device)
         pb_utils.Logger.log_info(f"{self.model_name} ready (task {self.task}, sampling on {self.device}, "
-                                 f"assets {assets_dir})")
+                                 f"DiT shape buckets {self.buckets.as_parameters()}, assets {assets_dir})")
 
     def execute(self, requests: list[Any]) -> None:
         for request in requests:

@@ -1,0 +1,89 @@
+"""Python-backend model body that serves one component with its torch modules (``torch`` runtime).
+
+Generic like the ONNX one: the config's tensors say what the component takes, the config
+parameter ``component`` says which of the six it is (a LoRA variant such as ``dit_decoder__rap``
+names its base component there, plus ``lora_path``/``lora_weight``), and ``checkpoint_dir`` where
+its weights are (loaded strictly, only the files this component needs). The model runs on the
+instance's device: ``KIND_GPU`` instances get their GPU from Triton (``model_instance_device_id``).
+
+Tensors cross by DLPack both ways, on the device: a BLS caller that asked for GPU outputs gets
+the very tensor the module produced, and its GPU inputs are read where they lie. Kernels are
+queued on torch's stream, so outputs are synchronised before they are handed to Triton.
+
+Config parameters: ``component``, ``checkpoint_dir`` (required); ``precision`` (``fp32``,
+``bf16``, ``fp16``, or ``auto``: see :mod:`.torch_runtime`), ``compile`` and ``cuda_graphs``
+(``auto`` = on for the DiT decoder on a GPU), ``max_graphs``, ``torch_threads`` (CPU), and for
+LoRA variants ``lora_path``, ``lora_weight``, ``lora_scaling``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from . import component_model
+from .component_model import BatchedComponentModel
+from .torch_runtime import ComponentRunner, RuntimeOptions, load_component_module
+
+
+def instance_device(kind: str | None, device_id: str | int | None) -> torch.device:
+    """The torch device of an instance: its GPU for ``KIND_GPU``, else the CPU."""
+    if (kind or "").upper() == "GPU":
+        if not torch.cuda.is_available():
+            raise RuntimeError("a KIND_GPU instance, but torch sees no CUDA device")
+        return torch.device("cuda", int(device_id or 0))
+    return torch.device("cpu")
+
+
+class TorchComponentModel(BatchedComponentModel):
+    """``TritonPythonModel`` for one component run by torch (see the module docstring)."""
+
+    def load(self, args: dict[str, str]) -> None:
+        from ..export.specs import component
+
+        params = self.parameters
+        name = params.get("component", "")
+        spec = component(name)
+        ckpt = params.get("checkpoint_dir")
+        if not ckpt:
+            raise ValueError(f"{self.name}: config parameter 'checkpoint_dir' is required")
+        threads = int(params.get("torch_threads") or 0)
+        if threads > 0:  # 0: torch's default (all cores)
+            torch.set_num_threads(threads)
+        self.device = instance_device(args.get("model_instance_kind"), args.get("model_instance_device_id"))
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        options = RuntimeOptions.for_component(spec.name, self.device, params)
+        lora = {}
+        if params.get("lora_path"):
+            lora = {"lora_path": params["lora_path"], "lora_weight": float(params.get("lora_weight", "1")),
+                    "lora_scaling": params.get("lora_scaling", "upstream")}
+        started = time.perf_counter()
+        module = load_component_module(spec.name, ckpt, **lora)
+        self.runner = ComponentRunner(spec, module, options)
+        if component_model.pb_utils is not None:
+            component_model.pb_utils.Logger.log_info(
+                f"{self.name}: {self.runner.description}, loaded in {time.perf_counter() - started:.1f} s")
+
+    def read_input(self, tensor: Any) -> torch.Tensor:
+        return torch.from_dlpack(tensor.to_dlpack())
+
+    def concat(self, arrays: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(list(arrays))
+
+    def run(self, feeds: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        outputs = self.runner(feeds)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        return outputs
+
+    def output_tensor(self, name: str, array: torch.Tensor) -> Any:
+        from torch.utils.dlpack import to_dlpack
+
+        return component_model.pb_utils.Tensor.from_dlpack(name, to_dlpack(array.contiguous()))
+
+    def finalize(self) -> None:
+        self.runner = None

@@ -1,0 +1,287 @@
+"""The ``torch`` component runtime: unit behaviour, rendering, and serving through a real tritonserver.
+
+The torch runtime is what the gpu target serves by default (compiled DiT blocks + CUDA graphs
+there); here it runs fp32 on the CPU, where it must give the same audio as the in-process
+pipeline and as the ``onnx`` runtime for every task (1e-4 absolute), reproduce upstream's golden
+cases a and m (1e-4), serve the fused LoRA variants, and let Triton's dynamic batcher merge DiT
+calls of concurrent requests whose lengths fall into one shape bucket (proved from Triton's own
+statistics: fewer ``dit_decoder`` executions than requests).
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as grpcclient
+from fixtures_onnx import single_thread
+from fixtures_serving import TINY_LORA, TINY_LORA_WEIGHT
+from test_pipeline_golden import case_params
+from test_tasks import TASK_REQUESTS, params, wav_bytes
+
+from acestep_client.client import AceStepClient, GenerationResult, ServerError
+from acestep_client.params import GenerationParams
+from acestep_triton.checkpoint import Components
+from acestep_triton.export.adapters import component_graph, component_sources
+from acestep_triton.export.render import (
+    DynamicBatching,
+    check_config,
+    checkpoint_sizes,
+    component_config,
+    read_onnx_sizes,
+    render_config,
+    render_repository,
+)
+from acestep_triton.export.specs import COMPONENTS
+from acestep_triton.lora import InProcessLoras, LoraRegistry
+from acestep_triton.pipeline import MusicGenerator, TorchDenoiser
+from acestep_triton.sampling import latent_frames
+from acestep_triton.sampling.buckets import ShapeBuckets
+from acestep_triton.serving.deploy import build_deployment
+from acestep_triton.serving.server import TritonServer
+from acestep_triton.serving.torch_runtime import (
+    DECODE_ONLY,
+    ENCODE_ONLY,
+    ComponentRunner,
+    RuntimeOptions,
+    load_component_module,
+    parse_flag,
+)
+
+TOL = 1e-4
+CPU = torch.device("cpu")
+
+
+def max_err(a: np.ndarray, b: np.ndarray) -> float:
+    assert a.shape == b.shape, f"shapes differ: {a.shape} vs {b.shape}"
+    return float(np.abs(a - b).max())
+
+
+# ------------------------------------------------------------------------------ unit
+def test_options_defaults_and_errors_name_the_parameter() -> None:
+    cpu = RuntimeOptions.for_component("dit_decoder", CPU)
+    assert (cpu.precision, cpu.compile, cpu.cuda_graphs) == ("fp32", False, False)
+    gpu = RuntimeOptions.for_component("dit_decoder", torch.device("cuda", 0), {"compile": "false"})
+    assert (gpu.precision, gpu.compile, gpu.cuda_graphs) == ("bf16", False, True)
+    assert RuntimeOptions.for_component("vocoder", torch.device("cuda", 0)).precision == "fp32"
+    with pytest.raises(ValueError, match="precision: bf16 on the CPU"):
+        RuntimeOptions.for_component("dit_decoder", CPU, {"precision": "bf16"})
+    with pytest.raises(ValueError, match="precision: expected one of"):
+        RuntimeOptions(device=CPU, precision="int3")
+    with pytest.raises(ValueError, match="config parameter cuda_graphs"):
+        parse_flag("maybe", True, "cuda_graphs")
+
+
+def test_each_transformer_half_keeps_only_its_weights(tiny_onnx_ckpt: Path,
+                                                      tiny_onnx_components: Components) -> None:
+    """Condition encoder and DiT decoder instances together hold one transformer, not two."""
+    encode = load_component_module("condition_encoder", tiny_onnx_ckpt)
+    decode = load_component_module("dit_decoder", tiny_onnx_ckpt)
+    assert all(getattr(encode, n) is None for n in DECODE_ONLY)
+    assert all(getattr(encode, n) is not None for n in ENCODE_ONLY)
+    assert all(getattr(decode, n) is None for n in ENCODE_ONLY)
+
+    def count(module: torch.nn.Module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    speaker = count(decode.speaker_embedder)  # kept by both halves (the model's dtype is read from it)
+    assert count(encode) + count(decode) - speaker == count(tiny_onnx_components.transformer)
+
+
+@pytest.mark.parametrize("name", list(COMPONENTS))
+def test_runner_equals_the_torch_module(name: str, tiny_onnx_ckpt: Path, tiny_onnx_components: Components) -> None:
+    """The runner is the checkpoint's module under the contract's names (fp32: exactly equal)."""
+    runner = ComponentRunner(COMPONENTS[name], load_component_module(name, tiny_onnx_ckpt),
+                             RuntimeOptions(device=CPU))
+    reference = component_graph(name, component_sources(tiny_onnx_components)[name])
+    inputs = reference.example_inputs(3, 7, seed=1)
+    with torch.inference_mode():
+        expected = reference(*inputs.values())
+    expected = list(expected) if isinstance(expected, tuple) else [expected]
+    got = runner(inputs)
+    assert len(got) == len(COMPONENTS[name].outputs)
+    for g, e in zip(got, expected, strict=True):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, e.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_lora_variant_module_is_the_fused_transformer(tiny_onnx_ckpt: Path, tiny_lora_dir: Path,
+                                                      tiny_onnx_components: Components) -> None:
+    from acestep_triton.lora import fused_transformer, load_lora
+
+    adapter_dir = tiny_lora_dir / TINY_LORA
+    served = load_component_module("dit_decoder", tiny_onnx_ckpt, lora_path=adapter_dir, lora_weight=0.5)
+    fused = fused_transformer(tiny_onnx_components.transformer,
+                              load_lora(adapter_dir, tiny_onnx_components.transformer), 0.5)
+    block = "transformer_blocks.0.attn.to_q.weight"
+    assert torch.equal(served.state_dict()[block], fused.state_dict()[block])
+    assert not torch.equal(served.state_dict()[block], tiny_onnx_components.transformer.state_dict()[block])
+
+
+# ------------------------------------------------------------------------------ rendering
+def test_torch_configs_on_both_targets(tiny_onnx_ckpt: Path, tiny_onnx_paths: dict[str, Path],
+                                       tmp_path: Path) -> None:
+    sizes = checkpoint_sizes(tiny_onnx_ckpt)
+    for name, spec in COMPONENTS.items():  # the checkpoint's configs give what the ONNX graphs say
+        assert {k: v for k, v in sizes.items() if k in read_onnx_sizes(spec, tiny_onnx_paths[name])} == \
+            read_onnx_sizes(spec, tiny_onnx_paths[name])
+    out = render_repository(tmp_path / "gpu", "gpu", None, [], checkpoint=tiny_onnx_ckpt, gpus=[1],
+                            batching={"dit_decoder": DynamicBatching(2000, (6,))})
+    for name in COMPONENTS:
+        config = check_config((out / name / "config.pbtxt").read_text())
+        assert config.backend == "python" and config.instance_group[0].kind == 1  # KIND_GPU
+        assert list(config.instance_group[0].gpus) == [1]
+        assert config.parameters["component"].string_value == name
+        assert Path(config.parameters["checkpoint_dir"].string_value) == tiny_onnx_ckpt.resolve()
+        assert (out / name / "1" / "model.py").read_text().count("TorchComponentModel") >= 1
+        assert not (out / name / "1" / "model.onnx").exists()
+    dit = check_config((out / "dit_decoder" / "config.pbtxt").read_text())
+    assert list(dit.dynamic_batching.preferred_batch_size) == [6]
+    assert dit.dynamic_batching.max_queue_delay_microseconds == 2000
+    cpu = check_config(render_config(component_config(COMPONENTS["vocoder"], "cpu", runtime="torch")))
+    assert cpu.backend == "python" and cpu.instance_group[0].kind == 2  # KIND_CPU
+
+
+def test_runtime_choices_are_checked(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="runtime 'tensorrt' is not available for target 'cpu'"):
+        render_repository(tmp_path / "r", "cpu", None, [], runtime="tensorrt")
+    with pytest.raises(ValueError, match="runtime 'onnx' is not available for target 'gpu'"):
+        render_repository(tmp_path / "r", "gpu", None, [], runtime="onnx")
+    with pytest.raises(ValueError, match="runtime torch needs the checkpoint"):
+        render_repository(tmp_path / "r", "cpu", None, [], runtime="torch")
+
+
+# ------------------------------------------------------------------------------ through tritonserver
+@pytest.fixture(scope="module")
+def torch_client(torch_server: TritonServer) -> AceStepClient:
+    return AceStepClient(torch_server.grpc_url)
+
+
+@pytest.fixture(scope="module")
+def source(tiny_local: MusicGenerator) -> bytes:
+    out = tiny_local.generate(params(audio_duration=3.0))
+    return wav_bytes(out.audio[0].numpy(), out.sample_rate)
+
+
+SERVED_TASKS = {"text2music": ({"audio_duration": 2.0}, None), **TASK_REQUESTS}
+
+
+@pytest.mark.parametrize("task", sorted(SERVED_TASKS))
+def test_every_task_same_audio_as_in_process_and_onnx(task: str, torch_client: AceStepClient,
+                                                      tiny_server: TritonServer, tiny_local: MusicGenerator,
+                                                      source: bytes) -> None:
+    fields, audio = SERVED_TASKS[task]
+    kwargs = {} if audio is None else {"src_audio" if audio == "src" else "ref_audio": source}
+
+    def request() -> GenerationParams:
+        return params(**fields, batch_size=2, manual_seeds="3,4", retake_seeds="5,6")
+
+    served = torch_client.generate(request(), **kwargs)
+    onnx = AceStepClient(tiny_server.grpc_url).generate(request(), **kwargs)
+    with single_thread():
+        local = tiny_local.generate(request(), **kwargs)
+    assert max_err(served.audio, local.audio.numpy()) <= TOL, f"{task}: torch runtime vs in-process"
+    assert max_err(served.audio, onnx.audio) <= TOL, f"{task}: torch runtime vs onnx runtime"
+    assert max_err(served.audio[0], served.audio[1]) > 1e-4, "batch items with different seeds are identical"
+
+
+def test_lora_variant_served_by_the_torch_runtime(torch_client: AceStepClient, tiny_onnx_components: Components,
+                                                  tiny_lora_dir: Path) -> None:
+    c = tiny_onnx_components
+    local = MusicGenerator(TorchDenoiser(c), c.text_tokenizer, c.lyric_tokenizer, c.vocoder.mel_transform,
+                           lora_scope=InProcessLoras(c.transformer, LoraRegistry.from_dir(tiny_lora_dir)))
+    request = {**dict(audio_duration=2.0), "lora_name_or_path": TINY_LORA, "lora_weight": TINY_LORA_WEIGHT}
+    with single_thread():
+        expected = local.generate(params(**request)).audio.numpy()
+        base = local.generate(params(audio_duration=2.0)).audio.numpy()
+    served = torch_client.generate(params(**request))
+    assert max_err(served.audio, expected) <= TOL
+    assert max_err(expected, base) > 1e-3, "the adapter barely changes the audio: the test could not fail"
+    with pytest.raises(ServerError, match="lora_weight"):
+        torch_client.generate(params(audio_duration=2.0, lora_name_or_path=TINY_LORA, lora_weight=1.0))
+
+
+@pytest.mark.parametrize("name", ["a_text2music_apg", "m_repaint"])
+def test_golden_cases_through_the_torch_runtime(name: str, golden_torch_server: TritonServer,
+                                                golden_cases: dict, golden_dir: Path) -> None:
+    case = golden_cases[name]
+    expected = np.load(golden_dir / "cases" / case["file"])["audio_48k"]
+    p = case_params(case)
+    src = golden_dir / "cases" / "case_a_text2music_apg_48k_float.wav" if p.task == "repaint" else None
+    result = AceStepClient(golden_torch_server.grpc_url).generate(p, src_audio=src)
+    err = max_err(result.audio, expected)
+    assert err <= TOL, f"{name} through the torch runtime vs upstream: {err:.3g}"
+
+
+# ------------------------------------------------------------------------------ cross-request batching
+STEPS = 3
+ROWS = 2  # conditional + unconditional: every step is guided (guidance_interval 1)
+BATCH_REQUEST = {"prompt": "pop, upbeat, guitar, 120 BPM", "infer_step": STEPS, "guidance_interval": 1.0,
+                 "cfg_type": "cfg"}
+
+
+def two_lengths_in_one_bucket(buckets: ShapeBuckets) -> tuple[float, float]:
+    """Two durations with different frame counts that share one frame bucket."""
+    for tenths in range(10, 80):
+        a, b = tenths / 10, tenths / 10 + 0.3
+        fa, fb = latent_frames(a), latent_frames(b)
+        if fa != fb and buckets.frame_bucket(fa) == buckets.frame_bucket(fb) != fb:
+            return a, b
+    raise AssertionError("no two durations share a bucket")
+
+
+def dit_stats(url: str) -> tuple[int, int, int]:
+    """(requests, inferences, executions) of dit_decoder from Triton's own statistics."""
+    stats = grpcclient.InferenceServerClient(url).get_inference_statistics("dit_decoder", as_json=True)
+    model = stats["model_stats"][0]
+    return (int(model["inference_stats"]["success"].get("count", 0)), int(model.get("inference_count", 0)),
+            int(model.get("execution_count", 0)))
+
+
+@pytest.fixture(scope="module")
+def batching_server(tiny_onnx_ckpt: Path, tmp_path_factory: pytest.TempPathFactory):
+    """text2music over the torch runtime, the DiT batcher waiting for two requests' rows."""
+    from fixtures_serving import _serve
+
+    deployment = build_deployment(
+        tiny_onnx_ckpt, tmp_path_factory.mktemp("batch_deploy"), runtime="torch", endpoints=["text2music"],
+        intra_op_threads=1,
+        # one batch = both requests' rows; the delay only bounds the wait when they drift apart
+        batching={"dit_decoder": DynamicBatching(max_queue_delay_us=5_000_000,
+                                                 preferred_batch_sizes=(2 * ROWS,))})
+    yield from _serve(deployment, tmp_path_factory.mktemp("batch_log") / "tritonserver.log")
+
+
+def test_concurrent_requests_in_one_bucket_share_dit_calls(batching_server: TritonServer,
+                                                           tiny_local: MusicGenerator) -> None:
+    short, long = two_lengths_in_one_bucket(ShapeBuckets.default())
+    requests = [GenerationParams(**BATCH_REQUEST, lyrics="[verse]\nfree as a bird", audio_duration=short,
+                                 manual_seeds="3"),
+                GenerationParams(**BATCH_REQUEST, lyrics="[verse]\nsing it loud tonight", audio_duration=long,
+                                 manual_seeds="4")]
+    before = dit_stats(batching_server.grpc_url)
+    results: list[GenerationResult | BaseException] = [None, None]  # type: ignore[list-item]
+
+    def run(i: int) -> None:
+        try:
+            results[i] = AceStepClient(batching_server.grpc_url).generate(requests[i])
+        except BaseException as exc:  # reported below
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    after = dit_stats(batching_server.grpc_url)
+    calls, rows, executions = (a - b for a, b in zip(after, before, strict=True))
+    assert calls == 2 * STEPS and rows == 2 * STEPS * ROWS, (calls, rows)
+    assert executions == STEPS, f"{calls} DiT requests ran in {executions} executions, expected {STEPS} merged"
+    for request, result in zip(requests, results, strict=True):
+        assert isinstance(result, GenerationResult), result
+        with single_thread():
+            local = tiny_local.generate(request)
+        assert max_err(result.audio, local.audio.numpy()) <= TOL, "a batched request's audio changed"
