@@ -662,9 +662,11 @@ def test_graph_denoiser_routes_only_predict_velocity(tiny_onnx_components: Compo
     inner = TorchDenoiser(tiny_onnx_components)
     denoiser = CUDAGraphDenoiser(inner, decoder=CUDAGraphDecoder(inner.c.transformer, backend=EagerGraphs()))
     assert (denoiser.dit_layers, denoiser.text_layers) == (inner.dit_layers, inner.text_layers)
-    assert denoiser.vocode.__func__ is TorchDenoiser.vocode
     inputs = export_graph("dit_decoder", inner.c.transformer).example_inputs(2, 3, seed=0)
+    mel = export_graph("vocoder", inner.c.vocoder).example_inputs(1, 5, seed=0)["mel"]
     with torch.inference_mode():
+        assert torch.equal(denoiser.vocode(mel), inner.vocode(mel))  # passed through, no graph
+        assert not denoiser.decoder.captured_shapes
         assert torch.equal(denoiser.predict_velocity(*inputs.values()), inner.predict_velocity(*inputs.values()))
     assert len(denoiser.decoder.captured_shapes) == 1
 

@@ -20,7 +20,8 @@ import tritonclient.grpc as grpcclient
 from fixtures_onnx import single_thread
 from fixtures_serving import TINY_LORA, TINY_LORA_WEIGHT
 from test_pipeline_golden import case_params
-from test_tasks import TASK_REQUESTS, params, wav_bytes
+from test_tasks import TASK_REQUESTS, params
+from test_tasks import source as source  # the 3 s upload fixture
 
 from acestep_client.client import AceStepClient, GenerationResult, ServerError
 from acestep_client.params import GenerationParams
@@ -158,12 +159,6 @@ def test_runtime_choices_are_checked(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def torch_client(torch_server: TritonServer) -> AceStepClient:
     return AceStepClient(torch_server.grpc_url)
-
-
-@pytest.fixture(scope="module")
-def source(tiny_local: MusicGenerator) -> bytes:
-    out = tiny_local.generate(params(audio_duration=3.0))
-    return wav_bytes(out.audio[0].numpy(), out.sample_rate)
 
 
 SERVED_TASKS = {"text2music": ({"audio_duration": 2.0}, None), **TASK_REQUESTS}

@@ -31,6 +31,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from .sampling.denoiser import DenoiserWrapper
+
 #: ``decode``'s argument order.
 DECODE_INPUTS = ("latents", "latent_mask", "encoder_states", "encoder_mask", "timestep", "query_scale")
 
@@ -182,7 +184,7 @@ class CUDAGraphDecoder:
             return captured.replay().clone()
 
 
-class CUDAGraphDenoiser:
+class CUDAGraphDenoiser(DenoiserWrapper):
     """A :class:`~acestep_triton.sampling.Denoiser` whose ``predict_velocity`` replays CUDA graphs;
     every other method and attribute is the wrapped denoiser's.
 
@@ -193,27 +195,10 @@ class CUDAGraphDenoiser:
 
     def __init__(self, inner: Any, transformer: nn.Module | None = None,
                  decoder: CUDAGraphDecoder | None = None) -> None:
-        self.inner = inner
+        super().__init__(inner)
         if decoder is None:
             decoder = CUDAGraphDecoder(transformer if transformer is not None else inner.c.transformer)
         self.decoder = decoder
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "inner":  # not set yet (copy/pickle): no recursion
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
-    @property
-    def text_layers(self) -> int:
-        return self.inner.text_layers
-
-    @property
-    def lyric_layers(self) -> int:
-        return self.inner.lyric_layers
-
-    @property
-    def dit_layers(self) -> int:
-        return self.inner.dit_layers
 
     def predict_velocity(self, latents: Tensor, latent_mask: Tensor, encoder_states: Tensor,
                          encoder_mask: Tensor, timestep: Tensor, query_scale: Tensor) -> Tensor:

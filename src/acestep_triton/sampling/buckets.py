@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..lyrics import MAX_LYRIC_TOKENS
+from .denoiser import DenoiserWrapper
 from .noise import MAX_FRAMES
 
 PROMPT_MAX_TOKENS = 256
@@ -174,7 +175,7 @@ class ShapeBuckets:
         return {FRAME_PARAMETER: text(self.frames), TOKEN_PARAMETER: text(self.tokens)}
 
 
-class BucketedDenoiser:
+class BucketedDenoiser(DenoiserWrapper):
     """A :class:`~acestep_triton.sampling.Denoiser` whose decoder calls are padded to buckets.
 
     ``predict_velocity`` pads ``latents`` / ``latent_mask`` on the right of W to
@@ -190,37 +191,10 @@ class BucketedDenoiser:
     """
 
     def __init__(self, inner: Any, buckets: ShapeBuckets) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.buckets = buckets
         self.calls = 0
         self.padded_calls = 0
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "inner":  # not set yet (copy/pickle): no recursion
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
-    @property
-    def text_layers(self) -> int:
-        return self.inner.text_layers
-
-    @property
-    def lyric_layers(self) -> int:
-        return self.inner.lyric_layers
-
-    @property
-    def dit_layers(self) -> int:
-        return self.inner.dit_layers
-
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    query_scale: torch.Tensor) -> torch.Tensor:
-        return self.inner.encode_text(input_ids, attention_mask, query_scale)
-
-    def encode_conditions(self, text_states: torch.Tensor, text_mask: torch.Tensor, speaker: torch.Tensor,
-                          lyric_ids: torch.Tensor, lyric_mask: torch.Tensor,
-                          lyric_query_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.inner.encode_conditions(text_states, text_mask, speaker, lyric_ids, lyric_mask,
-                                            lyric_query_scale)
 
     def predict_velocity(self, latents: torch.Tensor, latent_mask: torch.Tensor,
                          encoder_states: torch.Tensor, encoder_mask: torch.Tensor,
@@ -241,12 +215,3 @@ class BucketedDenoiser:
         velocity = self.inner.predict_velocity(latents, latent_mask, encoder_states, encoder_mask,
                                                timestep, query_scale)
         return velocity[..., :width] if pad_w else velocity
-
-    def encode_mel(self, mel: torch.Tensor) -> torch.Tensor:
-        return self.inner.encode_mel(mel)
-
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.inner.decode_latents(latents)
-
-    def vocode(self, mel: torch.Tensor) -> torch.Tensor:
-        return self.inner.vocode(mel)

@@ -13,7 +13,7 @@ latent and encoder masks FP32. Query scales are FP32 vectors with one entry per 
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -84,3 +84,53 @@ class Denoiser(Protocol):
     def vocode(self, mel: torch.Tensor) -> torch.Tensor:
         """``vocoder``: mel FP32 [B,128,T] (one channel per row) → waveform FP32 [B,1,N] at 44.1 kHz."""
         ...
+
+
+class DenoiserWrapper:
+    """A :class:`Denoiser` that forwards everything to ``inner``: the base of wrappers that change
+    one method (shape buckets, CUDA-graph replay) and must pass the rest through untouched."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "inner":  # not set yet (copy/pickle): no recursion
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    @property
+    def text_layers(self) -> int:
+        return self.inner.text_layers
+
+    @property
+    def lyric_layers(self) -> int:
+        return self.inner.lyric_layers
+
+    @property
+    def dit_layers(self) -> int:
+        return self.inner.dit_layers
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    query_scale: torch.Tensor) -> torch.Tensor:
+        return self.inner.encode_text(input_ids, attention_mask, query_scale)
+
+    def encode_conditions(self, text_states: torch.Tensor, text_mask: torch.Tensor, speaker: torch.Tensor,
+                          lyric_ids: torch.Tensor, lyric_mask: torch.Tensor,
+                          lyric_query_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.inner.encode_conditions(text_states, text_mask, speaker, lyric_ids, lyric_mask,
+                                            lyric_query_scale)
+
+    def predict_velocity(self, latents: torch.Tensor, latent_mask: torch.Tensor,
+                         encoder_states: torch.Tensor, encoder_mask: torch.Tensor,
+                         timestep: torch.Tensor, query_scale: torch.Tensor) -> torch.Tensor:
+        return self.inner.predict_velocity(latents, latent_mask, encoder_states, encoder_mask, timestep,
+                                           query_scale)
+
+    def encode_mel(self, mel: torch.Tensor) -> torch.Tensor:
+        return self.inner.encode_mel(mel)
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.inner.decode_latents(latents)
+
+    def vocode(self, mel: torch.Tensor) -> torch.Tensor:
+        return self.inner.vocode(mel)
