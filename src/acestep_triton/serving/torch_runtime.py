@@ -130,12 +130,10 @@ def load_component_module(name: str, ckpt_dir: str | Path, *, lora_path: str | P
     if name in ("condition_encoder", "dit_decoder"):
         transformer = load_transformer(layout)
         if lora_path is not None:
-            from ..lora import apply_lora, load_lora
+            from ..lora import fused_transformer, load_lora
 
             adapter = load_lora(lora_path, transformer, scaling=lora_scaling)
-            with apply_lora(transformer, adapter, lora_weight):
-                fused = {k: v.clone() for k, v in transformer.state_dict().items()}
-            transformer.load_state_dict(fused)
+            transformer = fused_transformer(transformer, adapter, lora_weight)
         _drop(transformer, DECODE_ONLY if name == "condition_encoder" else ENCODE_ONLY)
         return transformer
     if lora_path is not None:
