@@ -916,6 +916,28 @@ def describe(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
     return info
 
 
+def measure_lora(plan: Plan, report: Report, deadline: Deadline) -> None:
+    """(e), only with ``--lora``: what runtime LoRA adapters cost per DiT step on this device
+    (``benchmarks/lora_runtime.py``: one DiT block at the real width, bf16 on a GPU, r = 16, 64,
+    256 against none, every row or half the rows with the adapter). In-process: it measures the
+    adapter arithmetic, not Triton."""
+    import lora_runtime
+
+    if deadline.left() < 30:
+        report.note("(e) skipped: the time budget is spent")
+        return
+    cuda = plan.device.startswith("cuda")
+    argv = ["--device", plan.device, "--dtype", "bf16" if cuda else "fp32", "--threads", "0",
+            "--repeats", "2" if plan.dry_run else "10"]
+    argv += ["--width", "256", "--frames", "8"] if plan.dry_run else ["--frames", "645"]
+    try:
+        texts = lora_runtime.tables(lora_runtime.parse_args(argv))
+    except Exception as exc:  # optional: never lose the other sections to it
+        report.note(f"(e) runtime LoRA failed: {type(exc).__name__}: {exc}")
+        return
+    report.add("e_lora", {"argv": argv}, "\n\n".join(["(e) runtime LoRA adapters (in-process)", *texts]))
+
+
 def measure(args: argparse.Namespace) -> int:
     """Every section; 0 when all ran without errors (the goals are reported, not enforced).
 
@@ -1005,6 +1027,8 @@ def measure(args: argparse.Namespace) -> int:
                 failures.append(f"{report.data['c_throughput']['errors']} load requests failed")
         else:
             report.note("(c) skipped: no working server")
+        if getattr(args, "lora", False):
+            measure_lora(plan, report, deadline)
     except Exception as exc:
         failures.append(f"{type(exc).__name__}: {exc}")
         report.note(f"the run stopped early: {type(exc).__name__}: {exc}")
@@ -1057,6 +1081,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     run.add_argument("--request-timeout", type=float, default=None, help="seconds per request (180)")
     run.add_argument("--server-timeout", type=float, default=300.0, help="seconds for tritonserver to load")
     run.add_argument("--threads", type=int, default=None, help="in-process torch threads (0: default; dry run 1)")
+    run.add_argument("--lora", action="store_true",
+                     help="(e) runtime LoRA: extra time per DiT step at r=16,64,256 (benchmarks/lora_runtime.py)")
     return parser.parse_args(argv)
 
 

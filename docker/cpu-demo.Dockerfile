@@ -59,8 +59,10 @@ RUN /opt/acestep/docker/entrypoint-server.sh build
 
 EXPOSE 8000 8001 8002
 # Every endpoint's Python stubs import torch: about a minute to ready on 2 cores.
+# --components: also unhealthy while a dead model process is being reloaded (Triton's
+# /v2/health/ready keeps answering 200 then).
 HEALTHCHECK --interval=15s --timeout=5s --start-period=5m --retries=3 \
   CMD ["python", "/opt/acestep/docker/healthcheck.py", "--path", "/v2/health/ready", \
-       "--port-env", "ACESTEP_HTTP_PORT", "--default-port", "8000"]
+       "--components", "ready", "--port-env", "ACESTEP_HTTP_PORT", "--default-port", "8000"]
 ENTRYPOINT ["/opt/acestep/docker/entrypoint-server.sh"]
 CMD ["run"]

@@ -80,8 +80,10 @@ USER 1000:1000
 EXPOSE 8000 8001 8002
 # Ready = every model loaded (--strict-readiness). The start period covers a first start that
 # exports and builds the engines (tens of minutes for the 3.5B model); later starts take seconds.
+# --components: also unhealthy while a dead model process is being reloaded (Triton's
+# /v2/health/ready keeps answering 200 then).
 HEALTHCHECK --interval=30s --timeout=10s --start-period=60m --retries=3 \
   CMD ["python3", "/opt/acestep/docker/healthcheck.py", "--path", "/v2/health/ready", \
-       "--port-env", "ACESTEP_HTTP_PORT", "--default-port", "8000"]
+       "--components", "ready", "--port-env", "ACESTEP_HTTP_PORT", "--default-port", "8000"]
 ENTRYPOINT ["/opt/acestep/docker/entrypoint-server.sh"]
 CMD ["run"]

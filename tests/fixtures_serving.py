@@ -15,6 +15,7 @@ backends for the same request. Import the fixtures you use into the test module.
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -107,12 +108,22 @@ def golden_server(golden_deployment: Deployment,
 
 # ----------------------------------------------------------------------------------- torch runtime
 @pytest.fixture(scope="session")
-def torch_deployment(tiny_onnx_ckpt: Path, tiny_onnx_components: Components, tiny_lora_dir: Path,
+def torch_lora_dir(tiny_lora_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The torch deployment's own LoRA registry (a copy of ``tiny_lora_dir``): tests add and
+    remove adapters in it at runtime without touching the fused-variant deployments' folder."""
+    root = tmp_path_factory.mktemp("torch_loras") / "registry"
+    shutil.copytree(tiny_lora_dir, root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def torch_deployment(tiny_onnx_ckpt: Path, tiny_onnx_components: Components, torch_lora_dir: Path,
                      tmp_path_factory: pytest.TempPathFactory) -> Deployment:
     """The tiny checkpoint with the ``torch`` component runtime (fp32 CPU), every endpoint and
-    the tiny LoRA's variants: the GPU target's runtime, served here on the CPU."""
+    the tiny LoRA as a runtime adapter (any strength, plus the ``lora_registry`` control model):
+    the GPU target's runtime, served here on the CPU."""
     return build_deployment(tiny_onnx_ckpt, tmp_path_factory.mktemp("torch_deploy"), runtime="torch",
-                            components=tiny_onnx_components, lora_dir=tiny_lora_dir, intra_op_threads=1)
+                            components=tiny_onnx_components, lora_dir=torch_lora_dir, intra_op_threads=1)
 
 
 @pytest.fixture(scope="session")

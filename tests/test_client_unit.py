@@ -12,6 +12,8 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +27,15 @@ from acestep_client.client import (
     AceStepClient,
     GenerationCancelled,
     GenerationResult,
+    InvalidRequest,
     ServerError,
     ServerUnavailable,
     _translate,
     field_of,
 )
+from acestep_client.errors import ErrorCategory, parse_message, tag_message
 from acestep_client.params import AUDIO_FORMATS, GenerationParams, ParamError
+from acestep_client.retry import NO_RETRY, RetryPolicy
 
 RATE = 48000
 
@@ -73,11 +78,62 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_server_unavailable_when_nothing_listens() -> None:
-    client = AceStepClient(f"localhost:{_free_port()}", connect_timeout=5)
+def test_server_unavailable_when_nothing_listens_after_the_retries() -> None:
+    client = AceStepClient(f"localhost:{_free_port()}", connect_timeout=5,
+                           retry=RetryPolicy(attempts=3, backoff_s=0.01))
+    retries: list[tuple[int, int]] = []
     with pytest.raises(ServerUnavailable, match="no Triton server answers"):
-        client.generate(GenerationParams(infer_step=2))
+        client.generate(GenerationParams(infer_step=2), on_retry=lambda a, n, e, d: retries.append((a, n)))
+    assert retries == [(1, 3), (2, 3)]
     assert client.is_ready() is False
+    retries.clear()
+    with pytest.raises(ServerUnavailable):
+        client.generate(GenerationParams(infer_step=2), retry=NO_RETRY, on_retry=lambda *a: retries.append(a))
+    assert retries == []
+
+
+def test_the_deadline_bounds_retries_and_waits() -> None:
+    """A wait that would end past ``timeout_s`` is not started: the last failure is raised at once."""
+    client = AceStepClient(f"localhost:{_free_port()}", connect_timeout=5,
+                           retry=RetryPolicy(attempts=5, backoff_s=30.0, jitter=0.0))
+    started = time.monotonic()
+    with pytest.raises(ServerUnavailable):
+        client.generate(GenerationParams(infer_step=2), timeout_s=2.0)
+    assert time.monotonic() - started < 10.0
+
+
+def test_cancel_interrupts_a_retry_wait() -> None:
+    client = AceStepClient(f"localhost:{_free_port()}", connect_timeout=5,
+                           retry=RetryPolicy(attempts=2, backoff_s=30.0, jitter=0.0))
+    started = time.monotonic()
+    with pytest.raises(GenerationCancelled, match="waiting to retry"):
+        client.generate(GenerationParams(infer_step=2),
+                        on_retry=lambda *a: threading.Timer(0.2, client.cancel).start())
+    assert time.monotonic() - started < 10.0
+
+
+def test_retry_policy_waits_grow_and_are_validated() -> None:
+    import random
+
+    delays = list(RetryPolicy(attempts=5, backoff_s=1.0, multiplier=2.0, max_backoff_s=5.0,
+                              jitter=0.0).delays(random.Random(0)))
+    assert delays == [1.0, 2.0, 4.0, 5.0]
+    assert list(NO_RETRY.delays()) == []
+    jittered = list(RetryPolicy(attempts=3, backoff_s=1.0, jitter=0.1).delays(random.Random(1)))
+    assert all(0.9 <= d / b <= 1.1 for d, b in zip(jittered, [1.0, 2.0], strict=True))
+    for bad in ({"attempts": 0}, {"backoff_s": -1.0}, {"multiplier": 0.5}, {"jitter": 1.0}):
+        with pytest.raises(ValueError):
+            RetryPolicy(**bad)
+
+
+def test_error_tags_round_trip() -> None:
+    text = tag_message(ErrorCategory.INVALID_ARGUMENT, "audio_duration: too short")
+    assert text == "[invalid_argument] audio_duration: too short"
+    assert parse_message(text) == (ErrorCategory.INVALID_ARGUMENT, "audio_duration: too short")
+    assert tag_message(ErrorCategory.INTERNAL, text) == text  # already tagged: kept
+    assert parse_message("[nonsense] x") == (None, "[nonsense] x")
+    assert parse_message("plain") == (None, "plain")
+    assert [c for c in ErrorCategory if c.retryable] == [ErrorCategory.UNAVAILABLE]
 
 
 def test_local_validation_names_the_field_before_any_network() -> None:
@@ -117,6 +173,33 @@ def test_stream_errors_map_to_client_exceptions(status: str | None, kind: type) 
     assert type(error) is kind
     if kind is ServerError:
         assert error.field == "lyrics" and "too long" in str(error)
+
+
+def test_triton_s_own_stub_errors_are_retryable() -> None:
+    """When the endpoint's own stub dies, Triton answers in its place, untagged."""
+    error = _translate(InferenceServerException("Stub process 'text2music_0_0' is not healthy.", status=None),
+                       "host:1")
+    assert type(error) is ServerUnavailable and "text2music_0_0" in str(error)
+    for queue_refusal in ("Exceeds maximum queue size", "Request timeout expired"):
+        assert type(_translate(InferenceServerException(queue_refusal, status=None), "h:1")) is ServerUnavailable
+
+
+@pytest.mark.parametrize(("category", "kind"), [("invalid_argument", InvalidRequest),
+                                                ("unavailable", ServerUnavailable),
+                                                ("cancelled", GenerationCancelled),
+                                                ("internal", ServerError)])
+def test_tagged_stream_errors_map_by_category(category: str, kind: type) -> None:
+    """The endpoint's tag decides, whatever gRPC status the stream reported."""
+    error = _translate(InferenceServerException(f"[{category}] lyrics: too long", status=None), "host:1",
+                       audio_started=True)
+    assert type(error) is kind
+    assert "[" not in str(error) and "too long" in str(error)
+    if kind is InvalidRequest:
+        assert error.field == "lyrics" and error.category is ErrorCategory.INVALID_ARGUMENT
+    if kind is ServerError:
+        assert error.field is None and error.category is ErrorCategory.INTERNAL
+    if kind is ServerUnavailable:
+        assert error.audio_started
 
 
 def _result(batch: int = 2, n: int = 4800) -> GenerationResult:
@@ -196,8 +279,12 @@ def test_cli_reports_bad_parameters_and_unavailable_server(tmp_path: Path) -> No
     assert cli.run_generate(args, stderr=err) == 2 and "infer_step" in err.getvalue()
     err = io.StringIO()
     args = cli.build_parser().parse_args(["generate", "--url", f"localhost:{_free_port()}", "--steps", "2",
-                                          "--out", str(tmp_path)])
+                                          "--out", str(tmp_path), "--retries", "1", "--timeout-s", "30"])
     assert cli.run_generate(args, stderr=err) == 3 and "unavailable" in err.getvalue()
+    assert err.getvalue().count("retrying in") == 1 and "(attempt 2 of 2)" in err.getvalue(), err.getvalue()
+    err = io.StringIO()
+    args = cli.build_parser().parse_args(["generate", "--retries", "-1"])
+    assert cli.run_generate(args, stderr=err) == 2 and "retries" in err.getvalue()
 
 
 def test_progress_printer_plain_text() -> None:

@@ -485,6 +485,16 @@ def test_healthcheck_probes_the_right_endpoint(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", DOCKERFILES)
+def test_server_healthchecks_also_check_the_model_processes(name: str) -> None:
+    """Triton's /v2/health/ready stays 200 after a model's backend process died, so the server
+    images also run the components check; the front end has no server to check."""
+    hc = healthcheck(final_stage(name))
+    assert hc is not None
+    args = Instruction("CMD", hc.value[3:].strip(), hc.line).exec_form() or []
+    assert _option(args, "--components") == (None if name == FRONTEND else "ready"), args
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
 def test_copied_sources_exist(name: str) -> None:
     assert copy_problems(final_stage(name)) == []
 
@@ -647,6 +657,7 @@ def test_compose_ports_healthchecks_and_images(compose: dict) -> None:
         test = service["healthcheck"]["test"]
         assert test[0] == "CMD" and any(t.endswith("healthcheck.py") for t in test), name
         assert _option(test, "--path") == ("/" if frontend else "/v2/health/ready"), name
+        assert _option(test, "--components") == (None if frontend else "ready"), name
         image = service["image"]
         assert ":" in image and not image.endswith(":latest"), image
         build = service["build"]

@@ -158,17 +158,29 @@ def resource_problems(workload: Doc) -> list[str]:
     return problems
 
 
+def _option(command: list[str], name: str) -> str | None:
+    return command[command.index(name) + 1] if name in command[:-1] else None
+
+
 def probe_problems(server: Doc, min_startup_s: int) -> list[str]:
-    """Liveness on /v2/health/live, readiness and startup on /v2/health/ready, all on the HTTP
-    port; the startup probe allows at least ``min_startup_s`` for the models to load."""
+    """Startup on GET /v2/health/ready (HTTP port); liveness and readiness run the image's
+    healthcheck.py on /v2/health/live and /v2/health/ready with ``--components live|ready``
+    (Triton's endpoints alone stay 200 when a model process died), on the HTTP port's variable;
+    the startup probe allows at least ``min_startup_s`` for the models to load."""
     c = container(server, "tritonserver")
-    expected = {"livenessProbe": "/v2/health/live", "readinessProbe": "/v2/health/ready",
-                "startupProbe": "/v2/health/ready"}
     problems = []
-    for probe, path in expected.items():
-        get = c.get(probe, {}).get("httpGet", {})
-        if get.get("path") != path or get.get("port") not in ("http", SERVER_PORTS["http"]):
-            problems.append(f"{probe}: {get} is not GET {path} on the http port")
+    get = c.get("startupProbe", {}).get("httpGet", {})
+    if get.get("path") != "/v2/health/ready" or get.get("port") not in ("http", SERVER_PORTS["http"]):
+        problems.append(f"startupProbe: {get} is not GET /v2/health/ready on the http port")
+    for probe, path, mode in (("livenessProbe", "/v2/health/live", "live"),
+                              ("readinessProbe", "/v2/health/ready", "ready")):
+        command = c.get(probe, {}).get("exec", {}).get("command", [])
+        script = next((a for a in command if a.endswith("healthcheck.py")), None)
+        if (script != "/opt/acestep/docker/healthcheck.py" or _option(command, "--path") != path
+                or _option(command, "--components") != mode
+                or env(c).get(_option(command, "--port-env") or "") != str(SERVER_PORTS["http"])):
+            problems.append(f"{probe}: {command} is not healthcheck.py --path {path} --components {mode} "
+                            "on the http port's variable")
     startup = c.get("startupProbe", {})
     allowed = startup.get("periodSeconds", 10) * startup.get("failureThreshold", 3)
     if allowed < min_startup_s:
@@ -423,7 +435,7 @@ def test_checks_catch_broken_manifests(rendered: dict[str, list[Doc]]) -> None:
     del serve["resources"]["limits"][GPU]
     serve["securityContext"]["allowPrivilegeEscalation"] = True
     serve["startupProbe"]["failureThreshold"] = 3
-    serve["livenessProbe"]["httpGet"]["path"] = "/v2/health/ready"
+    serve["livenessProbe"]["exec"]["command"][3] = "/v2/health/ready"  # the --path value
     del container(broken, "build-repository", init=True)["resources"]["requests"]["memory"]
     pod_spec(broken)["securityContext"]["runAsUser"] = 0
     assert gpu_problems(broken, "gpu") == ["tritonserver: nvidia.com/gpu limit is None, expected 1"]

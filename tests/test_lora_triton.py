@@ -1,4 +1,4 @@
-"""LoRA through a real tritonserver: fused variant models routed per request, against the
+"""LoRA through a real tritonserver (``onnx`` runtime): fused variant models routed per request, against the
 in-process pipeline with the same adapter fused at the same strength (1e-4 absolute; measured
 3.5e-7). The adapter is ``tiny_lora_dir``'s, served by the session's ``tiny_server``."""
 
@@ -46,3 +46,5 @@ def test_served_lora_matches_in_process_and_checks_the_request(tiny_server: Trit
         client.generate(GenerationParams(**FAST, lora_name_or_path=TINY_LORA, lora_weight=1.0))
     with pytest.raises(ServerError, match="lora_name_or_path"):
         client.generate(GenerationParams(**FAST, lora_name_or_path="jazz"))
+    with pytest.raises(ServerError, match="no 'lora_registry' model"):  # fused variants: no runtime registry
+        client.list_loras()

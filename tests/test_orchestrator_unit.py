@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from acestep_client.errors import ErrorCategory, UnavailableError, parse_message
 from acestep_client.params import MAX_AUDIO_BYTES, ParamError
-from acestep_triton.serving.orchestrator import read_audio_input, read_request_fields
+from acestep_triton.sampling import SamplingCancelled
+from acestep_triton.serving.orchestrator import error_report, read_audio_input, read_request_fields
 
 
 def inputs(**arrays: np.ndarray):
@@ -28,3 +30,27 @@ def test_audio_inputs_are_checked() -> None:
     big = np.array([b"\0" * (MAX_AUDIO_BYTES + 1)], dtype=object)
     with pytest.raises(ParamError, match=r"^ref_audio: .*the limit is"):
         read_audio_input(inputs(ref_audio=big), "ref_audio")
+
+
+@pytest.mark.parametrize(("exc", "category"), [
+    (ParamError("audio_duration", "too short"), ErrorCategory.INVALID_ARGUMENT),
+    (UnavailableError("no memory free within 30 s"), ErrorCategory.UNAVAILABLE),
+    (RuntimeError("dit_decoder: Stub process 'dit_decoder_0_0' is not healthy."), ErrorCategory.UNAVAILABLE),
+    (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), ErrorCategory.UNAVAILABLE),
+    (SamplingCancelled(3, 10), ErrorCategory.CANCELLED),
+    (RuntimeError("shape mismatch in dcae_decoder"), ErrorCategory.INTERNAL),
+    (KeyError("velocity"), ErrorCategory.INTERNAL),
+])
+def test_every_error_response_carries_its_category(exc: Exception, category: ErrorCategory) -> None:
+    got, message = error_report("text2music", exc)
+    assert got is category
+    parsed, text = parse_message(message)
+    assert parsed is category
+    if category is ErrorCategory.INVALID_ARGUMENT:
+        assert text == "audio_duration: too short"  # the schema's "<field>: <reason>", unchanged
+    elif category is ErrorCategory.INTERNAL:
+        assert text.startswith(f"internal error in text2music: {type(exc).__name__}")
+    elif category is ErrorCategory.CANCELLED:
+        assert text.startswith("text2music: request cancelled")
+    else:
+        assert text.startswith("text2music cannot serve this request now, retry it: ") and str(exc) in text

@@ -566,7 +566,7 @@ def test_cancel_and_timeout_stop_the_request_on_the_server(served) -> None:
         client.generate(long, endpoint=FAKE_ENDPOINT, on_progress=cancel_at_three)
     assert seen[:3] == [1, 2, 3] and len(seen) <= 4, seen
     with pytest.raises(GenerationTimeout):
-        client.generate(long, endpoint=FAKE_ENDPOINT, timeout=0.3)
+        client.generate(long, endpoint=FAKE_ENDPOINT, timeout_s=0.3)
     # The endpoint has one instance, so this short request runs only after both long loops have
     # returned; the step counter then tells how far they went (each would run 400 steps if the
     # server ignored the cancellation).

@@ -17,7 +17,8 @@ import soundfile as sf
 import tritonclient.grpc as grpcclient
 from test_pipeline_golden import TEXT2MUSIC_CASES, case_params
 
-from acestep_client.client import AceStepClient, GenerationCancelled, ServerError
+from acestep_client.client import AceStepClient, GenerationCancelled, InvalidRequest
+from acestep_client.errors import ErrorCategory
 from acestep_client.params import GenerationParams
 from acestep_triton.pipeline import MusicGenerator
 from acestep_triton.serving.server import TritonServer
@@ -171,9 +172,10 @@ def test_bad_field_is_rejected_by_the_server(field: str, bad: dict, client: AceS
     params = fast()
     for key, value in bad.items():
         setattr(params, key, value)  # bypass client-side validation: the server must check too
-    with pytest.raises(ServerError) as info:
+    with pytest.raises(InvalidRequest) as info:  # tagged [invalid_argument]: the client will not retry it
         client.generate(params, validate=False)
-    assert field in str(info.value), str(info.value)
+    assert info.value.field == field and field in str(info.value), str(info.value)
+    assert info.value.category is ErrorCategory.INVALID_ARGUMENT
     assert client.generate(fast(infer_step=1)).audio.shape[0] == 1  # still serving
 
 

@@ -12,6 +12,11 @@ _LAZY = {
     "ServerError": "client",
     "ServerUnavailable": "client",
     "GenerationCancelled": "client",
+    "GenerationTimeout": "client",
+    "InvalidRequest": "client",
+    "RetryPolicy": "retry",
+    "NO_RETRY": "retry",
+    "ErrorCategory": "errors",
     "GenerationParams": "params",
     "ParamError": "params",
 }

@@ -13,7 +13,13 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from acestep_client.params import AUDIO_FORMATS, MAX_AUDIO_BYTES
+from acestep_client.params import (
+    AUDIO_FORMATS,
+    MAX_AUDIO_BYTES,
+    MAX_AUDIO_SAMPLE_RATE,
+    MIN_AUDIO_SAMPLE_RATE,
+    ParamError,
+)
 
 ENCODINGS: dict[str, tuple[str, str]] = {
     "wav": ("WAV", "FLOAT"),
@@ -68,7 +74,8 @@ def audio_file_bytes(source: str | Path | bytes | tuple[np.ndarray, int], field:
 
     ``source`` is a path (sent as it is: the server decodes wav/flac/ogg/mp3 itself), raw file
     bytes, or ``(audio [channels, samples], sample_rate)`` such as a previous result's item,
-    which is encoded losslessly as float WAV.
+    which is encoded losslessly as float WAV. Errors are ``ParamError`` (a ``ValueError``) naming
+    ``field``.
     """
     import io
 
@@ -83,10 +90,17 @@ def audio_file_bytes(source: str | Path | bytes | tuple[np.ndarray, int], field:
     data = np.asarray(audio, dtype=np.float32)
     if data.ndim == 1:
         data = data[None]
-    if data.ndim != 2:
-        raise ValueError(f"{field}: audio must be [channels, samples], got shape {list(data.shape)}")
+    if data.ndim != 2 or data.shape[0] == 0 or data.shape[1] == 0:
+        raise ParamError(field, f"audio must be [channels, samples] with both > 0, got shape {list(data.shape)}")
+    # The server refuses other rates (see its decode); refusing here saves the upload.
+    if not MIN_AUDIO_SAMPLE_RATE <= int(rate) <= MAX_AUDIO_SAMPLE_RATE:
+        raise ParamError(field, f"sample rate {int(rate)} Hz is outside the supported "
+                                f"{MIN_AUDIO_SAMPLE_RATE}–{MAX_AUDIO_SAMPLE_RATE} Hz")
     buffer = io.BytesIO()
-    sf.write(buffer, np.ascontiguousarray(data.T), int(rate), subtype="FLOAT", format="WAV")
+    try:
+        sf.write(buffer, np.ascontiguousarray(data.T), int(rate), subtype="FLOAT", format="WAV")
+    except sf.LibsndfileError as exc:  # its str() shows "<_io.BytesIO object at 0x…>", not the reason
+        raise ParamError(field, f"cannot encode the audio as WAV: {exc.error_string}") from None
     return buffer.getvalue()
 
 

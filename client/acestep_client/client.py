@@ -2,10 +2,15 @@
 
 An endpoint streams one ``progress`` (step, total) response per denoising step and ends with a
 response carrying ``audio`` [B, 2, N], ``sample_rate`` and ``params_json``. :meth:`generate`
-drives that stream and turns its failure modes into three exceptions a caller can act on:
-:class:`ServerUnavailable` (nothing listening, endpoint not loaded: retry elsewhere/later),
-:class:`ServerError` (the server refused or failed the request; its message names the field
-for bad input) and :class:`GenerationCancelled` (``cancel()``, a timeout, or Ctrl-C).
+drives that stream and turns its failure modes into exceptions a caller can act on, by the
+error category the endpoint tags its messages with (:mod:`acestep_client.errors`):
+:class:`ServerUnavailable` (nothing listening, endpoint not loaded, or ``[unavailable]``: a
+component restarting, no memory free now; safe to retry), :class:`InvalidRequest` (the server
+refused an input; ``field`` names it; never retried), :class:`ServerError` (the server failed
+the request) and :class:`GenerationCancelled` (``cancel()``, a timeout, or Ctrl-C).
+
+``generate`` retries what is safe to retry (:mod:`acestep_client.retry`) within the request's
+deadline ``timeout_s``.
 
 Stream callbacks run on tritonclient's reader thread; they only queue what arrives, and the
 calling thread does everything else (progress callback included), so user code never runs on
@@ -30,14 +35,18 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from acestep_client.audio_io import audio_tensor
-from acestep_client.params import GenerationParams, params_to_wire
+from acestep_client.errors import ErrorCategory, means_unavailable, parse_message
+from acestep_client.params import AUDIO_INPUTS, GenerationParams, params_to_wire
 from acestep_client.result import GenerationResult
+from acestep_client.retry import DEFAULT_RETRY, RetryCallback, RetryPolicy
 
 ProgressCallback = Callable[[int, int], None]
 AudioInput = str | Path | bytes | tuple[np.ndarray, int]
 """An audio file path, its bytes, or (audio [channels, samples], sample_rate)."""
 _POLL_S = 0.1
 """How often a waiting generate() looks at its cancel flag and deadline."""
+LORA_REGISTRY_MODEL = "lora_registry"
+"""The control model of runtime LoRA adapters (``acestep_triton.lora.control``)."""
 
 
 class AceStepError(Exception):
@@ -45,18 +54,34 @@ class AceStepError(Exception):
 
 
 class ServerUnavailable(AceStepError):  # noqa: N818 - the name users catch
-    """No server answers at the URL, or the endpoint is not loaded and ready there."""
+    """No server answers at the URL, the endpoint is not loaded and ready there, or it could not
+    serve the request now (``[unavailable]``). Nothing was generated: safe to retry.
+
+    ``audio_started`` is True when the failure came after audio had begun to arrive (then the
+    client does not retry it)."""
+
+    def __init__(self, message: str, *, audio_started: bool = False) -> None:
+        super().__init__(message)
+        self.message = message
+        self.audio_started = audio_started
 
 
 class ServerError(AceStepError):
     """The server failed the request. ``field`` names the request field when the server
-    rejected an input (its message then starts with ``"<field>: "``), else ``None``."""
+    rejected an input (its message then starts with ``"<field>: "``), else ``None``;
+    ``category`` is the endpoint's error category (``None`` for errors from Triton itself)."""
 
-    def __init__(self, message: str, *, status: str | None = None, field: str | None = None) -> None:
+    def __init__(self, message: str, *, status: str | None = None, field: str | None = None,
+                 category: ErrorCategory | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
         self.field = field
+        self.category = category
+
+
+class InvalidRequest(ServerError):  # noqa: N818 - the name users catch
+    """The server refused the request's input (``field`` names it): fix it, do not retry."""
 
 
 class GenerationCancelled(AceStepError):  # noqa: N818 - the name users catch
@@ -67,7 +92,7 @@ class GenerationTimeout(GenerationCancelled, TimeoutError):  # noqa: N818
     """The generation did not finish within ``timeout`` seconds (and was cancelled)."""
 
 
-_FIELD_NAMES = frozenset(s.name for s in GenerationParams.specs()) | {"json_data"}
+_FIELD_NAMES = frozenset(s.name for s in GenerationParams.specs()) | {"json_data"} | frozenset(AUDIO_INPUTS)
 _FIELD_RE = re.compile(r"(?<![\w.])([a-z][a-z0-9_]*): ")
 
 
@@ -88,11 +113,13 @@ class AceStepClient:
     """
 
     def __init__(self, url: str = "localhost:8001", *, ssl: bool = False, verbose: bool = False,
-                 connect_timeout: float = 10.0) -> None:
+                 connect_timeout: float = 10.0, retry: RetryPolicy = DEFAULT_RETRY) -> None:
+        """``retry`` is :meth:`generate`'s default :class:`RetryPolicy` (``retry.NO_RETRY``: never)."""
         self.url = url
         self.ssl = ssl
         self.verbose = verbose
         self.connect_timeout = connect_timeout
+        self.retry = retry
         self._lock = threading.Lock()
         self._active: set[threading.Event] = set()
 
@@ -154,11 +181,20 @@ class AceStepClient:
         return inputs
 
     def generate(self, params: GenerationParams, *, endpoint: str | None = None,
-                 on_progress: ProgressCallback | None = None, timeout: float | None = None,
+                 on_progress: ProgressCallback | None = None, timeout_s: float | None = None,
                  validate: bool = True, extra_inputs: Mapping[str, np.ndarray] | None = None,
                  src_audio: AudioInput | None = None, ref_audio: AudioInput | None = None,
-                 should_cancel: Callable[[], bool] | None = None) -> GenerationResult:
+                 should_cancel: Callable[[], bool] | None = None, retry: RetryPolicy | None = None,
+                 on_retry: RetryCallback | None = None) -> GenerationResult:
         """Run one request on ``endpoint`` (default: ``params.task``) and wait for its audio.
+
+        ``timeout_s`` is the request's deadline, over all attempts and the waits between them:
+        past it the request is cancelled on the server and :class:`GenerationTimeout` raised.
+        ``retry`` (default: the client's policy) resends the request after a
+        :class:`ServerUnavailable` that came before any audio, waiting between attempts;
+        ``on_retry(attempt, attempts, error, delay_s)`` hears about each resend. Progress then
+        starts again from the first step. The last failure is raised when attempts or the
+        deadline run out.
 
         ``src_audio`` (repaint/edit/extend) and ``ref_audio`` (audio2audio) take a file path, the
         bytes of an audio file, or ``(audio [channels, samples], sample_rate)`` (e.g. an item of
@@ -178,9 +214,49 @@ class AceStepClient:
             if source is not None:
                 extra_inputs[name] = audio_tensor(source, name)
         endpoint = endpoint or params.task
-        if should_cancel is not None and should_cancel():  # nothing sent yet: nothing to cancel there
-            raise GenerationCancelled(f"generation on {endpoint!r} cancelled before it was sent")
         inputs = self.build_inputs(params, extra_inputs)
+        policy = retry or self.retry
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        delays = policy.delays()
+        for attempt in range(1, policy.attempts + 1):
+            if should_cancel is not None and should_cancel():  # nothing in flight: nothing to cancel there
+                raise GenerationCancelled(f"generation on {endpoint!r} cancelled before it was sent")
+            try:
+                result = self._attempt(inputs, endpoint, on_progress, deadline, timeout_s, should_cancel)
+            except ServerUnavailable as exc:
+                delay = next(delays, None)
+                left = None if deadline is None else deadline - time.monotonic()
+                if exc.audio_started or delay is None or (left is not None and delay >= left):
+                    raise
+                if on_retry is not None:
+                    on_retry(attempt, policy.attempts, exc, delay)
+                self._sleep(delay, should_cancel, endpoint)
+                continue
+            # Client-side fields (the file format) never travel; record them with the rest.
+            for spec in GenerationParams.specs():
+                if not spec.wire:
+                    result.params[spec.name] = getattr(params, spec.name)
+            return result
+        raise AssertionError("unreachable: the last attempt returns or raises")  # pragma: no cover
+
+    def _sleep(self, delay: float, should_cancel: Callable[[], bool] | None, endpoint: str) -> None:
+        """Wait ``delay`` s before a retry, still honouring ``cancel()`` and ``should_cancel``."""
+        cancelled = threading.Event()
+        with self._lock:
+            self._active.add(cancelled)
+        try:
+            end = time.monotonic() + delay
+            while (left := end - time.monotonic()) > 0:
+                if cancelled.wait(min(_POLL_S, left)) or (should_cancel is not None and should_cancel()):
+                    raise GenerationCancelled(f"generation on {endpoint!r} cancelled while waiting to retry")
+        finally:
+            with self._lock:
+                self._active.discard(cancelled)
+
+    def _attempt(self, inputs: list[grpcclient.InferInput], endpoint: str, on_progress: ProgressCallback | None,
+                 deadline: float | None, timeout_s: float | None,
+                 should_cancel: Callable[[], bool] | None) -> GenerationResult:
+        """Send the request once and collect its stream (the body of one retry attempt)."""
         client = self._new_client()
         cancelled = threading.Event()
         with self._lock:
@@ -195,12 +271,8 @@ class AceStepClient:
                                           enable_empty_final_response=True)
             except InferenceServerException as exc:
                 raise _translate(exc, self.url) from exc
-            result = self._collect(events, cancelled, endpoint, on_progress, timeout, should_cancel)
+            result = self._collect(events, cancelled, endpoint, on_progress, deadline, timeout_s, should_cancel)
             finished = True
-            # Client-side fields (the file format) never travel; record them with the rest.
-            for spec in GenerationParams.specs():
-                if not spec.wire:
-                    result.params[spec.name] = getattr(params, spec.name)
             return result
         finally:
             with self._lock:
@@ -213,9 +285,8 @@ class AceStepClient:
             client.close()
 
     def _collect(self, events: queue.Queue[tuple[Any, Any]], cancelled: threading.Event, endpoint: str,
-                 on_progress: ProgressCallback | None, timeout: float | None,
+                 on_progress: ProgressCallback | None, deadline: float | None, timeout_s: float | None,
                  should_cancel: Callable[[], bool] | None = None) -> GenerationResult:
-        deadline = None if timeout is None else time.monotonic() + timeout
         chunks: list[np.ndarray] = []
         sample_rate: int | None = None
         params_json: str | None = None
@@ -226,14 +297,14 @@ class AceStepClient:
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise GenerationTimeout(f"generation on {endpoint!r} did not finish within {timeout:g} s")
+                    raise GenerationTimeout(f"generation on {endpoint!r} did not finish within {timeout_s:g} s")
                 wait = min(wait, left)
             try:
                 result, error = events.get(timeout=wait)
             except queue.Empty:
                 continue
             if error is not None:
-                raise _translate(error, self.url)
+                raise _translate(error, self.url, audio_started=bool(chunks))
             progress = result.as_numpy("progress")
             if progress is not None and on_progress is not None:
                 on_progress(int(progress[0]), int(progress[1]))
@@ -257,6 +328,52 @@ class AceStepClient:
         return GenerationResult(audio=audio, sample_rate=sample_rate, params=json.loads(params_json),
                                 params_json=params_json)
 
+    # ------------------------------------------------------------------------- runtime LoRA adapters
+    def list_loras(self) -> dict[str, Any]:
+        """The runtime LoRA adapters of a ``torch``-runtime server (its ``lora_registry`` model).
+
+        Keys: ``loaded`` (name, index, ranks, components, parameters per component ...: what a
+        request's ``lora_name_or_path`` may name, at any ``lora_weight``), ``available`` (folders
+        of the registry not loaded), ``failed`` (refused loads and why), ``budget_bytes`` and
+        ``instances`` (per component instance: the adapters resident in memory and their bytes).
+        """
+        return self._lora_command("list")
+
+    def load_lora(self, name: str) -> dict[str, Any]:
+        """Load (or re-read, when its file changed) the registry folder ``name``; the listing after.
+        An adapter that does not fit the checkpoint raises :class:`InvalidRequest` naming
+        ``lora_name_or_path``; the server keeps serving what it served."""
+        return self._lora_command("load", name)
+
+    def unload_lora(self, name: str) -> dict[str, Any]:
+        """Stop serving adapter ``name`` (its memory is freed on the instances' next calls)."""
+        return self._lora_command("unload", name)
+
+    def reload_loras(self) -> dict[str, Any]:
+        """Load every new or changed folder of the registry and unload the vanished ones."""
+        return self._lora_command("reload")
+
+    def _lora_command(self, command: str, name: str | None = None) -> dict[str, Any]:
+        inputs = []
+        for key, value in (("command", command), ("lora_name_or_path", name)):
+            if value is None:
+                continue
+            tensor = grpcclient.InferInput(key, [1], "BYTES")
+            tensor.set_data_from_numpy(np.array([value.encode()], dtype=object))
+            inputs.append(tensor)
+        client = self._new_client()
+        try:
+            result = client.infer(LORA_REGISTRY_MODEL, inputs, client_timeout=self.connect_timeout * 6)
+        except InferenceServerException as exc:
+            if "unknown model" in (exc.message() or "").lower():
+                raise ServerError(f"{self.url} has no {LORA_REGISTRY_MODEL!r} model: runtime LoRA adapters need a "
+                                  "torch-runtime deployment built with a LoRA registry (--lora-dir)") from exc
+            raise _translate(exc, self.url) from exc
+        finally:
+            client.close()
+        raw = result.as_numpy("loras_json").reshape(-1)[0]
+        return json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else str(raw))
+
     def close(self) -> None:
         self.cancel()
 
@@ -272,14 +389,25 @@ def _is_final(result: Any) -> bool:
     return "triton_final_response" in parameters and parameters["triton_final_response"].bool_param
 
 
-def _translate(error: Any, url: str) -> AceStepError:
-    """Map a stream error to the client's exceptions."""
+def _translate(error: Any, url: str, *, audio_started: bool = False) -> AceStepError:
+    """Map a stream error to the client's exceptions: by the endpoint's category tag when the
+    message has one, else by the gRPC status (the transport's own failures)."""
     if not isinstance(error, InferenceServerException):
         return ServerError(str(error))
     status = str(error.status() or "")
-    message = error.message() or str(error)
+    category, message = parse_message(error.message() or str(error))
+    if category is ErrorCategory.UNAVAILABLE:
+        return ServerUnavailable(message, audio_started=audio_started)
+    if category is ErrorCategory.CANCELLED:
+        return GenerationCancelled(message)
+    if category is ErrorCategory.INVALID_ARGUMENT:
+        return InvalidRequest(message, status=status or None, field=field_of(message), category=category)
+    if category is ErrorCategory.INTERNAL:
+        return ServerError(message, status=status or None, category=category)
     if status.endswith("UNAVAILABLE"):
-        return ServerUnavailable(f"lost the Triton server at {url}: {message}")
+        return ServerUnavailable(f"lost the Triton server at {url}: {message}", audio_started=audio_started)
+    if means_unavailable(message):  # Triton answering for an endpoint whose own process died
+        return ServerUnavailable(f"endpoint unavailable at {url}: {message}", audio_started=audio_started)
     if status.endswith("CANCELLED"):
         return GenerationCancelled(message)
     return ServerError(message, status=status or None, field=field_of(message))

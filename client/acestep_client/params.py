@@ -18,6 +18,8 @@ from typing import Any
 
 MAX_DURATION_S = 240.0
 """Upstream's longest generation: 2583 latent frames (``int(240 * 44100 / 512 / 8)``)."""
+LATENT_FRAME_S = 512 * 8 / 44100
+"""One latent frame (0.0929 s): a generation has ``int(duration·44100/512/8)`` of them."""
 
 MAX_STEPS = 1000
 MAX_BATCH = 16
@@ -35,6 +37,10 @@ AUDIO_INPUTS = ("src_audio", "ref_audio")
 ``src_audio`` is the source of repaint/edit/extend, ``ref_audio`` the reference of audio2audio."""
 MAX_AUDIO_BYTES = 128 * 1024 * 1024
 """Largest accepted audio upload: a 240 s float WAV at 48 kHz stereo (our own output) is ~92 MB."""
+MIN_AUDIO_SAMPLE_RATE = 8000
+MAX_AUDIO_SAMPLE_RATE = 192000
+"""Sample rates accepted for ``src_audio``/``ref_audio`` (telephone to high-resolution studio
+audio); anything else is refused naming the field rather than resampled at a cost for nothing."""
 OUTPUT_SAMPLE_RATE = 48000
 
 
@@ -121,7 +127,8 @@ class GenerationParams:
     retake_seeds: str = _f("retake_seeds", "BYTES", "",
                            "seeds of the retake noise per item; empty = random")
     retake_variance: float = _f("retake_variance", "FP32", 0.2,
-                                "how far a retake/repaint moves from the original (0..1)",
+                                "how far a retake/repaint/extend moves from the original (0..1); "
+                                "repaint and extend start at step int(N·(1 − v))",
                                 minimum=0.0, maximum=1.0)
     repaint_start: float = _f("repaint_start", "FP32", 0.0, "repaint window start (s)",
                               minimum=0.0, maximum=MAX_DURATION_S)
@@ -196,7 +203,27 @@ class GenerationParams:
         oss = parse_int_list("oss_steps", self.oss_steps, minimum=1, maximum=MAX_STEPS)
         if any(b <= a for a, b in itertools.pairwise(oss)):
             raise ParamError("oss_steps", f"step indices must increase strictly, got {oss}")
+        self._check_task_arithmetic(max(oss) if oss else self.infer_step)
         return self
+
+    def _check_task_arithmetic(self, num_steps: int) -> None:
+        """Values inside each field's bounds that the sampling arithmetic cannot serve.
+
+        They live here, not in the sampling code alone, so the client, the front end and the
+        server give the same verdict (the server runs this same ``validate`` first). The formulas
+        are the sampling code's: ``int(duration·44100/512/8)`` latent frames and audio2audio's
+        ``int((1 − ref_audio_strength)·N)`` steps, N = max(oss_steps) or infer_step.
+        """
+        if (self.task in ("text2music", "retake") and self.audio_duration > 0
+                and int(self.audio_duration * 44100 / 512 / 8) < 1):
+            raise ParamError("audio_duration", f"{self.audio_duration:g} s is shorter than one latent frame; "
+                                               f"the minimum is {math.ceil(LATENT_FRAME_S * 1e4) / 1e4:g} s "
+                                               "(or <= 0 for a random duration)")
+        if self.task == "audio2audio" and int((1.0 - self.ref_audio_strength) * num_steps) < 1:
+            raise ParamError("ref_audio_strength",
+                             f"{self.ref_audio_strength:g} with {num_steps} steps leaves no denoising step "
+                             "(audio2audio runs int((1 - ref_audio_strength) * infer_step) steps; "
+                             f"use at most {_max_ref_audio_strength(num_steps):g})")
 
     def retake_seed_list(self) -> list[int]:
         return parse_int_list("retake_seeds", self.retake_seeds, minimum=0, maximum=2**32 - 1)
@@ -252,6 +279,15 @@ class GenerationParams:
         return cls.from_mapping(data)
 
 
+def _max_ref_audio_strength(num_steps: int) -> float:
+    """The largest 4-decimal ``ref_audio_strength`` that leaves audio2audio one step (a hint for
+    the error: searched, since ``int((1 − s)·N)`` rounds 1 − 0.9 = 0.0999… down at N = 10)."""
+    strength = math.floor((1 - 1 / num_steps) * 1e4) / 1e4
+    while strength > 0 and int((1.0 - strength) * num_steps) < 1:
+        strength = round(strength - 1e-4, 4)
+    return strength
+
+
 def parse_int_list(name: str, text: str | Iterable[int] | int | None, *, minimum: int | None,
                    maximum: int | None) -> list[int]:
     """Parse '1, 2,3' (or an int, or a list) into ints, naming ``name`` on any bad entry."""
@@ -262,7 +298,12 @@ def parse_int_list(name: str, text: str | Iterable[int] | int | None, *, minimum
     if isinstance(text, int):
         items: list[Any] = [text]
     elif isinstance(text, str):
-        items = [p.strip() for p in text.replace(" ", ",").split(",") if p.strip()]
+        # Commas (or spaces) separate; an empty entry ("1,,2", "1,2,") is refused rather than
+        # skipped: the sampling code and upstream read such a list as an error too.
+        parts = text.split(",") if text.strip() else []
+        if any(not part.strip() for part in parts):
+            raise ParamError(name, f"{text!r} has an empty entry; use integers separated by commas")
+        items = [item for part in parts for item in part.split()]
     else:
         items = list(text)
     out: list[int] = []

@@ -5,6 +5,7 @@ acestep-triton checkpoint tiny OUT | download OUT     # checkpoints in the offic
 acestep-triton random-checkpoint OUT [--layers N]     # official sizes, random weights
 acestep-triton onnx --checkpoint C --out D            # export + parity per component
 acestep-triton trt --onnx-dir D --out E               # TensorRT engines (GPU)
+acestep-triton assets --checkpoint C --out A          # weight-free serving assets (render --assets)
 acestep-triton build --checkpoint C --workdir W       # assets + repository (--target, --runtime onnx|torch|tensorrt)
 acestep-triton render --onnx-dir D --out R ...        # (re)render a repository (cpu | gpu)
 acestep-triton serve --repository R                   # tritonserver in the foreground
@@ -66,6 +67,20 @@ def _build(args: argparse.Namespace) -> int:
                                   lora_dir=args.lora_dir, target=args.target, precision=args.precision,
                                   runtime=args.runtime)
     print(deployment.repository)
+    return 0
+
+
+def _assets(args: argparse.Namespace) -> int:
+    """The assets folder on its own, so that ``render --assets`` can follow ``onnx``/``trt``
+    without a full ``build`` (which writes the same folder as ``WORKDIR/assets``)."""
+    from .checkpoint import CheckpointError
+    from .serving.assets import write_assets
+
+    try:
+        print(write_assets(args.checkpoint, args.out, args.vocab))
+    except (CheckpointError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -175,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="engine precision for --runtime tensorrt")
     build.add_argument("--lora-dir", type=Path, default=None,
                        help="LoRA registry: one folder per adapter (+ serving.json with its lora_weight)")
+    assets = sub.add_parser("assets", help="the weight-free serving assets a repository's endpoints read",
+                            description="Write the orchestrators' assets (configs, tokenizers, lyric vocab, "
+                                        "mel buffers; no weights): the folder `render --assets` takes.")
+    assets.add_argument("--checkpoint", type=Path, required=True, help="checkpoint folder (official layout)")
+    assets.add_argument("--vocab", type=Path, default=None,
+                        help="lyric vocabulary (default: lyrics_vocab.json / vocab.json in the checkpoint)")
+    assets.add_argument("--out", type=Path, required=True, help="assets folder to write")
     demo = sub.add_parser("demo", help="the embedded default: tiny model served by a real tritonserver")
     demo.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     demo.add_argument("--out", type=Path, default=Path("demo_out"))
@@ -197,6 +219,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "build":
         return _build(args)
+    if args.command == "assets":
+        return _assets(args)
     if args.command == "demo":
         return _demo(args)
     return 2

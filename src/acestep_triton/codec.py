@@ -22,6 +22,13 @@ It reproduces upstream ACE-Step (``MusicDCAE.encode`` as used by ``infer_latents
   dropping 1024 samples at inner window edges and cross-fading 128 samples linearly; the
   result is cut to ``int(W · 4096 · sr / 44100)`` samples. Every component call then has a
   bounded size, which bounds memory for 4-minute songs.
+
+Decoding a batch of long songs takes far longer than a 1-step denoise (issue 13: a cancelled
+16 × 240 s request kept decoding for ~105 s), so :meth:`AudioCodec.decode` takes the request's
+``should_cancel`` and checks it before every component call (each DCAE window, each vocoder
+window, each batch item): a cancelled request stops within one window with
+:class:`DecodeCancelled`, a :class:`~acestep_triton.sampling.SamplingCancelled` the endpoints
+already count as cancelled.
 """
 
 from __future__ import annotations
@@ -37,11 +44,44 @@ from torch.nn import functional as F
 from .audio import MODEL_SAMPLE_RATE, OUTPUT_SAMPLE_RATE, resample
 from .models.mel import LogMelSpectrogram
 from .models.vocoder import Vocoder
+from .sampling.loop import SamplingCancelled
 
 TensorFn = Callable[[Tensor], Tensor]
+CancelFn = Callable[[], bool]
 
 #: Upstream uses overlapped decoding (when enabled) only for requests longer than this.
 OVERLAP_MIN_DURATION_S = 48.0
+
+
+class DecodeCancelled(SamplingCancelled):
+    """``should_cancel()`` turned true while decoding: raised before the next component call.
+
+    A :class:`SamplingCancelled` (so every caller that handles cancellation handles this one),
+    whose ``step``/``total`` count batch items: ``step`` items were fully decoded of ``total``;
+    ``stage`` names the component call that was skipped (``dcae`` or ``vocoder``).
+    """
+
+    def __init__(self, item: int, items: int, stage: str) -> None:
+        super().__init__(item, items)
+        self.stage = stage
+        self.args = (f"decoding cancelled before a {stage} call of batch item {item + 1} of {items}",)
+
+
+class _CancelCheck:
+    """Raises :class:`DecodeCancelled` when the request's ``should_cancel`` says so."""
+
+    def __init__(self, should_cancel: CancelFn | None, items: int) -> None:
+        self.should_cancel = should_cancel
+        self.items = items
+        self.item = 0
+
+    def __call__(self, stage: str) -> None:
+        if self.should_cancel is not None and self.should_cancel():
+            raise DecodeCancelled(self.item, self.items, stage)
+
+
+def _never(stage: str) -> None:
+    """The check of calls made outside :meth:`AudioCodec.decode` (nothing to cancel)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,32 +181,42 @@ class AudioCodec:
 
     @torch.no_grad()
     def decode(
-        self, latents: Tensor, sample_rate: int = OUTPUT_SAMPLE_RATE, overlapped: bool = False
+        self, latents: Tensor, sample_rate: int = OUTPUT_SAMPLE_RATE, overlapped: bool = False,
+        should_cancel: CancelFn | None = None,
     ) -> Tensor:
         """Latents ``[B, 8, 16, W]`` → stereo ``[B, 2, N]`` float32 at ``sample_rate``.
 
         ``overlapped`` selects upstream's windowed decode (pass :meth:`should_overlap` of the
-        request duration to behave as upstream does).
+        request duration to behave as upstream does). ``should_cancel`` is asked before every
+        DCAE and vocoder call; when it returns true, :class:`DecodeCancelled` is raised.
         """
         if latents.dim() != 4 or latents.shape[-1] == 0:
             raise ValueError(f"latents must be [B, C, H, W] with W > 0, got {tuple(latents.shape)}")
+        check = _CancelCheck(should_cancel, latents.shape[0])
         waves = []
-        for item in latents.split(1):
+        for index, item in enumerate(latents.split(1)):
+            check.item = index
             if overlapped:
-                waves.append(self._decode_item_overlapped(item, sample_rate))
+                waves.append(self._decode_item_overlapped(item, sample_rate, check))
             else:
+                check("dcae")
                 mel = self.dcae_decode(item)[0]  # [2, 128, T]
-                waves.append(resample(self._vocode_rows(mel).float(), self.sample_rate, sample_rate))
+                waves.append(resample(self._vocode_rows(mel, check).float(), self.sample_rate, sample_rate))
         return torch.stack(waves)
 
-    def _vocode_rows(self, mel: Tensor) -> Tensor:
+    def _vocode_rows(self, mel: Tensor, check: Callable[[str], None] = _never) -> Tensor:
         """``[R, 128, T]`` → ``[R, N]``, at most ``vocoder_rows_per_call`` rows per call."""
         step = self.vocoder_rows_per_call or mel.shape[0]
-        return torch.cat([self.vocode(rows)[:, 0] for rows in mel.split(step)])
+        waves = []
+        for rows in mel.split(step):
+            check("vocoder")
+            waves.append(self.vocode(rows)[:, 0])
+        return torch.cat(waves)
 
-    def _decode_item_overlapped(self, latent: Tensor, sample_rate: int) -> Tensor:
-        mel = self._dcae_decode_windowed(latent)[0]  # [2, 128, 8·W]
-        wave = self._vocode_windowed(mel).float()
+    def _decode_item_overlapped(self, latent: Tensor, sample_rate: int,
+                                check: Callable[[str], None] = _never) -> Tensor:
+        mel = self._dcae_decode_windowed(latent, check)[0]  # [2, 128, 8·W]
+        wave = self._vocode_windowed(mel, check).float()
         total = latent.shape[-1] * self.samples_per_latent
         if sample_rate != self.sample_rate:
             wave = resample(wave, self.sample_rate, sample_rate)
@@ -175,7 +225,7 @@ class AudioCodec:
         keep = min(int(total * sample_rate / self.sample_rate), wave.shape[-1])
         return wave[:, :keep]
 
-    def _dcae_decode_windowed(self, latent: Tensor) -> Tensor:
+    def _dcae_decode_windowed(self, latent: Tensor, check: Callable[[str], None] = _never) -> Tensor:
         """DCAE decode of ``[1, C, H, L]`` in windows; returns the ``[1, 2, 128, 8·L]`` mel.
 
         Windows of ``win`` frames start every ``win/2``; each keeps its middle half (mel trimmed
@@ -189,6 +239,7 @@ class AudioCodec:
         pieces = []
         for i, start in enumerate(starts):
             segment = latent[..., start : min(length, start + win)]
+            check("dcae")
             mel = self.dcae_decode(segment)
             first, last = i == 0, i == len(starts) - 1
             lo = 0 if first else trim
@@ -201,7 +252,7 @@ class AudioCodec:
             pieces.append(mel[..., lo:hi])
         return torch.cat(pieces, dim=-1)
 
-    def _vocode_windowed(self, mel: Tensor) -> Tensor:
+    def _vocode_windowed(self, mel: Tensor, check: Callable[[str], None] = _never) -> Tensor:
         """Vocode ``[R, 128, M]`` in fixed windows with cross-faded seams → ``[R, N ≥ 512·M]``.
 
         Window k covers samples ``[k·hop_s, k·hop_s + win_s)`` with ``hop_s = win_s − 2·overlap``;
@@ -222,7 +273,7 @@ class AudioCodec:
             block = mel[..., frame : frame + frames]
             if block.shape[-1] < frames:  # zero log-mel frames, as upstream pads
                 block = F.pad(block, (0, frames - block.shape[-1]))
-            return self._vocode_rows(block)
+            return self._vocode_rows(block, check)
 
         pieces = [window_at(0)[:, : -w.vocoder_overlap]]
         done = pieces[0].shape[-1]

@@ -168,7 +168,8 @@ class MusicGenerator:
         ``src_audio`` (repaint/edit/extend) and ``ref_audio`` (audio2audio) are the bytes of an
         audio file. ``rng`` draws a random duration when ``audio_duration <= 0``; ``seed_rng``
         draws missing seeds (upstream: torch's global generator). Raises :class:`ParamError`
-        for bad input and ``SamplingCancelled`` when ``should_cancel()`` turns true between steps.
+        for bad input and ``SamplingCancelled`` when ``should_cancel()`` turns true between steps
+        (or ``codec.DecodeCancelled``, one of them, between decode windows).
         """
         params.validate()
         try:
@@ -185,7 +186,8 @@ class MusicGenerator:
         task = params.task
         dev = self.device
         config = sampler_config(params)
-        noise, retake = resolve_request_seeds(params.manual_seeds or None, params.retake_seeds or None,
+        # The schema's parsed seeds, not the raw strings: the seeds used are the ones validated.
+        noise, retake = resolve_request_seeds(params.seed_list() or None, params.retake_seed_list() or None,
                                               params.batch_size, seed_rng)
         common = {"progress": progress, "should_cancel": should_cancel, "row_query_scale": True}
         record: dict[str, Any] = {}
@@ -210,9 +212,12 @@ class MusicGenerator:
             if task == "repaint":
                 assert source is not None
                 frames = source.shape[-1]
+                # A window past the source's end extends it: the retake noise then needs the
+                # window's frame count (the source's whenever upstream works), as for extend.
+                window = RepaintWindow.from_seconds(params.repaint_start, params.repaint_end, frames)
                 latents = sample_repaint(
                     self.denoiser, conditions, source, noise.draw_latents(frames, dev),
-                    retake.draw_latents(frames, dev), params.repaint_start, params.repaint_end,
+                    retake.draw_latents(window.retake_noise_frames, dev), params.repaint_start, params.repaint_end,
                     params.retake_variance, config,
                     generator=noise.step_generator, **common)
             elif task == "extend":
@@ -222,7 +227,8 @@ class MusicGenerator:
                 latents = sample_extend(
                     self.denoiser, conditions, source, noise.draw_latents(source.shape[-1], dev),
                     retake.draw_latents(window.retake_noise_frames, dev), params.left_extend_length,
-                    params.right_extend_length, duration, config, retake_variance=1.0, **common)
+                    params.right_extend_length, duration, config, retake_variance=params.retake_variance,
+                    **common)  # upstream's pipeline: the loop starts at int(N·(1 − retake_variance))
             elif task == "audio2audio":
                 reference, _ = self.encode_audio(ref_audio, "ref_audio")
                 latents = sample_audio2audio(
@@ -241,7 +247,8 @@ class MusicGenerator:
                                                 generator=noise.step_generator, **common)
         if task not in ("text2music", "retake"):  # the length follows the source/reference audio
             duration = latents.shape[-1] * self.codec.samples_per_latent / MODEL_SAMPLE_RATE
-        audio = self.codec.decode(latents, OUTPUT_SAMPLE_RATE, self.codec.should_overlap(duration))
+        audio = self.codec.decode(latents, OUTPUT_SAMPLE_RATE, self.codec.should_overlap(duration),
+                                  should_cancel=should_cancel)  # a cancel stops within one window
         record = {**params.to_dict(), **record}
         record.update(audio_duration=duration, actual_seeds=noise.seeds, retake_seeds=retake.seeds,
                       oss_steps=params.oss_step_list(), sample_rate=OUTPUT_SAMPLE_RATE)

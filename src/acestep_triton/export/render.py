@@ -87,6 +87,40 @@ class DynamicBatching:
 
 
 @dataclass(frozen=True)
+class QueuePolicy:
+    """Triton's ``default_queue_policy``: how many requests may wait for a free instance and for
+    how long. Past either, Triton refuses the request at once ("Exceeds maximum queue size",
+    "Request timeout expired") instead of letting a burst pile up into client timeouts.
+
+    Rendered as ``dynamic_batching { default_queue_policy { ... } }``, which tritonserver 2.51
+    accepts (and enforces) on a ``max_batch_size: 0`` decoupled Python model too: it then only
+    queues, it never merges requests. 0 means unlimited for both numbers.
+    """
+
+    max_queue_size: int = 0
+    timeout_us: int = 0
+    """Longest wait in the queue (microseconds); then ``timeout_action``."""
+    timeout_action: str = "REJECT"
+
+    def __post_init__(self) -> None:
+        if self.max_queue_size < 0 or self.timeout_us < 0:
+            raise ValueError("queue policy: max_queue_size and timeout_us must be >= 0")
+        if self.timeout_action not in ("REJECT", "DELAY"):
+            raise ValueError(f"queue policy: timeout_action must be REJECT or DELAY, got {self.timeout_action!r}")
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], where: str) -> QueuePolicy:
+        """``{"max_queue_size": 8, "timeout_s": 120}`` (an endpoint definition's ``queue``)."""
+        known = {"max_queue_size", "timeout_s", "timeout_action"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{where}: unknown queue keys {unknown} (known: {sorted(known)})")
+        return cls(max_queue_size=int(data.get("max_queue_size", 0)),
+                   timeout_us=round(float(data.get("timeout_s", 0)) * 1_000_000),
+                   timeout_action=str(data.get("timeout_action", "REJECT")))
+
+
+@dataclass(frozen=True)
 class ModelConfigSpec:
     """Everything our configs say; :func:`render_config` turns it into ``config.pbtxt`` text."""
 
@@ -103,6 +137,8 @@ class ModelConfigSpec:
     decoupled: bool = False
     parameters: Mapping[str, str] = field(default_factory=dict)
     default_model_filename: str | None = None
+    queue_policy: QueuePolicy | None = None
+    """Allowed without batching (``max_batch_size: 0``): see :class:`QueuePolicy`."""
 
     def __post_init__(self) -> None:
         if (self.backend is None) == (self.platform is None):
@@ -165,12 +201,18 @@ def render_config(model: ModelConfigSpec, *, comment: str | None = None) -> str:
     if model.instance_gpus:
         group.append(f"    gpus: {_ints(model.instance_gpus)}")
     out.append("instance_group [\n  {\n" + "\n".join(group) + "\n  }\n]")
-    if model.dynamic_batching is not None:
+    if model.dynamic_batching is not None or model.queue_policy is not None:
         db = model.dynamic_batching
         lines = []
-        if db.preferred_batch_sizes:
+        if db is not None and db.preferred_batch_sizes:
             lines.append(f"  preferred_batch_size: {_ints(db.preferred_batch_sizes)}")
-        lines.append(f"  max_queue_delay_microseconds: {db.max_queue_delay_us}")
+        if db is not None:
+            lines.append(f"  max_queue_delay_microseconds: {db.max_queue_delay_us}")
+        if model.queue_policy is not None:
+            qp = model.queue_policy
+            lines.append(f"  default_queue_policy {{\n    timeout_action: {qp.timeout_action}\n"
+                         f"    default_timeout_microseconds: {qp.timeout_us}\n"
+                         f"    max_queue_size: {qp.max_queue_size}\n  }}")
         out.append("dynamic_batching {\n" + "\n".join(lines) + "\n}")
     if model.decoupled:
         out.append("model_transaction_policy {\n  decoupled: true\n}")
@@ -373,12 +415,15 @@ class OrchestratorSpec:
     instance_count: int = 1
     extra_inputs: tuple[TensorConfig, ...] = ()
     parameters: Mapping[str, str] = field(default_factory=dict)
+    queue: QueuePolicy | None = None
+    """Admission to the endpoint's queue (JSON ``"queue": {"max_queue_size", "timeout_s"}``)."""
 
     @classmethod
     def from_json(cls, path: Path) -> OrchestratorSpec:
         """Read an endpoint definition (``ensemble_configs/<task>.json``)."""
         data = json.loads(Path(path).read_text())
-        known = {"name", "source", "task", "description", "instance_count", "extra_inputs", "parameters"}
+        known = {"name", "source", "task", "description", "instance_count", "extra_inputs", "parameters",
+                 "queue"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"{path}: unknown keys {unknown} (known: {sorted(known)})")
@@ -389,7 +434,8 @@ class OrchestratorSpec:
         return cls(name=data["name"], source=data.get("source", data["name"]),
                    task=data.get("task", data["name"]), description=data.get("description", ""),
                    instance_count=int(data.get("instance_count", 1)), extra_inputs=extra,
-                   parameters=parameters)
+                   parameters=parameters,
+                   queue=QueuePolicy.from_json(data["queue"], str(path)) if "queue" in data else None)
 
 
 ORCHESTRATOR_OUTPUTS = (
@@ -430,7 +476,8 @@ def orchestrator_config(spec: OrchestratorSpec, assets: Path | None = None, targ
                            inputs=wire + spec.extra_inputs, outputs=ORCHESTRATOR_OUTPUTS,
                            instance_kind="KIND_GPU" if parameters["sampling_device"] == "cuda" else "KIND_CPU",
                            instance_gpus=tuple(gpus) if parameters["sampling_device"] == "cuda" else (),
-                           instance_count=spec.instance_count, decoupled=True, parameters=parameters)
+                           instance_count=spec.instance_count, decoupled=True, parameters=parameters,
+                           queue_policy=spec.queue)
 
 
 def load_endpoints(names: Sequence[str] | None = None,
@@ -609,6 +656,23 @@ def add_render_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--queue-delay-us", type=int, default=1000,
                         help="dynamic batching: how long a batch may wait for more requests")
     parser.add_argument("--threads", type=int, default=0, help="cpu: onnxruntime intra-op threads (0: all)")
+    parser.add_argument("--memory-budget-mb", default=None,
+                        help="endpoints' admission budget per instance: auto (GPU: free memory at load minus "
+                             "memory_margin_mb; CPU: off), off, or MiB (see serving/admission.py)")
+
+
+def memory_parameters(budget_mb: str | None) -> dict[str, str]:
+    """``--memory-budget-mb`` as endpoint parameters, checked now rather than at server load."""
+    if budget_mb is None:
+        return {}
+    value = str(budget_mb).strip().lower()
+    if value not in ("auto", "off"):
+        try:
+            if float(value) < 0:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"--memory-budget-mb must be auto, off or MiB >= 0, got {budget_mb!r}") from None
+    return {"memory_budget_mb": value}
 
 
 def run_render(args: argparse.Namespace) -> int:
@@ -619,7 +683,8 @@ def run_render(args: argparse.Namespace) -> int:
         assets=args.assets, engine_dir=args.engine_dir,
         sources_root=args.sources, max_items=args.max_items, instance_count=args.instances,
         gpus=[int(g) for g in args.gpus.split(",") if g], max_queue_delay_us=args.queue_delay_us,
-        intra_op_threads=args.threads, runtime=args.runtime, checkpoint=args.checkpoint)
+        intra_op_threads=args.threads, runtime=args.runtime, checkpoint=args.checkpoint,
+        endpoint_parameters=memory_parameters(getattr(args, "memory_budget_mb", None)))
     models = sorted(p.name for p in out.iterdir() if p.is_dir())
     print(f"rendered {len(models)} models for target {args.target} into {out}: {', '.join(models)}")
     return 0

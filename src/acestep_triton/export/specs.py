@@ -216,3 +216,27 @@ def component(name: str) -> ComponentSpec:
         return COMPONENTS[name]
     except KeyError:
         raise KeyError(f"unknown component {name!r}; known: {', '.join(COMPONENTS)}") from None
+
+
+# ------------------------------------------------------------------------------ runtime LoRA rows
+LORA_ROW_INPUTS = (
+    TensorSpec("lora_index", "INT32", (BATCH,), optional=True,
+               description="runtime LoRA adapter per row (-1: none); sent as [B, 1] like timestep"),
+    TensorSpec("lora_scale", "FP32", (BATCH,), optional=True,
+               description="lora_weight per row (0: none)"),
+)
+"""Extra inputs of ``condition_encoder`` and ``dit_decoder`` in a ``torch``-runtime deployment
+with runtime adapters (``acestep_triton.lora.runtime``): one row per batch row, so requests using
+different adapters, or none, batch together. ONNX graphs and engines do not have them."""
+
+LORA_ROW_COMPONENTS = ("condition_encoder", "dit_decoder")
+
+
+def with_lora_rows(spec: ComponentSpec) -> ComponentSpec:
+    """``spec`` plus :data:`LORA_ROW_INPUTS` for the transformer components (others unchanged)."""
+    from dataclasses import replace
+
+    if spec.name not in LORA_ROW_COMPONENTS or "lora_index" in spec.input_names:
+        return spec
+    return replace(spec, inputs=spec.inputs + LORA_ROW_INPUTS)
+

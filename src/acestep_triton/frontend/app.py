@@ -96,8 +96,8 @@ def user_errors(aliases: dict[str, str]) -> Iterator[None]:
         raise gr.Error(f"{aliases.get(exc.field, exc.field)}: {exc.reason}") from exc
     except ServerError as exc:
         raise gr.Error(server_message(exc.message, aliases)) from exc
-    except ServerUnavailable as exc:
-        raise gr.Error(f"the model server is unavailable: {exc}") from exc
+    except ServerUnavailable as exc:  # after the client's retries
+        raise gr.Error(f"the model server is unavailable, try again in a moment: {exc}") from exc
     except AceStepError as exc:  # cancelled (often: the caller left) / timed out; not a server fault
         raise gr.Error(str(exc), print_exception=False) from exc
 
@@ -131,8 +131,13 @@ class Endpoints:
     def _run(self, kind: str, params: GenerationParams, memory: Memory | None, progress: gr.Progress,
              src_audio: str | None = None, ref_audio: str | None = None) -> tuple[str, dict[str, Any], Memory]:
         progress(0, desc="queued at the model server")
+
+        def on_retry(attempt: int, attempts: int, error: BaseException, delay: float) -> None:
+            progress(0, desc=f"model server unavailable; retrying in {delay:.0f} s ({attempt + 1}/{attempts})")
+
         out: Output = self.service.generate(params, src_audio=src_audio, ref_audio=ref_audio,
-                                            on_progress=_progress_callback(progress), should_cancel=caller_gone)
+                                            on_progress=_progress_callback(progress), should_cancel=caller_gone,
+                                            on_retry=on_retry)
         return str(out.audio_path), out.params, remember(memory, kind, out.audio_path, out.params)
 
     def text2music(self, progress: gr.Progress = PROGRESS, *, format: str, audio_duration: float,
@@ -408,7 +413,8 @@ def build_demo(service: FrontendService, *, lora_choices: Sequence[str] = ()) ->
             edit_btn = gr.Button("Edit", variant="primary")
             edit_audio, edit_json = _output_ui("Edit", "edit")
         with gr.Tab("Extend", id="extend"):
-            gr.Markdown("Uses the tags, lyrics and settings of the Text2Music tab.")
+            gr.Markdown("Uses the tags, lyrics and settings of the Text2Music tab. Runs every step "
+                        "(retake_variance 1.0, as upstream's UI); the gRPC API honours any retake_variance.")
             extend_seeds = gr.Textbox(value=D["extend_seeds"], label="extend seeds (default None)")
             left_extend_length = _api(gr.Slider(0.0, MAX_DURATION_S, step=0.01, value=D["left_extend_length"],
                                              label="Left Extend Length"), "left_extend_length")
@@ -480,11 +486,13 @@ def build_parser() -> argparse.ArgumentParser:
                         default=UPSTREAM_RANDOM_RANGE,
                         help="range that audio_duration -1 draws from (default: upstream's 30 240)")
     parser.add_argument("--lora", action="append", default=[], metavar="NAME",
-                        help="LoRA adapter offered in the UI (repeatable; the server must know it)")
+                        help="LoRA adapter offered in the UI (repeatable; the server must know it; "
+                             "default: the adapters a torch-runtime server has loaded)")
     parser.add_argument("--concurrency", type=int, default=4,
                         help="requests each endpoint keeps in flight to the model server at once; more "
                              "wait in Gradio's queue (default %(default)s)")
-    parser.add_argument("--timeout", type=float, default=None, help="seconds before a request is cancelled")
+    parser.add_argument("--timeout-s", "--timeout", dest="timeout_s", type=float, default=None,
+                        help="deadline of a request in seconds, retries included (default: none)")
     return parser
 
 
@@ -492,7 +500,7 @@ def create_service(args: argparse.Namespace) -> FrontendService:
     output_dir = args.output_dir or Path(tempfile.mkdtemp(prefix="acestep-frontend-"))
     policy = DurationPolicy(random_range=tuple(args.random_duration), max_duration=args.max_duration)
     return FrontendService(AceStepClient(args.url), output_dir, policy,
-                           keep_seconds=args.keep_hours * 3600.0, timeout=args.timeout)
+                           keep_seconds=args.keep_hours * 3600.0, timeout_s=args.timeout_s)
 
 
 def launch(service: FrontendService, *, server_name: str = "127.0.0.1", port: int = DEFAULT_PORT,
@@ -518,8 +526,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.warning("no ready Triton server at %s yet; requests will fail until it is up", args.url)
     log.info("results go to %s", service.output_dir)
     launch(service, server_name=args.server_name, port=args.port, concurrency=args.concurrency,
-           lora_choices=args.lora)
+           lora_choices=args.lora or served_loras(service))
     return 0
+
+
+def served_loras(service: FrontendService) -> list[str]:
+    """The adapters a torch-runtime server has loaded (its ``lora_registry``), offered when no
+    ``--lora`` is given; none when the server has no registry or is not up yet (any name can
+    still be typed: the dropdown takes custom values)."""
+    try:
+        return [a["name"] for a in service.client.list_loras().get("loaded", [])]
+    except Exception as exc:  # a fused-variant or LoRA-less server, or none yet
+        log.info("no runtime LoRA listing from the model server (%s)", exc)
+        return []
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import soundfile as sf
 
 from acestep_client.client import AceStepClient
 from acestep_client.params import MAX_DURATION_S, GenerationParams, ParamError
+from acestep_client.retry import RetryCallback
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class FrontendService:
     output_dir: Path
     policy: DurationPolicy = field(default_factory=DurationPolicy)
     keep_seconds: float = 24 * 3600.0
-    timeout: float | None = None
+    timeout_s: float | None = None
     rng: random.Random = field(default_factory=random.Random)
 
     def __post_init__(self) -> None:
@@ -95,12 +96,15 @@ class FrontendService:
 
     def generate(self, params: GenerationParams, *, src_audio: str | None = None, ref_audio: str | None = None,
                  on_progress: Callable[[int, int], None] | None = None,
-                 should_cancel: Callable[[], bool] | None = None) -> Output:
+                 should_cancel: Callable[[], bool] | None = None,
+                 on_retry: RetryCallback | None = None) -> Output:
         """Apply the policy, run ``params`` on its task's endpoint, save the first item.
-        ``should_cancel`` (polled while waiting) abandons the request, also on the server."""
+        ``should_cancel`` (polled while waiting) abandons the request, also on the server;
+        ``on_retry`` hears about each resend after the server was unavailable."""
         self._apply_policy(params, src_audio, ref_audio)
-        result = self.client.generate(params, on_progress=on_progress, timeout=self.timeout,
-                                      src_audio=src_audio, ref_audio=ref_audio, should_cancel=should_cancel)
+        result = self.client.generate(params, on_progress=on_progress, timeout_s=self.timeout_s,
+                                      src_audio=src_audio, ref_audio=ref_audio, should_cancel=should_cancel,
+                                      on_retry=on_retry)
         stem = f"{OUTPUT_PREFIX}{params.task}_{time.strftime('%Y%m%d_%H%M%S')}_{uuid.uuid4().hex[:8]}"
         path = result.save(self.output_dir, params.format, stem=stem)[0]
         self.prune()

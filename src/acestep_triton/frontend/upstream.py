@@ -204,7 +204,8 @@ def extend_params(settings: Mapping[str, Any], *, extend_seeds: str | None, left
                   right_extend_length: float, format: str, lora_name_or_path: str | None,
                   lora_weight: float) -> GenerationParams:
     """``/extend_process_func``: add ``left``/``right_extend_length`` seconds around the source
-    (upstream's extend seeds are the schema's retake seeds)."""
-    return build_params("extend", settings, retake_seeds=extend_seeds or "",
+    (upstream's extend seeds are the schema's retake seeds). ``retake_variance`` is 1.0, what
+    upstream's UI passes (every step runs); the gRPC API honours any value, as upstream's pipeline."""
+    return build_params("extend", settings, retake_seeds=extend_seeds or "", retake_variance=1.0,
                         left_extend_length=left_extend_length, right_extend_length=right_extend_length,
                         format=format, lora_name_or_path=lora_name_or_path or "none", lora_weight=lora_weight)

@@ -8,6 +8,7 @@ same checkpoint only re-renders.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,17 +16,16 @@ from typing import Any
 from ..checkpoint import load_components
 from ..export.onnx_export import export_cached
 from ..export.render import check_runtime, load_endpoints, render_repository
-from ..export.specs import COMPONENTS
+from ..export.specs import COMPONENTS, LORA_ROW_COMPONENTS, with_lora_rows
 from ..lora import (
     LoraRegistry,
-    LoraVariant,
-    adapter_file,
     base_component,
-    load_lora,
     prepare_lora_onnx_dir,
     variant_specs,
     write_variants_manifest,
 )
+from ..lora.control import write_control_model
+from ..lora.state import RUNTIME_FILE
 from .assets import write_assets
 
 
@@ -43,7 +43,8 @@ def build_deployment(ckpt_dir: str | Path, workdir: str | Path, *, vocab_path: s
                      endpoints: list[str] | None = None, components: Any = None,
                      onnx_dir: str | Path | None = None, progress: bool = False,
                      lora_dir: str | Path | None = None, target: str = "cpu", precision: str = "bf16",
-                     runtime: str | None = None, **render_options: Any) -> Deployment:
+                     runtime: str | None = None, lora_memory_mb: float | None = None,
+                     **render_options: Any) -> Deployment:
     """Assets + ``workdir/repository`` for ``target`` and component ``runtime``:
 
     * ``onnx`` (cpu default): ONNX export (cached) run by onnxruntime;
@@ -54,28 +55,29 @@ def build_deployment(ckpt_dir: str | Path, workdir: str | Path, *, vocab_path: s
     ``components`` may pass already loaded models of the checkpoint (saves loading them again);
     ``onnx_dir`` an existing export of this checkpoint (skips the export);
     ``render_options`` go to :func:`~acestep_triton.export.render.render_repository`.
-    LoRA adapters of ``lora_dir`` become fused variant models (``<component>__<name>``) in every
-    runtime: exported ONNX/engines, or torch models fusing the adapter when they load.
+    LoRA adapters of ``lora_dir``: with ``onnx``/``tensorrt`` they become fused variant models
+    (``<component>__<name>``, exported ONNX/engines); with ``torch`` they are runtime adapters
+    (:func:`add_runtime_loras`): any strength per request, loaded and unloaded while the server
+    runs, within ``lora_memory_mb`` per transformer-component instance.
     """
     runtime = check_runtime(target, runtime)
     workdir = Path(workdir)
     assets = write_assets(ckpt_dir, workdir / "assets", vocab_path)
+    (assets / RUNTIME_FILE).unlink(missing_ok=True)  # runtime adapters only when configured below
     specs = list(COMPONENTS.values())
     if runtime == "torch":
         component_parameters: dict[str, dict[str, str]] = {}
+        control: dict[str, str] | None = None
         if lora_dir is not None:
-            registry = LoraRegistry.from_dir(lora_dir)
-            variants = torch_lora_variants(ckpt_dir, registry, components)
-            write_variants_manifest(variants, assets)
-            specs += variant_specs(variants)
-            for variant in variants:
-                for model in variant.model_names:
-                    component_parameters[model] = {
-                        "lora_path": str(adapter_file(registry.adapters[variant.name]).resolve()),
-                        "lora_weight": repr(variant.lora_weight)}
+            control = runtime_lora_parameters(ckpt_dir, lora_dir, workdir, assets, lora_memory_mb)
+            specs = [with_lora_rows(s) for s in specs]
+            for name in LORA_ROW_COMPONENTS:
+                component_parameters[name] = {k: control[k] for k in ("lora_state", "lora_memory_mb")}
         repository = render_repository(workdir / "repository", target, None, load_endpoints(endpoints),
                                        assets=assets, components=specs, runtime="torch", checkpoint=ckpt_dir,
                                        component_parameters=component_parameters, **render_options)
+        if control is not None:
+            write_control_model(repository, control)
         return Deployment(repository=repository, assets=assets, onnx_dir=None)
 
     if onnx_dir is None:
@@ -106,17 +108,29 @@ def build_deployment(ckpt_dir: str | Path, workdir: str | Path, *, vocab_path: s
     return Deployment(repository=repository, assets=assets, onnx_dir=Path(onnx_dir))
 
 
-def torch_lora_variants(ckpt_dir: str | Path, registry: LoraRegistry, components: Any = None) -> list[LoraVariant]:
-    """The variants of ``registry`` for the torch runtime: each adapter is read and checked
-    against the checkpoint's transformer now (a bad adapter fails the build, not the server's
-    start-up); the served models fuse it when they load."""
-    from ..checkpoint import CheckpointLayout, load_transformer
+def runtime_lora_parameters(ckpt_dir: str | Path, lora_dir: str | Path, workdir: Path, assets: Path,
+                            lora_memory_mb: float | None = None) -> dict[str, str]:
+    """Set up runtime adapters for a torch deployment; returns the control model's parameters.
 
-    transformer = components.transformer if components is not None else load_transformer(
-        CheckpointLayout(Path(ckpt_dir)))
-    variants = []
-    for name in registry:
-        adapter = load_lora(registry.adapters[name], transformer, name=name)
-        variants.append(LoraVariant(name=name, lora_weight=registry.weight(name), components=adapter.components,
-                                    adapter_sha256=adapter.sha256))
-    return variants
+    Every adapter folder of ``lora_dir`` is loaded now, checked against the checkpoint (a bad
+    adapter fails the build, as with fused variants), into a fresh state file
+    ``workdir/lora_runtime/lora_state.json``; the assets get the pointer the endpoints read.
+    """
+    from ..lora import LoraError
+    from ..lora.control import RuntimeRegistry, meta_transformer
+    from ..lora.runtime import parse_budget_mb
+    from ..lora.state import STATE_FILE, write_runtime_pointer
+
+    root = Path(lora_dir).resolve()
+    LoraRegistry.from_dir(root)  # the layout checks of the configured registry: errors name the folder
+    state = workdir.resolve() / "lora_runtime" / STATE_FILE
+    if state.parent.exists():
+        shutil.rmtree(state.parent)
+    memory = "" if lora_memory_mb is None else repr(float(lora_memory_mb))
+    registry = RuntimeRegistry(root, state, meta_transformer(ckpt_dir), budget_bytes=parse_budget_mb(memory))
+    refused = registry.reload()
+    if refused:
+        raise LoraError("LoRA adapters that cannot be served:\n  " + "\n  ".join(refused.values()))
+    write_runtime_pointer(assets, state)
+    return {"lora_dir": str(root), "lora_state": str(state), "lora_memory_mb": memory,
+            "checkpoint_dir": str(Path(ckpt_dir).resolve())}

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-OUTCOMES = ("success", "invalid", "cancelled", "error")
+OUTCOMES = ("success", "invalid", "unavailable", "cancelled", "error")
 
 FAMILIES = {
     "acestep_requests_total": ("counter", "Generation requests finished, by task and outcome"),

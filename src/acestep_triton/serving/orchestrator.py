@@ -37,14 +37,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from acestep_client.errors import ErrorCategory, UnavailableError, means_unavailable, tag_message
 from acestep_client.params import MAX_AUDIO_BYTES, TASKS, GenerationParams, ParamError, params_from_wire
 
 from ..export.specs import SAMPLING_DEVICES
-from ..lora import RoutingCall, ServedLoras, base_component, read_variants_manifest
+from ..lora import RoutingCall, base_component, served_scope
 from ..pipeline import MusicGenerator
 from ..sampling import SamplingCancelled
 from ..sampling.buckets import BucketedDenoiser, ShapeBuckets
+from .admission import Admission, ModelDims, token_counter
 from .assets import ServingAssets, load_assets
+from .memory import MemoryReleaser
 from .metrics import TaskMetrics
 
 CPU = torch.device("cpu")
@@ -121,16 +124,25 @@ def preferred_memory(pb_utils: Any, device: torch.device) -> dict[str, Any]:
     return {"preferred_memory": memory}
 
 
+STUB_DIED_MARKER = "is not healthy"
+"""In Triton's error for a request to a model instance whose stub process died (``Stub process
+'dit_decoder_0_0' is not healthy.``); see :mod:`acestep_triton.serving.health`."""
+COMPONENT_RESTARTING = ("{model} is unavailable: its process stopped and the server is restarting it; "
+                        "retry the request ({detail})")
+"""The one text of that failure (the request may be retried once the model is reloaded)."""
+
+
 def bls_call(pb_utils: Any, device: torch.device = CPU) -> ComponentCall:
     """A :data:`ComponentCall` issuing synchronous BLS requests; tensors cross by DLPack."""
     from torch.utils.dlpack import to_dlpack
 
-    from ..export.specs import COMPONENTS
+    from ..export.specs import COMPONENTS, with_lora_rows
 
     preferred = preferred_memory(pb_utils, device)
 
     def call(model: str, inputs: Mapping[str, torch.Tensor], outputs: Sequence[str]) -> list[torch.Tensor]:
-        spec = COMPONENTS[base_component(model)]  # LoRA variants (dit_decoder__rap) share the contract
+        # LoRA variants (dit_decoder__rap) share the contract; runtime adapters add per-row inputs
+        spec = with_lora_rows(COMPONENTS[base_component(model)])
         tensors = []
         for name, value in inputs.items():
             value = value.detach().reshape(spec.request_shape(name, tuple(value.shape)))
@@ -143,7 +155,10 @@ def bls_call(pb_utils: Any, device: torch.device = CPU) -> ComponentCall:
             torch.cuda.current_stream(device).synchronize()
         response = request.exec()
         if response.has_error():
-            raise RuntimeError(f"{model}: {response.error().message()}")
+            message = response.error().message()
+            if STUB_DIED_MARKER in message:  # Triton's words for a dead backend process
+                raise UnavailableError(COMPONENT_RESTARTING.format(model=model, detail=message))
+            raise RuntimeError(f"{model}: {message}")
         # clone: the response's memory is released with the response object. ``.to`` is a no-op
         # when the component honoured the preferred memory (a backend may still answer elsewhere).
         return [torch.from_dlpack(pb_utils.get_output_tensor_by_name(response, name).to_dlpack())
@@ -192,6 +207,42 @@ def read_audio_input(get_input: Callable[[str], Any], name: str) -> bytes | None
     return data
 
 
+_OUTCOMES = {ErrorCategory.INVALID_ARGUMENT: "invalid", ErrorCategory.UNAVAILABLE: "unavailable",
+             ErrorCategory.CANCELLED: "cancelled", ErrorCategory.INTERNAL: "error"}
+
+
+def error_category(exc: BaseException) -> ErrorCategory:
+    """What a failed request's exception means for its caller (see :mod:`acestep_client.errors`)."""
+    if isinstance(exc, ParamError):
+        return ErrorCategory.INVALID_ARGUMENT
+    if isinstance(exc, UnavailableError):
+        return ErrorCategory.UNAVAILABLE
+    if isinstance(exc, SamplingCancelled):
+        return ErrorCategory.CANCELLED
+    if isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc)):
+        return ErrorCategory.UNAVAILABLE  # the request fitted the budget; memory was short right now
+    if isinstance(exc, RuntimeError) and means_unavailable(str(exc)):  # a component call Triton refused
+        return ErrorCategory.UNAVAILABLE
+    return ErrorCategory.INTERNAL
+
+
+def error_report(model_name: str, exc: BaseException) -> tuple[ErrorCategory, str]:
+    """(category, tagged message) for the error response of a failed request.
+
+    Bad input keeps the schema's ``"<field>: <reason>"`` text; the others say where it failed.
+    """
+    category = error_category(exc)
+    if category is ErrorCategory.INVALID_ARGUMENT:
+        text = str(exc)
+    elif category is ErrorCategory.UNAVAILABLE:
+        text = f"{model_name} cannot serve this request now, retry it: {exc}"
+    elif category is ErrorCategory.CANCELLED:
+        text = f"{model_name}: request cancelled ({exc})"
+    else:
+        text = f"internal error in {model_name}: {type(exc).__name__}: {exc}"
+    return category, tag_message(category, text)
+
+
 class TritonPythonModel:
     """The decoupled endpoint model (the ``model.py`` shims re-export this class)."""
 
@@ -220,16 +271,20 @@ class TritonPythonModel:
         self.buckets = ShapeBuckets.from_parameters(parameters)
         if self.buckets.enabled:  # DiT calls padded to shared shapes: requests batch in dit_decoder
             denoiser = BucketedDenoiser(denoiser, self.buckets)
-        variants = read_variants_manifest(assets_dir)
         self.generator = MusicGenerator(denoiser, assets.prompt_tokenizer, assets.lyric_tokenizer,
-                                        assets.mel, lora_scope=ServedLoras(routing, variants),
+                                        assets.mel, lora_scope=served_scope(routing, assets_dir),
                                         device=self.device)
+        self.admission = Admission.from_parameters(parameters, ModelDims.from_dir(assets_dir), self.device,
+                                                   token_counter(self.generator))  # see serving/admission.py
+        self.memory = MemoryReleaser(self.device)  # after loading: the size requests must come back to
         pb_utils.Logger.log_info(f"{self.model_name} ready (task {self.task}, sampling on {self.device}, "
-                                 f"DiT shape buckets {self.buckets.as_parameters()}, assets {assets_dir})")
+                                 f"DiT shape buckets {self.buckets.as_parameters()}, {self.admission.describe()}, "
+                                 f"assets {assets_dir})")
 
     def execute(self, requests: list[Any]) -> None:
         for request in requests:
             self._serve(request)
+            self.memory.after_request()  # the request's buffers are unreferenced now: hand them back
         return None
 
     def _serve(self, request: Any) -> None:
@@ -249,23 +304,22 @@ class TritonPythonModel:
         started = time.perf_counter()
         try:
             params = read_request_fields(get_input, self.task)
-            output = self.generator.generate(
-                params, src_audio=read_audio_input(get_input, "src_audio"),
-                ref_audio=read_audio_input(get_input, "ref_audio"), progress=progress,
-                should_cancel=request.is_cancelled)
-        except ParamError as exc:
-            self.metrics.finished("invalid")
-            sender.send(pb.InferenceResponse(error=pb.TritonError(str(exc))), flags=final)
-            return
+            src, ref = read_audio_input(get_input, "src_audio"), read_audio_input(get_input, "ref_audio")
+            with self.admission.admit(params, src, ref, request.is_cancelled):  # refuse/wait before any work
+                output = self.generator.generate(params, src_audio=src, ref_audio=ref, progress=progress,
+                                                 should_cancel=request.is_cancelled)
         except SamplingCancelled as exc:
             self.metrics.finished("cancelled")
             pb.Logger.log_info(f"{self.model_name}: cancelled at step {exc.step} of {exc.total}")
             sender.send(flags=final)
             return
         except Exception as exc:  # never take the server down: report and end this request
-            self.metrics.finished("error")
-            pb.Logger.log_error(f"{self.model_name} failed: {traceback.format_exc()}")
-            message = f"internal error in {self.model_name}: {type(exc).__name__}: {exc}"
+            category, message = error_report(self.model_name, exc)
+            self.metrics.finished(_OUTCOMES[category])
+            if category is ErrorCategory.INTERNAL:
+                pb.Logger.log_error(f"{self.model_name} failed: {traceback.format_exc()}")
+            else:
+                pb.Logger.log_warn(f"{self.model_name}: {message}")
             sender.send(pb.InferenceResponse(error=pb.TritonError(message)), flags=final)
             return
         wall = time.perf_counter() - started

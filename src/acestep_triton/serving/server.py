@@ -15,6 +15,13 @@ things pytriton normally does for it at run time, and this module does them once
 In the NGC image (``/opt/tritonserver``) all of that is already in place; :class:`TritonInstall`
 handles both layouts. We do not import ``pytriton`` itself: its ``__init__`` pulls optional
 dependencies (gevent) that serving does not need.
+
+Every server gets its own shared-memory region prefix (``acestep_<token>_``), so that what a
+killed server leaves in ``/dev/shm`` (and stub processes that outlive it) can be recognised and
+removed: on :meth:`TritonServer.stop` for its own, and before every :meth:`TritonServer.start`
+for those of any dead server. With ``recover=True`` (the default of ``acestep-triton serve``) a
+:class:`~acestep_triton.serving.health.Watchdog` reloads a model whose stub process died, which
+Triton's Python backend never does itself (facts in :mod:`acestep_triton.serving.health`).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import contextlib
 import filecmp
 import importlib.util
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -35,10 +43,20 @@ import time
 import urllib.error
 import urllib.request
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+
+from .health import (
+    ADMIN_HEADER,
+    SHM_FAMILY,
+    Watchdog,
+    cleanup_orphans,
+    dead_stub_children,
+    default_status_file,
+    stub_processes,
+)
 
 NGC_ROOT = Path("/opt/tritonserver")
 ROOT_ENV = "ACESTEP_TRITON_ROOT"
@@ -46,6 +64,10 @@ ROOT_ENV = "ACESTEP_TRITON_ROOT"
 
 _ADDRESS_IN_USE = ("address already in use", "failed to start grpc", "failed to start http",
                    "failed to bind")
+HUNG_UNLOAD_GRACE_S = 2.0
+"""On stop: once every live stub has exited and only dead (zombie) ones are left, the server is
+waiting for the unload of an instance whose stub died, which never finishes (Python backend
+2.51): after this grace it is killed instead of waiting out ``--exit-timeout-secs`` (30 s)."""
 
 
 class TritonServerError(RuntimeError):
@@ -199,9 +221,18 @@ class TritonServer:
                  log_path: str | Path | None = None, log_verbose: int = 0,
                  startup_timeout: float = 120.0, stop_timeout: float = 30.0,
                  extra_args: Sequence[str] = (), install: TritonInstall | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, recover: bool = False,
+                 recovery_timeout: float = 600.0, status_file: str | Path | None = None,
+                 on_give_up: Callable[[str], None] | None = None) -> None:
         """``log_path``: file for the server's stdout/stderr (``None``: a new temporary file,
-        ``"-"``: inherit this process's streams, as a container entry point wants)."""
+        ``"-"``: inherit this process's streams, as a container entry point wants).
+
+        ``recover``: serve with explicit model control (every model loaded at start, the
+        model-repository API locked behind a per-server secret header) and run a
+        :class:`~acestep_triton.serving.health.Watchdog` that reloads a model whose stub died,
+        within ``recovery_timeout`` s, publishing its state in ``status_file`` (default
+        :func:`~acestep_triton.serving.health.default_status_file` of the HTTP port) for the
+        health probes. ``on_give_up(message)`` is called when a recovery fails."""
         self.repository = Path(repository).resolve()
         self._requested_ports = (grpc_port, http_port, metrics_port)
         self.grpc_port, self.http_port, self.metrics_port = grpc_port, http_port, metrics_port
@@ -216,6 +247,14 @@ class TritonServer:
         self._owns_log = log_path is None
         self._process: subprocess.Popen[bytes] | None = None
         self._finalizer: weakref.finalize | None = None
+        self.recover = recover
+        self.recovery_timeout = recovery_timeout
+        self._status_file = Path(status_file) if status_file is not None else None
+        self.on_give_up = on_give_up
+        self.shm_prefix = f"{SHM_FAMILY}{secrets.token_hex(4)}_"
+        """This server's Python-backend shared-memory region prefix (see :data:`health.SHM_FAMILY`)."""
+        self._admin_token = secrets.token_hex(16)
+        self.watchdog: Watchdog | None = None
 
     # ------------------------------------------------------------------------- addresses
     @property
@@ -239,6 +278,33 @@ class TritonServer:
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
+    @property
+    def status_file(self) -> Path:
+        """Where the watchdog publishes its state (see :func:`health.check_health`)."""
+        return self._status_file or default_status_file(int(self.http_port or 0))
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        """HTTP headers that unlock the model-repository API of a ``recover=True`` server."""
+        return {ADMIN_HEADER: self._admin_token}
+
+    @property
+    def grpc_admin_headers(self) -> dict[str, str]:
+        """The same for gRPC (Triton expects the key prefixed with ``triton-grpc-protocol-``)."""
+        return {f"triton-grpc-protocol-{ADMIN_HEADER}": self._admin_token}
+
+    def _backend_args(self) -> list[str]:
+        args = []
+        if not any("shm-region-prefix-name" in a for a in self.extra_args):
+            args.append(f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}")
+        if self.recover:
+            # Reloading a model is the only way back from a dead stub, and it needs explicit
+            # model control; the load API can carry model code, so only our header unlocks it.
+            secret = f"model-repository:{ADMIN_HEADER}={self._admin_token}"
+            args += ["--model-control-mode=explicit", "--load-model=*",
+                     f"--http-restricted-api={secret}", f"--grpc-restricted-protocol={secret}"]
+        return args
+
     def command(self, install: TritonInstall) -> list[str]:
         return [
             str(install.binary),
@@ -252,6 +318,7 @@ class TritonServer:
             "--exit-on-error=true",
             "--strict-readiness=true",
             f"--log-verbose={self.log_verbose}",
+            *self._backend_args(),
             *self.extra_args,
         ]
 
@@ -264,6 +331,10 @@ class TritonServer:
             raise TritonServerError(f"model repository not found: {self.repository}")
         install = self._install or TritonInstall.locate()
         install.ensure_python_stub()
+        if self.recover and any(a.startswith("--model-control-mode") for a in self.extra_args):
+            raise TritonServerError("recover=True sets --model-control-mode=explicit itself; "
+                                    "drop it from extra_args or serve without recovery")
+        cleanup_orphans()  # what killed servers left behind: their stubs and /dev/shm regions
         auto_ports = any(p is None for p in self._requested_ports)
         attempts = 3 if auto_ports else 1
         for attempt in range(attempts):
@@ -271,6 +342,8 @@ class TritonServer:
             try:
                 self._launch(install)
                 self._wait_ready()
+                if self.recover:
+                    self._start_watchdog()
                 return self
             except TritonServerError as exc:
                 lost_port_race = any(s in str(exc).lower() for s in _ADDRESS_IN_USE)
@@ -307,7 +380,16 @@ class TritonServer:
         finally:
             if out is not None:
                 out.close()
-        self._finalizer = weakref.finalize(self, _terminate, self._process, self.stop_timeout)
+        self._finalizer = weakref.finalize(self, _terminate, self._process, self.stop_timeout, self.shm_prefix)
+
+    def _start_watchdog(self) -> None:
+        assert self._process is not None and self.http_port is not None
+        self.watchdog = Watchdog(server_pid=self._process.pid, http_port=self.http_port,
+                                 repository=self.repository, admin_token=self._admin_token,
+                                 status_file=self.status_file, recovery_timeout=self.recovery_timeout,
+                                 on_give_up=self.on_give_up,
+                                 log=lambda message: print(message, file=sys.stderr, flush=True))
+        self.watchdog.start()
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout
@@ -341,14 +423,20 @@ class TritonServer:
         return self._process.wait()
 
     def stop(self, timeout: float | None = None) -> int | None:
-        """SIGTERM (Triton drains in-flight requests), then SIGKILL after ``timeout`` seconds."""
+        """SIGTERM (Triton drains in-flight requests), then SIGKILL after ``timeout`` seconds, or
+        as soon as only dead stubs are left (their unload never finishes). Then its leftover
+        stubs and shared-memory regions are removed."""
+        if self.watchdog is not None:
+            self.watchdog.stop()
+            self.watchdog = None
         process, self._process = self._process, None
         if self._finalizer is not None:
             self._finalizer.detach()
             self._finalizer = None
         if process is None:
+            cleanup_orphans(self.shm_prefix)
             return None
-        code = _terminate(process, self.stop_timeout if timeout is None else timeout)
+        code = _terminate(process, self.stop_timeout if timeout is None else timeout, self.shm_prefix)
         if self._owns_log and self.log_path is not None and code == 0:
             with contextlib.suppress(OSError):
                 self.log_path.unlink()
@@ -365,18 +453,34 @@ class TritonServer:
         self.stop()
 
 
-def _terminate(process: subprocess.Popen[bytes], timeout: float) -> int:
-    """Stop one server process we started; kill its process group if it does not stop in time."""
-    if process.poll() is not None:
-        return process.returncode
-    with contextlib.suppress(ProcessLookupError):
-        process.send_signal(signal.SIGTERM)
+def _terminate(process: subprocess.Popen[bytes], timeout: float, shm_prefix: str | None = None) -> int:
+    """Stop one server process we started; kill its process group if it does not stop in time
+    (or when it only waits for the unload of a dead stub, which never ends); then remove the
+    stubs and shared-memory regions it left (``shm_prefix``)."""
     try:
-        return process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signal.SIGKILL)  # the server and its Python stubs
-        return process.wait()
+        if process.poll() is not None:
+            return process.returncode
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        only_dead_since: float | None = None
+        while True:
+            try:
+                return process.wait(timeout=0.2)
+            except subprocess.TimeoutExpired:
+                pass
+            now = time.monotonic()
+            if stub_processes(process.pid) or not dead_stub_children(process.pid):
+                only_dead_since = None
+            elif only_dead_since is None:
+                only_dead_since = now
+            if now >= deadline or (only_dead_since is not None and now - only_dead_since >= HUNG_UNLOAD_GRACE_S):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(process.pid, signal.SIGKILL)  # the server and its Python stubs
+                return process.wait()
+    finally:
+        if shm_prefix is not None:
+            cleanup_orphans(shm_prefix)
 
 
 def _http_ok(url: str) -> bool:
@@ -401,15 +505,43 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds to wait for every model to load")
     parser.add_argument("--triton-root", default=None,
                         help=f"tritonserver install root (default: ${ROOT_ENV}, the pip wheel, NGC)")
+    parser.add_argument("--no-recover", dest="recover", action="store_false",
+                        help="do not reload a model whose backend process died (and serve without "
+                             "explicit model control)")
+    parser.add_argument("--recovery-timeout", type=float, default=600.0,
+                        help="seconds a model reload may take before the server is given up on "
+                             f"(exit status {EXIT_UNRECOVERABLE}, so the container is restarted)")
     parser.add_argument("extra", nargs="*", help="extra tritonserver options after '--'")
+
+
+EXIT_UNRECOVERABLE = 3
+"""``serve``'s exit status when a dead model could not be brought back."""
 
 
 def run_serve(args: argparse.Namespace) -> int:
     """Serve in the foreground until SIGINT/SIGTERM; then stop the server in order."""
+    recover = getattr(args, "recover", True)
+    if recover and any(a.startswith("--model-control-mode") for a in args.extra):
+        print("warning: a --model-control-mode was given: serving without recovery of dead models",
+              file=sys.stderr)
+        recover = False
+    gave_up: list[str] = []
+
+    def _give_up(message: str) -> None:
+        # Called on the watchdog's thread: stop the server so that ``wait`` below returns and
+        # the container exits non-zero (Docker/Kubernetes restart it).
+        gave_up.append(message)
+        print(f"error: cannot recover: {message}; stopping", file=sys.stderr, flush=True)
+        process = server._process
+        if process is not None:
+            _terminate(process, server.stop_timeout)
+
     server = TritonServer(args.repository, grpc_port=args.grpc_port, http_port=args.http_port,
                           metrics_port=args.metrics_port, log_path=args.log_file,
                           log_verbose=args.log_verbose, startup_timeout=args.startup_timeout,
-                          extra_args=args.extra, install=TritonInstall.locate(args.triton_root))
+                          extra_args=args.extra, install=TritonInstall.locate(args.triton_root),
+                          recover=recover, recovery_timeout=getattr(args, "recovery_timeout", 600.0),
+                          on_give_up=_give_up)
 
     def _on_signal(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt(signal.Signals(signum).name)
@@ -419,7 +551,8 @@ def run_serve(args: argparse.Namespace) -> int:
         server.start()
         print(f"tritonserver ready: grpc {server.grpc_url}, http {server.http_url}, "
               f"metrics {server.metrics_url}", file=sys.stderr, flush=True)
-        return server.wait()
+        code = server.wait()
+        return EXIT_UNRECOVERABLE if gave_up else code
     except KeyboardInterrupt:
         return 0
     except TritonServerError as exc:

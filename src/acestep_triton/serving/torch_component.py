@@ -13,7 +13,11 @@ queued on torch's stream, so outputs are synchronised before they are handed to 
 Config parameters: ``component``, ``checkpoint_dir`` (required); ``precision`` (``fp32``,
 ``bf16``, ``fp16``, or ``auto``: see :mod:`.torch_runtime`), ``compile`` and ``cuda_graphs``
 (``auto`` = on for the DiT decoder on a GPU), ``max_graphs``, ``torch_threads`` (CPU), and for
-LoRA variants ``lora_path``, ``lora_weight``, ``lora_scaling``.
+LoRA variants ``lora_path``, ``lora_weight``, ``lora_scaling``. Runtime adapters
+(:mod:`acestep_triton.lora.runtime`, condition encoder and DiT decoder): ``lora_state`` (the
+state file listing the loaded adapters) and ``lora_memory_mb`` (budget of the resident A/B
+tensors per instance, least recently used evicted); the config then has the optional per-row
+inputs ``lora_index`` / ``lora_scale``.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import torch
 
 from . import component_model
 from .component_model import BatchedComponentModel
-from .torch_runtime import ComponentRunner, RuntimeOptions, load_component_module
+from .torch_runtime import ComponentRunner, RuntimeLoraOptions, RuntimeOptions, load_component_module
 
 
 def instance_device(kind: str | None, device_id: str | int | None) -> torch.device:
@@ -63,7 +67,8 @@ class TorchComponentModel(BatchedComponentModel):
                     "lora_scaling": params.get("lora_scaling", "upstream")}
         started = time.perf_counter()
         module = load_component_module(spec.name, ckpt, **lora)
-        self.runner = ComponentRunner(spec, module, options)
+        loras = RuntimeLoraOptions.from_parameters(self.name, params)
+        self.runner = ComponentRunner(spec, module, options, loras)
         if component_model.pb_utils is not None:
             component_model.pb_utils.Logger.log_info(
                 f"{self.name}: {self.runner.description}, loaded in {time.perf_counter() - started:.1f} s")

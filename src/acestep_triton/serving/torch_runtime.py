@@ -13,6 +13,11 @@ Python-backend model (:mod:`acestep_triton.serving.torch_component`) calls per b
 :func:`runner_call` plugs the very same runners into the Triton denoiser in-process, so a
 benchmark can compare "through Triton" with "the same compiled components called directly".
 
+Runtime LoRA adapters (:class:`RuntimeLoraOptions`, :mod:`acestep_triton.lora.runtime`): the
+condition encoder and DiT decoder keep the checkpoint's weights only, and each batch row may
+name an adapter and strength (``lora_index`` / ``lora_scale``), so one instance serves every
+loaded adapter at any strength, mixed in one batch.
+
 Precision: fp32 on the CPU. On a GPU the transformer halves (``condition_encoder``,
 ``dit_decoder``) default to bf16, the DiT's own code keeping fp32 where the numbers need it
 (RMSNorm statistics, RoPE, linear-attention sums, outputs); the text encoder, the DCAE and the
@@ -22,11 +27,12 @@ rounding). Every component's inputs and outputs stay FP32 on the wire, as the co
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -40,6 +46,9 @@ from ..checkpoint import (
 )
 from ..export.adapters import ComponentGraph, component_graph
 from ..export.specs import COMPONENTS, ComponentSpec
+
+if TYPE_CHECKING:
+    from ..lora.runtime import AdapterBank
 
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 """Values of the ``precision`` config parameter."""
@@ -148,14 +157,64 @@ def load_component_module(name: str, ckpt_dir: str | Path, *, lora_path: str | P
     raise KeyError(f"unknown component {name!r}; known: {', '.join(COMPONENTS)}")
 
 
+@dataclass(frozen=True)
+class RuntimeLoraOptions:
+    """Runtime adapters of a transformer-component instance (config parameters ``lora_state``,
+    ``lora_memory_mb``): the state file naming the loaded adapters, the byte budget of the
+    resident A/B tensors, and where the instance reports what it holds."""
+
+    state_file: Path
+    budget_bytes: int
+    status_file: Path | None = None
+    model_name: str | None = None
+
+    @classmethod
+    def from_parameters(cls, model_name: str, parameters: Mapping[str, str]) -> RuntimeLoraOptions | None:
+        """None unless the config names a ``lora_state`` file (runtime adapters are on)."""
+        import os
+
+        from ..lora.control import STATUS_DIR
+        from ..lora.runtime import parse_budget_mb
+
+        if not parameters.get("lora_state"):
+            return None
+        state = Path(parameters["lora_state"])
+        return cls(state_file=state, budget_bytes=parse_budget_mb(parameters.get("lora_memory_mb")),
+                   status_file=state.parent / STATUS_DIR / f"{model_name}.{os.getpid()}.json", model_name=model_name)
+
+
+@contextlib.contextmanager
+def _eager_blocks(transformer: nn.Module) -> Iterator[None]:
+    """Run TorchInductor-compiled blocks eagerly inside the block (``nn.Module.compile`` keeps the
+    compiled callable in ``_compiled_call_impl``): a batch with runtime-adapter rows registers
+    hooks the compiled graphs were not traced with, and must not make them recompile."""
+    blocks = [b for b in getattr(transformer, "transformer_blocks", None) or ()
+              if getattr(b, "_compiled_call_impl", None) is not None]
+    saved = [b._compiled_call_impl for b in blocks]
+    for block in blocks:
+        block._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        for block, compiled in zip(blocks, saved, strict=True):
+            block._compiled_call_impl = compiled
+
+
 class ComponentRunner:
     """One served component on one device: contract inputs in, contract outputs (FP32) out.
 
     ``__call__({input_name: tensor})`` returns the outputs in contract order, on the runner's
     device. Inputs may come from any device (they are moved, a no-op when already there).
+
+    With ``loras`` (transformer components only), the optional inputs ``lora_index`` /
+    ``lora_scale`` select a runtime adapter and strength per batch row
+    (:class:`~acestep_triton.lora.runtime.AdapterBank`). Batches where a row uses one run the
+    DiT outside its CUDA graphs and compiled blocks (eager; the graphs were captured without the
+    low-rank terms); batches without any adapter row run exactly as without ``loras``.
     """
 
-    def __init__(self, spec: ComponentSpec, module: nn.Module, options: RuntimeOptions) -> None:
+    def __init__(self, spec: ComponentSpec, module: nn.Module, options: RuntimeOptions,
+                 loras: RuntimeLoraOptions | None = None) -> None:
         self.spec = spec
         self.options = options
         self.device = options.device
@@ -164,6 +223,9 @@ class ComponentRunner:
         self.forward: Any = self.graph
         self.compiled = False
         self.cuda_graphs = False
+        self.loras: AdapterBank | None = None
+        if loras is not None:
+            self.loras = self._adapter_bank(module, loras)
         if spec.name == "dit_decoder" and self.device.type == "cuda":
             transformer = self.graph.transformer
             if options.compile:
@@ -182,6 +244,23 @@ class ComponentRunner:
                 self.forward = CUDAGraphDecoder(transformer, max_graphs=options.max_graphs)
                 self.cuda_graphs = True
 
+    def _adapter_bank(self, module: nn.Module, loras: RuntimeLoraOptions) -> AdapterBank:
+        """The instance's adapter cache; probes which projections the forward really calls (once,
+        before any compilation, on a one-item example)."""
+        from ..lora.runtime import AdapterBank, called_modules
+        from ..lora.state import StateReader
+
+        if self.spec.name not in ("condition_encoder", "dit_decoder"):
+            raise ValueError(f"{self.spec.name}: runtime LoRA adapters touch only the transformer components")
+        example = [t.to(self.device) for t in self.graph.example_inputs(1, 4).values()]
+        with torch.inference_mode():
+            reachable = called_modules(module, lambda: self.graph(*example))
+        bank = AdapterBank(self.spec.name, module, StateReader(loras.state_file), reachable=reachable,
+                           device=self.device, dtype=self.options.dtype, budget_bytes=loras.budget_bytes,
+                           status_file=loras.status_file, model_name=loras.model_name)
+        bank.write_status()
+        return bank
+
     @property
     def description(self) -> str:
         parts = [f"{self.spec.name} on {self.device} ({self.options.precision})"]
@@ -189,6 +268,8 @@ class ComponentRunner:
             parts.append("TorchInductor blocks")
         if self.cuda_graphs:
             parts.append("CUDA graphs per shape")
+        if self.loras is not None:
+            parts.append(f"runtime LoRA adapters (budget {self.loras.budget_bytes / 2**20:.0f} MiB)")
         return ", ".join(parts)
 
     @torch.inference_mode()
@@ -197,7 +278,15 @@ class ComponentRunner:
         if missing:
             raise ValueError(f"input {missing[0]!r} is missing")
         args = [inputs[n].to(self.device) for n in self.spec.input_names]
-        result = self.forward(*args)
+        if self.loras is None:
+            result = self.forward(*args)
+        else:
+            with self.loras.apply(inputs.get("lora_index"), inputs.get("lora_scale")) as active:
+                if active and (self.compiled or self.cuda_graphs):
+                    with _eager_blocks(self.graph.transformer):
+                        result = self.graph(*args)
+                else:
+                    result = self.forward(*args)
         outputs = list(result) if isinstance(result, tuple | list) else [result]
         return [o.float().contiguous() for o in outputs]
 

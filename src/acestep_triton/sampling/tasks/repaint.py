@@ -169,7 +169,7 @@ class RepaintWindow:
                 f"{field}: the result would be {self.frames} latent frames "
                 f"({self.frames * _FRAME_S:.1f} s: {self.left_pad} new + {self.source_frames} source + "
                 f"{self.right_pad} new), more than the {MAX_FRAMES} frames (240 s) one generation "
-                f"can hold; shorten the source or the extension"
+                f"can hold; the source is {self.source_frames * _FRAME_S:.2f} s long, shorten it or the extension"
             )
         return self
 

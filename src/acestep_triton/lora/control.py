@@ -1,0 +1,284 @@
+"""Adding and removing runtime adapters while the server runs: the ``lora_registry`` control model.
+
+The registry folder holds one sub-folder per adapter (as for :class:`~.registry.LoraRegistry`).
+Nothing in it is served until it is loaded, explicitly: the control model answers four commands
+(``command`` BYTES [1], plus ``lora_name_or_path`` BYTES [1] naming a folder of the registry):
+
+* ``list``: the loaded adapters, the ones the registry folder holds but does not serve, and,
+  per component instance, which adapters are resident in memory and how many bytes they take;
+* ``load NAME``: read the folder's adapter and check every key against the checkpoint's
+  transformer (shapes only, on the meta device: nothing is materialised), then serve it;
+* ``unload NAME``: stop serving it (instances drop its tensors on their next call);
+* ``reload``: load every folder not loaded yet or whose file changed, unload the vanished ones.
+
+Requests only ever name adapters by folder name: a server never opens a path a request names.
+A refused load names ``lora_name_or_path`` and the reason (unknown folder, keys that do not fit
+the checkpoint, a single adapter larger than the memory budget) and changes nothing else.
+The answer is ``loras_json`` BYTES [1] (the listing, after the command).
+
+The loaded set lives in the state file (:mod:`.state`), written only here; the component
+instances keep the tensors they use within ``lora_memory_mb`` (:class:`~.runtime.AdapterBank`,
+least recently used evicted, re-read from the registry folder on their next use).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from acestep_client.params import ParamError
+
+from .files import LoraError, adapter_file, load_lora
+from .registry import check_adapter_name, is_no_lora
+from .runtime import component_part
+from .state import LoadedAdapter, LoraState
+
+CONTROL_MODEL = "lora_registry"
+"""Served name of the control model."""
+
+CONTROL_SOURCE = "lora_registry"
+"""Its Python-backend source folder under ``model_repository/``."""
+
+COMMANDS = ("list", "load", "unload", "reload")
+
+STATUS_DIR = "resident"
+"""Folder beside the state file where each component instance records its resident adapters."""
+
+
+def meta_transformer(ckpt_dir: str | Path) -> nn.Module:
+    """The checkpoint's transformer on the meta device: every shape, no weights (for checks)."""
+    import torch
+
+    from ..checkpoint import TRANSFORMER_DIR, CheckpointLayout
+    from ..models.transformer import ACEStepTransformer
+
+    config = CheckpointLayout(Path(ckpt_dir)).read_config(TRANSFORMER_DIR)
+    with torch.device("meta"):
+        return ACEStepTransformer.from_config(config)
+
+
+class RuntimeRegistry:
+    """The operations behind the control model, on a registry folder and a state file."""
+
+    def __init__(self, root: str | Path, state_file: str | Path, transformer: nn.Module, *,
+                 budget_bytes: int, scaling: str = "upstream", bytes_per_parameter: int = 4) -> None:
+        self.root = Path(root)
+        self.state_file = Path(state_file)
+        self.transformer = transformer
+        self.budget_bytes = int(budget_bytes)
+        self.scaling = scaling
+        self.bytes_per_parameter = bytes_per_parameter
+
+    @property
+    def state(self) -> LoraState:
+        return LoraState.read(self.state_file)
+
+    def folders(self) -> list[str]:
+        """Adapter folders of the registry (names a ``load`` accepts)."""
+        if not self.root.is_dir():
+            return []
+        names = []
+        for folder in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            try:
+                names.append(check_adapter_name(folder.name))
+            except ValueError:
+                continue
+        return names
+
+    def _validate(self, name: str, index: int) -> LoadedAdapter:
+        """Read and check ``name``'s adapter; :class:`ParamError` on ``lora_name_or_path``."""
+        try:
+            check_adapter_name(name)
+        except ValueError as e:
+            raise ParamError("lora_name_or_path", str(e)) from None
+        folder = self.root / name
+        if not folder.is_dir():
+            have = ", ".join(self.folders()) or "none"
+            raise ParamError("lora_name_or_path", f"no adapter folder {name!r} in the LoRA registry {self.root} "
+                                                  f"(it holds: {have})")
+        try:
+            adapter = load_lora(adapter_file(folder), self.transformer, scaling=self.scaling, name=name)
+        except LoraError as e:
+            raise ParamError("lora_name_or_path", f"adapter {name!r} does not fit this checkpoint: {e}") from None
+        parameters = {}
+        for component in adapter.components:
+            part = component_part(adapter, component)
+            parameters[component] = sum(t.numel() for layer in part.layers.values()
+                                         for t in (layer.down, layer.up, layer.bias) if t is not None)
+        largest = max(parameters.values(), default=0) * self.bytes_per_parameter
+        if largest > self.budget_bytes:
+            raise ParamError("lora_name_or_path", f"adapter {name!r} needs {largest / 2**20:.1f} MiB in one "
+                                                  f"component, more than the whole LoRA memory budget "
+                                                  f"({self.budget_bytes / 2**20:.1f} MiB, lora_memory_mb)")
+        return LoadedAdapter(name=name, index=index, file=str(adapter.path.resolve()), sha256=adapter.sha256,
+                             scaling=self.scaling, ranks=tuple(sorted(set(adapter.ranks.values()))),
+                             layers=len(adapter.layers), components=adapter.components, parameters=parameters)
+
+    def load(self, name: str) -> LoadedAdapter:
+        """Serve ``name`` (again: a changed file is re-read and gets a new index)."""
+        name = name.strip()
+        state = self.state
+        try:
+            entry = self._validate(name, state.next_index)
+        except ParamError as e:
+            self._write(state.loaded, state.next_index, {**state.failed, name: e.reason})
+            raise
+        old = state.loaded.get(name)
+        if old is not None and old.sha256 == entry.sha256:
+            return old
+        failed = {k: v for k, v in state.failed.items() if k != name}
+        self._write({**state.loaded, name: entry}, state.next_index + 1, failed)
+        return entry
+
+    def unload(self, name: str) -> None:
+        name = name.strip()
+        state = self.state
+        if name not in state.loaded:
+            served = ", ".join(state.loaded) or "none"
+            raise ParamError("lora_name_or_path", f"adapter {name!r} is not loaded (loaded: {served})")
+        self._write({k: v for k, v in state.loaded.items() if k != name}, state.next_index, state.failed)
+
+    def reload(self) -> dict[str, str]:
+        """Load what is new or changed, unload what vanished; returns the refusals by name."""
+        folders = set(self.folders())
+        for name in [n for n in self.state.loaded if n not in folders]:
+            self.unload(name)
+        refused: dict[str, str] = {}
+        for name in sorted(folders):
+            try:
+                self.load(name)
+            except ParamError as e:
+                refused[name] = e.reason
+        state = self.state
+        self._write(state.loaded, state.next_index, refused)
+        return refused
+
+    def _write(self, loaded: Mapping[str, LoadedAdapter], next_index: int, failed: Mapping[str, str]) -> None:
+        LoraState(loaded=dict(loaded), next_index=next_index, failed=dict(failed)).write(self.state_file)
+
+    def residency(self) -> dict[str, Any]:
+        """What each live component instance holds (its status file; dead processes' are dropped)."""
+        folder = self.state_file.parent / STATUS_DIR
+        out: dict[str, Any] = {}
+        for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+            try:
+                status = json.loads(path.read_text())
+                os.kill(int(status["pid"]), 0)
+            except (OSError, ValueError, KeyError):
+                continue
+            out[path.stem] = status
+        return out
+
+    def listing(self) -> dict[str, Any]:
+        state = self.state
+        return {"registry": str(self.root), "budget_bytes": self.budget_bytes,
+                "loaded": [a.to_dict() for a in sorted(state.loaded.values(), key=lambda a: a.index)],
+                "available": [n for n in self.folders() if n not in state.loaded],
+                "failed": dict(state.failed), "instances": self.residency()}
+
+    def command(self, command: str, name: str | None = None) -> dict[str, Any]:
+        """Run one control command and return the listing after it."""
+        command = command.strip().lower()
+        if command not in COMMANDS:
+            raise ParamError("command", f"unknown command {command!r}; use one of {', '.join(COMMANDS)}")
+        if command in ("load", "unload"):
+            if is_no_lora(name):
+                raise ParamError("lora_name_or_path", f"{command} needs the name of an adapter folder")
+            assert name is not None
+            if command == "load":
+                self.load(name)
+            else:
+                self.unload(name)
+        elif command == "reload":
+            self.reload()
+        return self.listing()
+
+
+# ---------------------------------------------------------------------------------------------
+# The Triton model
+
+
+class TritonPythonModel:
+    """``lora_registry``: one instance (commands run one at a time, the state has one writer)."""
+
+    def initialize(self, args: dict[str, Any]) -> None:
+        import triton_python_backend_utils as pb_utils
+
+        from .runtime import parse_budget_mb
+
+        self.pb = pb_utils
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        self.name = config["name"]
+        for key in ("lora_dir", "lora_state", "checkpoint_dir"):
+            if not params.get(key):
+                raise ValueError(f"{self.name}: config parameter {key!r} is required")
+        self.registry = RuntimeRegistry(params["lora_dir"], params["lora_state"],
+                                        meta_transformer(params["checkpoint_dir"]),
+                                        budget_bytes=parse_budget_mb(params.get("lora_memory_mb")),
+                                        scaling=params.get("lora_scaling") or "upstream")
+        pb_utils.Logger.log_info(f"{self.name}: registry {self.registry.root}, "
+                                 f"{len(self.registry.state.loaded)} adapter(s) loaded")
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        import numpy as np
+
+        from acestep_client.errors import ErrorCategory, tag_message
+
+        pb = self.pb
+        responses = []
+        for request in requests:
+            def text(name: str, request: Any = request) -> str | None:
+                tensor = pb.get_input_tensor_by_name(request, name)
+                if tensor is None:
+                    return None
+                value = tensor.as_numpy().reshape(-1)[0]
+                return value.decode() if isinstance(value, bytes) else str(value)
+
+            try:
+                listing = self.registry.command(text("command") or "list", text("lora_name_or_path"))
+            except ParamError as e:
+                message = tag_message(ErrorCategory.INVALID_ARGUMENT, str(e))
+                responses.append(pb.InferenceResponse(output_tensors=[], error=pb.TritonError(message)))
+                continue
+            except Exception as e:  # never take the control model down
+                message = tag_message(ErrorCategory.INTERNAL, f"{self.name}: {type(e).__name__}: {e}")
+                responses.append(pb.InferenceResponse(output_tensors=[], error=pb.TritonError(message)))
+                continue
+            out = pb.Tensor("loras_json", np.array([json.dumps(listing).encode()], dtype=object))
+            responses.append(pb.InferenceResponse(output_tensors=[out]))
+        return responses
+
+
+def control_config(parameters: Mapping[str, str]) -> str:
+    """``config.pbtxt`` of the control model (CPU, one instance, no batching)."""
+    from ..export.render import ModelConfigSpec, TensorConfig, render_config
+
+    model = ModelConfigSpec(
+        name=CONTROL_MODEL, backend="python", max_batch_size=0, instance_kind="KIND_CPU", instance_count=1,
+        inputs=(TensorConfig("command", "BYTES", (1,)),
+                TensorConfig("lora_name_or_path", "BYTES", (1,), optional=True)),
+        outputs=(TensorConfig("loras_json", "BYTES", (1,)),), parameters=dict(parameters))
+    return render_config(model, comment="Rendered by acestep_triton.lora.control: runtime LoRA registry commands.")
+
+
+def write_control_model(repository: str | Path, parameters: Mapping[str, str],
+                        sources_root: str | Path | None = None) -> Path:
+    """Add ``lora_registry/{config.pbtxt, 1/model.py}`` to a rendered repository."""
+    from ..export.render import SOURCES_ROOT
+
+    folder = Path(repository) / CONTROL_MODEL
+    (folder / "1").mkdir(parents=True, exist_ok=True)
+    (folder / "config.pbtxt").write_text(control_config(parameters))
+    shutil.copy2(Path(sources_root or SOURCES_ROOT) / CONTROL_SOURCE / "model.py", folder / "1" / "model.py")
+    return folder
+
+
+__all__ = ["COMMANDS", "CONTROL_MODEL", "RuntimeRegistry", "TritonPythonModel",
+           "control_config", "meta_transformer", "write_control_model"]

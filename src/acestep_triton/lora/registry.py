@@ -1,0 +1,108 @@
+"""The configured adapters of a deployment: one folder per adapter, names and strengths."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from acestep_client.params import ParamError
+
+from .files import _NAME_RE, NO_LORA, SERVING_FILE, VARIANT_SEPARATOR, LoraError, _read_json, adapter_file
+
+
+def check_adapter_name(name: str) -> str:
+    """A served adapter name: letters, digits, ``_`` and ``-`` (it becomes part of model names),
+    not ``none`` and without the ``__`` separator."""
+    if not _NAME_RE.match(name) or VARIANT_SEPARATOR in name or name.lower() == NO_LORA:
+        raise ValueError(f"invalid LoRA adapter name {name!r}: use letters, digits, '_' and '-' (not "
+                         f"'{VARIANT_SEPARATOR}', not '{NO_LORA}')")
+    return name
+
+
+def is_no_lora(name: str | None) -> bool:
+    """Whether a ``lora_name_or_path`` value asks for no adapter (``none``, any case, or empty)."""
+    return name is None or name.strip() == "" or name.strip().lower() == NO_LORA
+
+
+def check_weight_range(weight: float) -> float:
+    """The schema's bounds for ``lora_weight`` (-3..3), checked for weights configured on the server."""
+    weight = float(weight)
+    if not math.isfinite(weight) or not -3.0 <= weight <= 3.0:
+        raise ValueError(f"lora_weight {weight} is outside [-3, 3]")
+    return weight
+
+
+@dataclass(frozen=True)
+class LoraRegistry:
+    """The adapters a deployment serves: name → adapter folder, and the strength each is served at.
+
+    :meth:`from_dir` reads one sub-folder per adapter (the folder name is the adapter name), each
+    holding ``pytorch_lora_weights.safetensors`` and optionally ``serving.json``
+    (``{"lora_weight": 0.8}``, default 1.0).
+    """
+
+    adapters: Mapping[str, Path]
+    weights: Mapping[str, float] = field(default_factory=dict)
+    root: Path | None = None
+
+    @classmethod
+    def from_dir(cls, root: str | Path, weights: Mapping[str, float] | None = None) -> LoraRegistry:
+        """Scan ``root``; ``weights`` override the ``serving.json`` strengths by adapter name.
+        Errors name the folder (a misconfigured deployment fails at build time, not per request)."""
+        root = Path(root)
+        if not root.is_dir():
+            raise LoraError(f"LoRA folder {root} does not exist")
+        adapters: dict[str, Path] = {}
+        strengths: dict[str, float] = {}
+        for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            try:
+                name = check_adapter_name(folder.name)
+            except ValueError as e:
+                raise LoraError(f"{folder}: {e}") from None
+            adapter_file(folder)  # raises, naming the folder, when it holds no adapter
+            adapters[name] = folder
+            strength = 1.0
+            if (folder / SERVING_FILE).is_file():
+                strength = _read_json(folder / SERVING_FILE).get("lora_weight", 1.0)
+            try:
+                strengths[name] = check_weight_range(strength)
+            except (TypeError, ValueError) as e:
+                raise LoraError(f"{folder / SERVING_FILE}: {e}") from None
+        for name, strength in (weights or {}).items():
+            if name not in adapters:
+                raise LoraError(f"weights: no adapter {name!r} in {root} (have {', '.join(adapters) or 'none'})")
+            strengths[name] = check_weight_range(strength)
+        return cls(adapters=adapters, weights=strengths, root=root)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.adapters)
+
+    def __len__(self) -> int:
+        return len(self.adapters)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.adapters)
+
+    def weight(self, name: str) -> float:
+        """The strength ``name`` is served at (1.0 unless configured)."""
+        return float(self.weights.get(name, 1.0))
+
+    def resolve(self, name: str | None) -> Path | None:
+        """The adapter folder for a request's ``lora_name_or_path``; None for ``none``.
+
+        Unknown names (and file-system paths: a server never loads files a request names) raise
+        :class:`ParamError` on ``lora_name_or_path``, listing what is served.
+        """
+        if is_no_lora(name):
+            return None
+        assert name is not None
+        key = name.strip()
+        if key in self.adapters:
+            return self.adapters[key]
+        served = ", ".join(self.adapters) if self.adapters else "no adapters are configured"
+        raise ParamError("lora_name_or_path", f"unknown LoRA adapter {name!r}; this server serves: {served} "
+                                              f"(or '{NO_LORA}')")
+
