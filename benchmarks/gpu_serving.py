@@ -612,7 +612,7 @@ class TritonPath:
     def generate(self, params: Any) -> tuple[Any, float, int]:
         before = dit_counts(self.url)["requests"]
         started = time.perf_counter()
-        result = self.client.generate(params, timeout=self.timeout_s)
+        result = self.client.generate(params, timeout_s=self.timeout_s)
         elapsed = time.perf_counter() - started
         return result.audio, elapsed, dit_counts(self.url)["requests"] - before
 

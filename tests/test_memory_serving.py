@@ -109,7 +109,8 @@ def test_memory_comes_back_after_a_large_request(budget_server: TritonServer) ->
     assert result.audio.shape[0] == 2
     del result
     grew = peak[0] - baseline
-    assert grew > 150 * MiB, f"the request should have grown the endpoint by its audio, grew {grew >> 20} MiB"
+    # measured 149–184 MiB (two 60 s items, their decode windows): well above allocator noise
+    assert grew > 100 * MiB, f"the request should have grown the endpoint by its audio, grew {grew >> 20} MiB"
     deadline = time.monotonic() + 10
     while rss() - baseline > 0.25 * grew and time.monotonic() < deadline:
         time.sleep(0.2)
