@@ -26,7 +26,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -239,50 +239,53 @@ class AceStepClient:
             return result
         raise AssertionError("unreachable: the last attempt returns or raises")  # pragma: no cover
 
+    @contextlib.contextmanager
+    def _cancel_flag(self) -> Iterator[threading.Event]:
+        """An event that :meth:`cancel` sets while the block runs (one per waiting call)."""
+        flag = threading.Event()
+        with self._lock:
+            self._active.add(flag)
+        try:
+            yield flag
+        finally:
+            with self._lock:
+                self._active.discard(flag)
+
     def _sleep(self, delay: float, should_cancel: Callable[[], bool] | None, endpoint: str) -> None:
         """Wait ``delay`` s before a retry, still honouring ``cancel()`` and ``should_cancel``."""
-        cancelled = threading.Event()
-        with self._lock:
-            self._active.add(cancelled)
-        try:
+        with self._cancel_flag() as cancelled:
             end = time.monotonic() + delay
             while (left := end - time.monotonic()) > 0:
                 if cancelled.wait(min(_POLL_S, left)) or (should_cancel is not None and should_cancel()):
                     raise GenerationCancelled(f"generation on {endpoint!r} cancelled while waiting to retry")
-        finally:
-            with self._lock:
-                self._active.discard(cancelled)
 
     def _attempt(self, inputs: list[grpcclient.InferInput], endpoint: str, on_progress: ProgressCallback | None,
                  deadline: float | None, timeout_s: float | None,
                  should_cancel: Callable[[], bool] | None) -> GenerationResult:
         """Send the request once and collect its stream (the body of one retry attempt)."""
         client = self._new_client()
-        cancelled = threading.Event()
-        with self._lock:
-            self._active.add(cancelled)
         events: queue.Queue[tuple[Any, Any]] = queue.Queue()
         finished = False
-        try:
-            self._check_ready(client, endpoint)
+        with self._cancel_flag() as cancelled:
             try:
-                client.start_stream(callback=lambda result=None, error=None: events.put((result, error)))
-                client.async_stream_infer(endpoint, inputs, request_id=uuid.uuid4().hex,
-                                          enable_empty_final_response=True)
-            except InferenceServerException as exc:
-                raise _translate(exc, self.url) from exc
-            result = self._collect(events, cancelled, endpoint, on_progress, deadline, timeout_s, should_cancel)
-            finished = True
-            return result
-        finally:
-            with self._lock:
-                self._active.discard(cancelled)
-            # Anything but a clean finish (error, cancel, timeout, Ctrl-C, a raising progress
-            # callback) cancels the request on the server so it stops spending compute. Closing
-            # is best effort: the request's outcome is already decided.
-            with contextlib.suppress(Exception):
-                client.stop_stream(cancel_requests=not finished)
-            client.close()
+                self._check_ready(client, endpoint)
+                try:
+                    client.start_stream(callback=lambda result=None, error=None: events.put((result, error)))
+                    client.async_stream_infer(endpoint, inputs, request_id=uuid.uuid4().hex,
+                                              enable_empty_final_response=True)
+                except InferenceServerException as exc:
+                    raise _translate(exc, self.url) from exc
+                result = self._collect(events, cancelled, endpoint, on_progress, deadline, timeout_s,
+                                       should_cancel)
+                finished = True
+                return result
+            finally:
+                # Anything but a clean finish (error, cancel, timeout, Ctrl-C, a raising progress
+                # callback) cancels the request on the server so it stops spending compute.
+                # Closing is best effort: the request's outcome is already decided.
+                with contextlib.suppress(Exception):
+                    client.stop_stream(cancel_requests=not finished)
+                client.close()
 
     def _collect(self, events: queue.Queue[tuple[Any, Any]], cancelled: threading.Event, endpoint: str,
                  on_progress: ProgressCallback | None, deadline: float | None, timeout_s: float | None,

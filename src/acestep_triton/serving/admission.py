@@ -68,19 +68,21 @@ from pathlib import Path
 from typing import Any
 
 from acestep_client.errors import UnavailableError
-from acestep_client.params import GenerationParams, ParamError
+from acestep_client.params import MAX_DURATION_S, GenerationParams, ParamError
+
+from ..audio import MODEL_SAMPLE_RATE as MODEL_RATE
+from ..audio import OUTPUT_SAMPLE_RATE as OUTPUT_RATE
+from ..codec import OVERLAP_MIN_DURATION_S, OverlapWindows
+from ..sampling.noise import FRAMES_PER_SECOND, latent_frames
+from .memory import proc_field_bytes
 
 MiB = 2**20
 BYTES = 4  # fp32: the CPU runtimes and the sampling loop; bf16 engines need less (conservative)
-MODEL_RATE = 44100
-OUTPUT_RATE = 48000
-SAMPLES_PER_FRAME = 4096  # 44.1 kHz samples per latent frame (hop 512 × 8)
-FRAMES_PER_SECOND = MODEL_RATE / SAMPLES_PER_FRAME
-MAX_SECONDS = 240.0  # the longest generation (and source) served
-RANDOM_DURATION_MAX_S = 240.0  # audio_duration <= 0 draws a duration up to this
-OVERLAP_MIN_DURATION_S = 48.0  # see codec.OVERLAP_MIN_DURATION_S
-DCAE_WINDOW = 512  # latent frames per windowed DCAE call (codec.OverlapWindows)
-VOCODER_WINDOW = 512 * 512  # samples per windowed vocoder call
+SAMPLES_PER_FRAME = round(MODEL_RATE / FRAMES_PER_SECOND)  # 4096: hop 512 × DCAE downsampling 8
+MAX_SECONDS = MAX_DURATION_S  # the longest generation (and source) served
+RANDOM_DURATION_MAX_S = MAX_DURATION_S  # audio_duration <= 0 draws a duration up to this
+DCAE_WINDOW = OverlapWindows.dcae_window  # latent frames per windowed DCAE call
+VOCODER_WINDOW = OverlapWindows.vocoder_window  # samples per windowed vocoder call
 
 K_DIT_WIDTH = 12.0
 K_DIT_FF = 6.0
@@ -193,7 +195,7 @@ def guidance_branches(params: GenerationParams) -> int:
 
 def frames_for(seconds: float) -> int:
     """Latent frames of ``seconds`` (``sampling.noise.latent_frames``; at least one)."""
-    return max(1, int(seconds * FRAMES_PER_SECOND))
+    return max(1, latent_frames(seconds))
 
 
 def audio_seconds(data: bytes | None) -> float | None:
@@ -378,14 +380,7 @@ class MemoryBudget:
 
 def available_ram() -> int:
     """``MemAvailable`` of /proc/meminfo in bytes (0 where unknown)."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return proc_field_bytes("/proc/meminfo", "MemAvailable")
 
 
 def _flag(value: str, name: str) -> bool:

@@ -36,16 +36,22 @@ MiB = 2**20
 DEFAULT_THRESHOLD = 64 * MiB
 
 
-def rss_bytes(pid: int | str = "self") -> int:
-    """Resident set size of process ``pid`` (``VmRSS`` of ``/proc/<pid>/status``; 0 off Linux)."""
+def proc_field_bytes(path: str, key: str) -> int:
+    """A ``key:   N kB`` line of a ``/proc`` file in bytes (0 where the file or line is missing,
+    e.g. off Linux or for a process that has exited)."""
     try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
+        with open(path) as lines:
+            for line in lines:
+                if line.startswith(f"{key}:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return 0
+
+
+def rss_bytes(pid: int | str = "self") -> int:
+    """Resident set size of process ``pid`` (``VmRSS`` of ``/proc/<pid>/status``; 0 off Linux)."""
+    return proc_field_bytes(f"/proc/{pid}/status", "VmRSS")
 
 
 @lru_cache(maxsize=1)
