@@ -17,7 +17,7 @@ Two tables:
 
 Usage: ``python benchmarks/lora_runtime.py [--device cpu|cuda] [--frames 128] [--rows 2]
 [--blocks 1] [--repeats 5] [--threads 1] [--dtype fp32|bf16] [--width 2560]``
-(``benchmarks/gpu_serving.py measure --lora`` runs it on the GPU as section (e)). Timings on a shared CPU vary by
+(``benchmarks/gpu_serving.py measure`` runs it on the GPU as section (e)). Timings on a shared CPU vary by
 a few percent between runs; compare the columns of one run.
 """
 

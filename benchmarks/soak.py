@@ -14,6 +14,11 @@ request of the phase is sampling:
 ``restart``         SIGTERM of the server (graceful drain), then a new server on the same ports
 ``disconnect``      a raw gRPC client that drops its connection mid-stream, beside the workload
 ``burst``           far more requests at once than the endpoints' queue policy admits, no retries
+``leak``            (only when named) ``--leak-requests`` (1,000) requests of the same mix, no fault,
+                    sampling every process's memory every ``--leak-sample-every`` requests: the
+                    slope per process in MiB per 100 requests after ``--leak-warmup`` requests
+                    (goal: at most 2), from each process's private memory (``RssAnon``: heap and
+                    anonymous mappings; shared memory is counted once, as ``/dev/shm``)
 
 Per phase it counts requests **sent**, answered with **audio**, answered with a **clear error**
 (a :class:`ServerUnavailable` the client may retry, or a tagged server error), **lost** (no
@@ -37,6 +42,7 @@ Without ``--url`` it builds the tiny checkpoint and a CPU repository and starts 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import sys
@@ -64,15 +70,18 @@ from acestep_client.client import (  # noqa: E402
     ServerUnavailable,
 )
 from acestep_client.params import GenerationParams  # noqa: E402
-from acestep_client.retry import NO_RETRY, RetryPolicy  # noqa: E402
+from acestep_client.retry import DEFAULT_RETRY, NO_RETRY, RetryPolicy  # noqa: E402
 
 PHASES = ("baseline", "kill_endpoint", "kill_component", "restart", "disconnect", "burst")
+LEAK = "leak"
+"""The long phase (not in :data:`PHASES`; name it in ``--phases``)."""
+LEAK_GOAL_MIB_PER_100 = 2.0
 SERVER_FAULTS = frozenset({"kill_endpoint", "kill_component", "restart"})
 PROMPT = "pop, upbeat, guitar, 120 BPM"
 LYRICS = "[verse]\nfree as a bird\n[chorus]\nsing along"
-SOAK_RETRY = RetryPolicy(attempts=40, backoff_s=1.0, max_backoff_s=5.0)
-"""The workload clients' retries: resend until the request's deadline (a restart reloads every
-model: about a minute on 2 busy cores)."""
+SOAK_RETRY = DEFAULT_RETRY
+"""The workload clients' retries: the client's defaults (issue 19: they must ride out any single
+killed stub, and a restart, which reloads every model: about a minute on 2 busy cores)."""
 OWN_LORA = ("tiny", 0.5)
 """The adapter of the server this script builds (served fused at 0.5 on the onnx runtime)."""
 TOLERANCE = 1e-3
@@ -105,10 +114,53 @@ class PhaseResult:
     wall_s: float = 0.0
     fast_rejections: int = 0
     errors: list[str] = field(default_factory=list)
+    memory: dict[str, list[float]] = field(default_factory=dict)
+    """``leak``: MiB per process (and ``/dev/shm``) at each sample; ``memory_at`` the requests sent then."""
+    memory_at: list[int] = field(default_factory=list)
+    slopes: dict[str, float] = field(default_factory=dict)
+    """``leak``: MiB per 100 requests after the warm-up, per process."""
 
     @property
     def ok(self) -> bool:
         return self.lost == 0 and self.wrong == 0 and self.sent == self.audio + self.clear_error
+
+
+def _status_mib(pid: int, key: str) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as lines:
+            for line in lines:
+                if line.startswith(f"{key}:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def memory_sample(server: Any) -> dict[str, float]:
+    """Private memory (``RssAnon``, MiB) of tritonserver and of each stub by instance name, and the
+    server's ``/dev/shm`` regions (allocated MiB). Stubs of the same instance (a reload) add up."""
+    from acestep_triton.serving.health import SHM_DIR, stub_processes
+
+    sample = {"tritonserver": _status_mib(server.pid, "RssAnon")}
+    for stub in stub_processes(server.pid):
+        sample[stub.instance] = sample.get(stub.instance, 0.0) + _status_mib(stub.pid, "RssAnon")
+    shm = 0
+    for path in SHM_DIR.iterdir():
+        if path.name.startswith(server.shm_prefix):
+            with contextlib.suppress(OSError):
+                shm += path.stat().st_blocks * 512
+    sample["/dev/shm"] = shm / 2**20
+    return sample
+
+
+def slope_per_100(at: Sequence[int], values: Sequence[float]) -> float:
+    """Least-squares slope of ``values`` over requests ``at``, in MiB per 100 requests."""
+    x = np.asarray(at, dtype=float)
+    y = np.asarray(values, dtype=float)
+    keep = np.isfinite(y)
+    if keep.sum() < 2 or np.ptp(x[keep]) == 0:
+        return float("nan")
+    return float(np.polyfit(x[keep], y[keep], 1)[0] * 100)
 
 
 def workload(src_audio: bytes, *, duration: float, steps: int, lora: tuple[str, float] | None) -> list[Job]:
@@ -148,8 +200,8 @@ class Soak:
     def __init__(self, url: str, *, server: Any = None, concurrency: int = 4, requests: int = 14,
                  duration: float = 1.0, steps: int = 3, deadline_s: float = 240.0,
                  recovery_bound_s: float = 120.0, lora: tuple[str, float] | None = None,
-                 retry: RetryPolicy = SOAK_RETRY,
-                 log: Callable[[str], None] = print) -> None:
+                 retry: RetryPolicy = SOAK_RETRY, leak_requests: int = 1000, leak_warmup: int = 200,
+                 leak_sample_every: int = 50, log: Callable[[str], None] = print) -> None:
         self.url = url
         self.server = server
         self.concurrency = concurrency
@@ -160,6 +212,9 @@ class Soak:
         self.recovery_bound_s = recovery_bound_s
         self.lora = lora
         self.retry = retry
+        self.leak_requests = leak_requests
+        self.leak_warmup = leak_warmup
+        self.leak_sample_every = leak_sample_every
         self.log = log
         self.jobs: list[Job] = []
         self.reference: dict[str, np.ndarray] = {}
@@ -314,6 +369,36 @@ class Soak:
         progress.wait(30.0)
         raw.close()  # drops the channel with the request in flight
 
+    def _phase_leak(self, result: PhaseResult) -> PhaseResult:
+        """The mix, ``leak_requests`` of it, sampling memory every ``leak_sample_every`` requests;
+        the slope is fitted to the samples from ``leak_warmup`` requests on."""
+        if self.server is None:
+            self.log("leak: needs a server this process started (it reads the processes' memory)")
+            return result
+        sent = 0
+        result.memory_at.append(0)
+        for name, value in memory_sample(self.server).items():
+            result.memory.setdefault(name, []).append(value)
+        while sent < self.leak_requests:
+            chunk = PhaseResult(LEAK)
+            count = min(self.leak_sample_every, self.leak_requests - sent)
+            self._run_workload(chunk, None, count=count)
+            sent += count
+            for name in ("sent", "audio", "clear_error", "lost", "wrong", "retries"):
+                setattr(result, name, getattr(result, name) + getattr(chunk, name))
+            result.errors += chunk.errors[:5]
+            result.memory_at.append(sent)
+            sample = memory_sample(self.server)
+            for name in set(result.memory) | set(sample):
+                series = result.memory.setdefault(name, [float("nan")] * (len(result.memory_at) - 1))
+                series.append(sample.get(name, float("nan")))
+            self.log(f"leak: {sent}/{self.leak_requests} sent; tritonserver {sample['tritonserver']:.0f} MiB, "
+                     f"/dev/shm {sample['/dev/shm']:.0f} MiB")
+        after = [i for i, at in enumerate(result.memory_at) if at >= self.leak_warmup]
+        for name, series in result.memory.items():
+            result.slopes[name] = slope_per_100([result.memory_at[i] for i in after], [series[i] for i in after])
+        return result
+
     def _phase_burst(self, result: PhaseResult) -> PhaseResult:
         """Many requests at once, no retries: what the queue policy does not admit must be
         refused fast (``[unavailable]``), not left to time out."""
@@ -352,6 +437,22 @@ def markdown_table(results: Sequence[PhaseResult], *, concurrency: int, recovery
     return "\n".join(lines)
 
 
+def leak_table(result: PhaseResult, warmup: int) -> str:
+    """Memory per process at the start, after the warm-up and at the end, and the slope after it."""
+    at = result.memory_at
+    warm = next((i for i, a in enumerate(at) if a >= warmup), len(at) - 1)
+    lines = [f"{result.sent} requests ({result.audio} with audio, {result.lost} lost); slope fitted from request "
+             f"{at[warm]} on, goal at most {LEAK_GOAL_MIB_PER_100:g} MiB per 100 requests per process", "",
+             "| process (private MiB) | start | after warm-up | end | MiB per 100 requests |",
+             "|---|---|---|---|---|"]
+    for name in sorted(result.memory, key=lambda n: (n != "tritonserver", n == "/dev/shm", n)):
+        series = result.memory[name]
+        slope = result.slopes.get(name, float("nan"))
+        flag = " **over**" if slope > LEAK_GOAL_MIB_PER_100 else ""
+        lines.append(f"| {name} | {series[0]:.0f} | {series[warm]:.0f} | {series[-1]:.0f} | {slope:+.2f}{flag} |")
+    return "\n".join(lines)
+
+
 def own_server(workdir: Path) -> Any:
     """Build the tiny checkpoint (with a LoRA adapter) and a CPU repository; start a server."""
     from acestep_triton.checkpoint import write_tiny_checkpoint
@@ -376,7 +477,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--deadline", type=float, default=240.0, help="seconds per request, retries included")
     parser.add_argument("--recovery-bound", type=float, default=120.0)
-    parser.add_argument("--phases", default=",".join(PHASES))
+    parser.add_argument("--phases", default=",".join(PHASES),
+                        help=f"comma list of {', '.join(PHASES)} and {LEAK} (the long leak phase; own server only)")
+    parser.add_argument("--leak-requests", type=int, default=1000)
+    parser.add_argument("--leak-warmup", type=int, default=200, help="requests before the slope is fitted")
+    parser.add_argument("--leak-sample-every", type=int, default=50)
     parser.add_argument("--lora", default=None, metavar="NAME:STRENGTH",
                         help="adapter of the LoRA request (own server: tiny:0.5)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
@@ -384,9 +489,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="own server: keep its checkpoint, repository and logs here (default: a temp dir)")
     args = parser.parse_args(argv)
     phases = [p for p in args.phases.split(",") if p]
-    unknown = sorted(set(phases) - set(PHASES))
+    unknown = sorted(set(phases) - set(PHASES) - {LEAK})
     if unknown:
-        parser.error(f"--phases: unknown {unknown}; known: {', '.join(PHASES)}")
+        parser.error(f"--phases: unknown {unknown}; known: {', '.join(PHASES)}, {LEAK}")
     lora = OWN_LORA if not args.url else None
     if args.lora:
         name, _, strength = args.lora.partition(":")
@@ -395,16 +500,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         server = None if args.url else own_server(args.workdir or Path(tmp))
         soak = Soak(args.url or server.grpc_url, server=server, concurrency=args.concurrency,
                     requests=args.requests, duration=args.duration, steps=args.steps, deadline_s=args.deadline,
-                    recovery_bound_s=args.recovery_bound, lora=lora)
+                    recovery_bound_s=args.recovery_bound, lora=lora, leak_requests=args.leak_requests,
+                    leak_warmup=args.leak_warmup, leak_sample_every=args.leak_sample_every)
         try:
             results = soak.run(phases)
         finally:
             if soak.server is not None:
                 soak.server.stop()
     print(markdown_table(results, concurrency=args.concurrency, recovery_bound_s=args.recovery_bound))
+    for result in results:
+        if result.phase == LEAK and result.memory:
+            print()
+            print(leak_table(result, args.leak_warmup))
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
-    return 0 if all(r.ok for r in results) else 1
+    leaks = [r for r in results if r.phase == LEAK and any(v > LEAK_GOAL_MIB_PER_100 for v in r.slopes.values())]
+    return 0 if all(r.ok for r in results) and not leaks else 1
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
 #   docker build -f docker/server.gpu.Dockerfile -t acestep-triton-server:0.1.0-gpu .
 #   docker run --gpus 1 --shm-size 8g -p 8000-8002:8000-8002 \
 #     -v $PWD/checkpoints/ACE-Step-v1-3.5B:/models/checkpoint:ro -v acestep-models:/models \
-#     acestep-triton-server:0.1.0-gpu
+#     -v acestep-compile-cache:/cache acestep-triton-server:0.1.0-gpu
 #
 # Base image pin: nvcr.io/nvidia/tritonserver:25.01-py3 (Triton 2.54). Why this tag:
 # * it ships the python and tensorrt backends we use, and Ubuntu 24.04 with Python 3.12 (the
@@ -64,7 +64,16 @@ RUN python3 -m pip install -e ./client -e ".[export,download]" \
  && python3 docker/check_tensorrt.py
 
 # uid 1000 is the image's own non-root `triton-server` user; /models is its writable volume.
-RUN mkdir -p /models && chown 1000:1000 /models
+RUN mkdir -p /models /cache/torchinductor /cache/triton && chown -R 1000:1000 /models /cache
+# Compile cache (torch runtime): the DiT decoder compiles its blocks with TorchInductor and
+# captures CUDA graphs while it loads (the `warmup` shapes), before the server reports ready.
+# Graphs live in GPU memory and are captured again on every start (seconds); the compiled
+# kernels are what takes minutes, and TorchInductor caches them on disk: its FX-graph and
+# AOTAutograd caches and the generated code under TORCHINDUCTOR_CACHE_DIR, the Triton kernel
+# binaries under TRITON_CACHE_DIR. Both point into /cache, a volume: a restarted container (or
+# pod, deploy/overlays/gpu) finds them there and loads instead of compiling. Entries are keyed
+# by the torch/Triton versions, the GPU and the code, so a stale or foreign entry is a miss,
+# never wrong, and one cache can be shared by several servers (writes are atomic renames).
 ENV ACESTEP_MODELS_DIR=/models \
     ACESTEP_TARGET=gpu \
     ACESTEP_HTTP_PORT=8000 \
@@ -72,9 +81,13 @@ ENV ACESTEP_MODELS_DIR=/models \
     ACESTEP_METRICS_PORT=8002 \
     HOME=/tmp \
     HF_HOME=/tmp/huggingface \
+    TORCHINDUCTOR_CACHE_DIR=/cache/torchinductor \
+    TORCHINDUCTOR_FX_GRAPH_CACHE=1 \
+    TORCHINDUCTOR_AUTOGRAD_CACHE=1 \
+    TRITON_CACHE_DIR=/cache/triton \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
-VOLUME ["/models"]
+VOLUME ["/models", "/cache"]
 USER 1000:1000
 
 EXPOSE 8000 8001 8002

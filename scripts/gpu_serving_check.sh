@@ -1,30 +1,48 @@
 #!/usr/bin/env bash
-# GPU serving check: ACE-Step served by Triton on one NVIDIA GPU, in one run of at most 10 minutes.
+# The GPU check: ACE-Step on one NVIDIA GPU, served by Triton and in-process, in one run of at
+# most 10 minutes (it replaces scripts/gpu_check.sh, whose comparison is the section `inprocess`).
 #
 #   bash scripts/pack_gpu_carry.sh          # here, where pip works: writes .gpu_carry/ (~48 MiB)
 #   bash scripts/gpu_serving_check.sh       # on the GPU machine, with .gpu_carry/ carried along
 #   bash scripts/gpu_serving_check.sh --dry-run   # the same code on a CPU: tiny model, no carry (CI)
 #
-# Phases, each in its own time box, elapsed time printed per phase, failing fast with a message:
+# Sections (SECTIONS, a comma list; default serving,lora); one that fails is recorded and the
+# others still run (exit 5 at the end if any failed):
+#   serving    (a)-(d) through Triton: phases 3-5 below (full-size checkpoint, build, measure);
+#   lora       (e) what runtime LoRA adapters cost per DiT step, inside the measure phase;
+#   inprocess  eager PyTorch vs our optimised path in-process (benchmarks/gpu_eager_vs_optimized.py,
+#              random full-size DiT, no checkpoint, no server), plus a TensorRT engine of a
+#              TRT_LAYERS-block DiT when `import tensorrt` works.
+#
+# Phases, each in its own time box, elapsed time printed per phase:
 #   1. the machine: nvidia-smi, the Python stack, /dev/shm, disk;
 #   2. the environment: unpack .gpu_carry/{triton,site}.tar.xz (tritonserver + the packages the
 #      image lacks), find libpython3.12 for the Python-backend stub (else use the carried one), and
 #      make one overlay venv (--without-pip) whose .pth puts the project, the carried packages and
 #      the machine's site-packages on the path of the benchmark AND of the Triton model processes
 #      (the stub ignores PYTHONPATH); placeholders for soundfile/cutlet where they are missing;
-#   3. a full-size random checkpoint on this machine's disk (LAYERS DiT blocks, default 24;
-#      dry run: the tiny checkpoint);
-#   4. the repository: target gpu, runtime torch, text2music only, ENDPOINT_INSTANCES instances;
-#   5. benchmarks/gpu_serving.py measure: starts the carried tritonserver on the GPU and measures
-#      (a) Triton vs the same compiled components in-process, (b) vs eager sequential CFG,
-#      (c) throughput at concurrency 1/4/8 for 10/30/60 s requests, (d) peak memory.
+#   3. the official-layout random checkpoint (export/full_random.py), loaded by the served
+#      components as production loads a real one: LAYERS DiT blocks, default auto = the full 24
+#      when the GPU has >= 45 GiB (three copies of the weights live at once: served, in-process
+#      twin, eager baseline), else 8; dry run: the tiny checkpoint;
+#   4. the repository: target gpu, runtime torch, text2music only, built with
+#      --endpoint-instances text2music=ENDPOINT_INSTANCES;
+#   5. benchmarks/gpu_serving.py measure: starts the carried tritonserver on the GPU with every
+#      component refusing inputs that arrive through the host (ACESTEP_REQUIRE_DEVICE_INPUTS=1)
+#      and measures (a) Triton vs the same compiled components in-process, (b) vs eager
+#      sequential CFG, (c) throughput at concurrency 1/4/8 for 10/30/60 s requests, (e) runtime
+#      LoRA, (d) peak memory, per served component its weights and torch.cuda.max_memory_allocated;
+#   6. section inprocess, when chosen, with what is left of the budget.
 # Results: $OUT (else a temporary folder): gpu_serving.md (tables for benchmarks/RESULTS.md),
-# gpu_serving.json, tritonserver.log, gpu_serving_check.log.
+# gpu_serving.json, section_*.json, tritonserver.log, gpu_serving_check.log; inprocess:
+# inprocess.{json,md} (+ trt_inprocess.{json,md}).
 #
-# Settings (environment): OUT, LAYERS (24), ENDPOINT_INSTANCES (8; dry run 1), CARRY_DIR (.gpu_carry),
-# WORK (/tmp/acestep_gpu_serving; dry run: a temporary folder), PYTHON (python3; dry run: .venv's),
-# TOTAL_BUDGET (570 s; dry run 240), CKPT_TIMEOUT (240), BUILD_TIMEOUT (120), and for the
-# benchmark E2E_SECONDS, STEPS, REPEATS, LOAD_DURATIONS, CONCURRENCY, LOAD_STEPS, REQUESTS.
+# Settings (environment): OUT, SECTIONS (serving,lora), LAYERS (auto), ENDPOINT_INSTANCES (8; dry
+# run 1), CARRY_DIR (.gpu_carry), WORK (/tmp/acestep_gpu_serving; dry run: a temporary folder),
+# PYTHON (python3; dry run: .venv's), TOTAL_BUDGET (570 s; dry run 240), CKPT_TIMEOUT (240),
+# BUILD_TIMEOUT (120), for the measure phase E2E_SECONDS, STEPS, REPEATS, LOAD_DURATIONS,
+# CONCURRENCY, LOAD_STEPS, REQUESTS, and for inprocess AUDIO_SECONDS (60), INPROCESS_STEPS (27,60),
+# INPROCESS_REPEATS (2), INPROCESS_TIMEOUT (360), TRT_LAYERS (8), TRT_TIMEOUT (420).
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 
@@ -34,11 +52,18 @@ DRY_RUN=0
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY_RUN=1 ;;
-    -h|--help) sed -n '2,27p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,45p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "[gpu_serving_check] ERROR: unknown argument $arg (--dry-run, --help)" >&2; exit 2 ;;
   esac
 done
 
+# checked before anything is created
+SECTIONS=",${SECTIONS:-serving,lora},"
+for s in ${SECTIONS//,/ }; do
+  case "$s" in serving|lora|inprocess) ;; *) echo "[gpu_serving_check] ERROR: unknown section $s (serving, lora, inprocess)" >&2; exit 2 ;; esac
+done
+want() { [[ "$SECTIONS" == *",$1,"* ]]; }
+FAILED_SECTIONS=()
 if [[ $DRY_RUN -eq 1 ]]; then
   DEFAULT_PY="$ROOT/.venv/bin/python"
   [[ -x "$DEFAULT_PY" ]] || DEFAULT_PY=python3
@@ -56,7 +81,7 @@ else
   TARGET=gpu
   THREADS=0
 fi
-LAYERS="${LAYERS:-24}"
+LAYERS="${LAYERS:-auto}"
 CARRY="${CARRY_DIR:-$ROOT/.gpu_carry}"
 CKPT_TIMEOUT="${CKPT_TIMEOUT:-240}"
 BUILD_TIMEOUT="${BUILD_TIMEOUT:-120}"
@@ -96,7 +121,7 @@ phase() {
   fi
 }
 
-log "mode: $([[ $DRY_RUN -eq 1 ]] && echo 'dry run (CPU, tiny model)' || echo 'GPU'); work $WORK; results $RESULTS; budget ${TOTAL_BUDGET}s"
+log "mode: $([[ $DRY_RUN -eq 1 ]] && echo 'dry run (CPU, tiny model)' || echo 'GPU'); sections ${SECTIONS:1:-1}; work $WORK; results $RESULTS; budget ${TOTAL_BUDGET}s"
 
 # ---------------------------------------------------------------- 1. the machine
 if [[ $DRY_RUN -eq 0 ]]; then
@@ -104,7 +129,13 @@ if [[ $DRY_RUN -eq 0 ]]; then
   GPU_INFO="$(timeout 30 nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv,noheader)" \
     || fail "nvidia-smi failed: no usable NVIDIA GPU" 2
   log "GPU: $GPU_INFO"
+  if [[ "$LAYERS" == "auto" ]]; then
+    TOTAL_MIB="$(timeout 30 nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -n 1 | tr -dc '0-9' || true)"
+    if (( ${TOTAL_MIB:-0} >= 46080 )); then LAYERS=24; else LAYERS=8; fi
+    log "LAYERS=auto: $LAYERS DiT blocks for ${TOTAL_MIB:-?} MiB of GPU memory (24 from 45 GiB)"
+  fi
 fi
+[[ "$LAYERS" == "auto" ]] && LAYERS=24  # dry run: unused (the tiny checkpoint)
 command -v "$PY" >/dev/null 2>&1 || [[ -x "$PY" ]] || fail "no Python interpreter $PY (set PYTHON)" 2
 PYVER="$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
 log "python: $("$PY" -c 'import sys; print(sys.executable, sys.version.split()[0])')"
@@ -228,52 +259,112 @@ if [[ $DRY_RUN -eq 0 ]]; then
   ldd "$TREE/bin/tritonserver" 2>/dev/null | grep -q "not found" && fail "tritonserver misses libraries: $(ldd "$TREE/bin/tritonserver" | grep 'not found' | tr '\n' ' ')" 3
 fi
 
-# ---------------------------------------------------------------- 3. checkpoint
-if [[ $DRY_RUN -eq 1 ]]; then
-  T="$(box 60 60)" || exit 4
-  phase checkpoint "$T" "$PY" -m acestep_triton.cli checkpoint tiny "$WORK/ckpt"
-else
-  T="$(box "$CKPT_TIMEOUT" 240)" || exit 4
-  phase checkpoint "$T" "$PY" -m acestep_triton.export.full_random "$WORK/ckpt" --layers "$LAYERS" --device cuda
-  log "checkpoint: $(du -sh "$WORK/ckpt" | cut -f1)"
+# ---------------------------------------------------------------- 3.-5. section serving (+ lora)
+# section NAME STATUS: record how a section's last phase ended (non-fatal: the next sections run)
+section_done() {
+  local name=$1 status=$2
+  if [[ $status -eq 0 ]]; then
+    log "section $name: ok"
+  else
+    FAILED_SECTIONS+=("$name (exit $status)")
+    log "section $name: FAILED (exit $status); the other sections still run"
+  fi
+}
+if want serving; then
+  if [[ $DRY_RUN -eq 1 ]]; then
+    T="$(box 60 60)" || exit 4
+    phase checkpoint "$T" "$PY" -m acestep_triton.cli checkpoint tiny "$WORK/ckpt"
+  else
+    T="$(box "$CKPT_TIMEOUT" 240)" || exit 4
+    phase checkpoint "$T" "$PY" -m acestep_triton.export.full_random "$WORK/ckpt" --layers "$LAYERS" --device cuda
+    log "checkpoint: $LAYERS DiT blocks, $(du -sh "$WORK/ckpt" | cut -f1)"
+  fi
+
+  T="$(box "$BUILD_TIMEOUT" 60)" || exit 4
+  phase build "$T" "$PY" benchmarks/gpu_serving.py build --checkpoint "$WORK/ckpt" \
+    --workdir "$WORK/deploy" --target "$TARGET" --endpoint-instances "text2music=$ENDPOINT_INSTANCES" \
+    --threads "$THREADS"
+
+  MEASURE=(benchmarks/gpu_serving.py measure --checkpoint "$WORK/ckpt" --repository "$WORK/deploy/repository"
+           --out "$RESULTS")
+  [[ $DRY_RUN -eq 1 ]] && MEASURE+=(--dry-run)
+  [[ -n "$TRITON_ROOT" ]] && MEASURE+=(--triton-root "$TRITON_ROOT")
+  want lora || MEASURE+=(--no-lora)
+  for pair in E2E_SECONDS:--e2e-seconds STEPS:--steps REPEATS:--repeats LOAD_DURATIONS:--load-durations \
+              CONCURRENCY:--concurrency LOAD_STEPS:--load-steps REQUESTS:--requests; do
+    var="${pair%%:*}"
+    if [[ -n "${!var:-}" ]]; then MEASURE+=("${pair#*:}" "${!var}"); fi
+  done
+  RESERVE=0
+  want inprocess && RESERVE=$(( DRY_RUN == 1 ? 60 : 150 ))  # what the inprocess section gets at least
+  SECONDS_LEFT="$(box 600 $(( 5 + RESERVE )))" || exit 4
+  # the benchmark's own budget leaves time to stop the server and write the memory table
+  MEASURE+=(--time-budget $(( SECONDS_LEFT > 120 ? SECONDS_LEFT - 45 : SECONDS_LEFT * 2 / 3 )))
+  set +e
+  log "phase measure (time box ${SECONDS_LEFT}s): $PY ${MEASURE[*]}"
+  began=$SECONDS
+  # every component refuses an input that reaches it through the host (issue 18): on the GPU a
+  # request then fails naming the input, so a run that measured anything proves the device path
+  ACESTEP_REQUIRE_DEVICE_INPUTS=1 timeout --kill-after=20 "$SECONDS_LEFT" "$PY" "${MEASURE[@]}" 2>&1 | tee -a "$LOG"
+  STATUS=${PIPESTATUS[0]}
+  set -e
+  log "phase measure: $((SECONDS - began))s, exit $STATUS"
+  if [[ -f "$RESULTS/tritonserver.log" ]] && (( $(stat -c %s "$RESULTS/tritonserver.log") > 8388608 )); then
+    tail -c 8388608 "$RESULTS/tritonserver.log" >"$RESULTS/tritonserver.log.tail" && mv "$RESULTS/tritonserver.log.tail" "$RESULTS/tritonserver.log"
+  fi
+  echo
+  [[ -f "$RESULTS/gpu_serving.md" ]] && cat "$RESULTS/gpu_serving.md"
+  if [[ $STATUS -eq 124 || $STATUS -eq 137 ]]; then
+    log "the measurement exceeded its ${SECONDS_LEFT}s time box; what it measured is in $RESULTS"
+  elif [[ $STATUS -ne 0 ]]; then
+    log "the measurement reported errors (see above, $RESULTS/gpu_serving.json 'sections' and tritonserver.log)"
+  fi
+  section_done serving "$STATUS"
 fi
 
-# ---------------------------------------------------------------- 4. repository
-T="$(box "$BUILD_TIMEOUT" 60)" || exit 4
-phase build "$T" "$PY" benchmarks/gpu_serving.py build --checkpoint "$WORK/ckpt" \
-  --workdir "$WORK/deploy" --target "$TARGET" --endpoint-instances "$ENDPOINT_INSTANCES" --threads "$THREADS"
-
-# ---------------------------------------------------------------- 5. measure
-MEASURE=(benchmarks/gpu_serving.py measure --checkpoint "$WORK/ckpt" --repository "$WORK/deploy/repository"
-         --out "$RESULTS")
-[[ $DRY_RUN -eq 1 ]] && MEASURE+=(--dry-run)
-[[ -n "$TRITON_ROOT" ]] && MEASURE+=(--triton-root "$TRITON_ROOT")
-for pair in E2E_SECONDS:--e2e-seconds STEPS:--steps REPEATS:--repeats LOAD_DURATIONS:--load-durations \
-            CONCURRENCY:--concurrency LOAD_STEPS:--load-steps REQUESTS:--requests; do
-  var="${pair%%:*}"
-  if [[ -n "${!var:-}" ]]; then MEASURE+=("${pair#*:}" "${!var}"); fi
-done
-SECONDS_LEFT="$(box 600 5)" || exit 4
-# the benchmark's own budget leaves time to stop the server and write the memory table
-MEASURE+=(--time-budget $(( SECONDS_LEFT > 120 ? SECONDS_LEFT - 45 : SECONDS_LEFT * 2 / 3 )))
-set +e
-log "phase measure (time box ${SECONDS_LEFT}s): $PY ${MEASURE[*]}"
-began=$SECONDS
-timeout --kill-after=20 "$SECONDS_LEFT" "$PY" "${MEASURE[@]}" 2>&1 | tee -a "$LOG"
-STATUS=${PIPESTATUS[0]}
-set -e
-log "phase measure: $((SECONDS - began))s, exit $STATUS"
-if [[ -f "$RESULTS/tritonserver.log" ]] && (( $(stat -c %s "$RESULTS/tritonserver.log") > 8388608 )); then
-  tail -c 8388608 "$RESULTS/tritonserver.log" >"$RESULTS/tritonserver.log.tail" && mv "$RESULTS/tritonserver.log.tail" "$RESULTS/tritonserver.log"
+# ---------------------------------------------------------------- 6. section inprocess
+if want inprocess; then
+  AUDIO_SECONDS="${AUDIO_SECONDS:-60}"
+  INPROCESS_STEPS="${INPROCESS_STEPS:-27,60}"
+  INPROCESS_REPEATS="${INPROCESS_REPEATS:-2}"
+  BENCH=(benchmarks/gpu_eager_vs_optimized.py --seconds "$AUDIO_SECONDS" --steps "$INPROCESS_STEPS"
+         --repeats "$INPROCESS_REPEATS" --trt off --json "$RESULTS/inprocess.json" --markdown "$RESULTS/inprocess.md")
+  if [[ $DRY_RUN -eq 1 ]]; then
+    BENCH+=(--model tiny --device cpu --warmup-steps 1)  # checks the script, not compiler speed
+  else
+    BENCH+=(--model full --layers "$LAYERS" --compile)
+  fi
+  T="$(box "${INPROCESS_TIMEOUT:-360}" 5)" || exit 4
+  set +e
+  log "phase inprocess (time box ${T}s): $PY ${BENCH[*]}"
+  began=$SECONDS
+  timeout --kill-after=15 "$T" "$PY" "${BENCH[@]}" 2>&1 | tee -a "$LOG"
+  STATUS=${PIPESTATUS[0]}
+  set -e
+  log "phase inprocess: $((SECONDS - began))s, exit $STATUS"
+  [[ -f "$RESULTS/inprocess.md" ]] && cat "$RESULTS/inprocess.md"
+  section_done inprocess "$STATUS"
+  if [[ $DRY_RUN -eq 0 ]] && "$PY" -c "import tensorrt" >/dev/null 2>&1 && (( $(left) > 180 )); then
+    TRT_LAYERS="${TRT_LAYERS:-8}"
+    T="$(box "${TRT_TIMEOUT:-420}" 5)" || exit 4
+    log "phase inprocess-tensorrt: a ${TRT_LAYERS}-block DiT engine (time box ${T}s)"
+    set +e
+    timeout --kill-after=15 "$T" "$PY" benchmarks/gpu_eager_vs_optimized.py --model full --layers "$TRT_LAYERS" \
+      --seconds "$AUDIO_SECONDS" --steps "$INPROCESS_STEPS" --repeats "$INPROCESS_REPEATS" --trt on \
+      --trt-build-timeout $(( T > 240 ? T - 120 : T / 2 )) --json "$RESULTS/trt_inprocess.json" \
+      --markdown "$RESULTS/trt_inprocess.md" 2>&1 | tee -a "$LOG"
+    STATUS=${PIPESTATUS[0]}
+    set -e
+    section_done inprocess-tensorrt "$STATUS"
+  elif [[ $DRY_RUN -eq 0 ]]; then
+    log "tensorrt is not importable (or no time is left): the TensorRT comparison is skipped"
+  fi
 fi
+
 if [[ $DRY_RUN -eq 1 && -z "${KEEP_WORK:-}" ]]; then
   rm -rf "$WORK"
 fi
-echo
-[[ -f "$RESULTS/gpu_serving.md" ]] && cat "$RESULTS/gpu_serving.md"
-if [[ $STATUS -eq 124 || $STATUS -eq 137 ]]; then
-  fail "the measurement exceeded its ${SECONDS_LEFT}s time box; what it measured is in $RESULTS" 5
-elif [[ $STATUS -ne 0 ]]; then
-  fail "the measurement reported errors (exit $STATUS; see above and $RESULTS/tritonserver.log)" 5
+if (( ${#FAILED_SECTIONS[@]} > 0 )); then
+  fail "sections that failed: ${FAILED_SECTIONS[*]}; everything else measured is in $RESULTS" 5
 fi
 log "done in $((SECONDS - STARTED))s; results in $RESULTS"

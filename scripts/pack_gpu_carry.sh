@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Pack what scripts/gpu_serving_check.sh needs on a bare GPU machine into one ignored folder.
+# Pack what scripts/gpu_serving_check.sh (the one GPU check, every section: serving, lora, inprocess)
+# needs on a bare GPU machine into one ignored folder.
 #
 # The lent GPU image has Python 3.12, torch (CUDA) and numpy 2, but no tritonserver, no
 # tritonclient, no diffusers and no lyric libraries, cannot install anything, and takes at most

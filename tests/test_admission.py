@@ -159,7 +159,9 @@ def test_budget_times_out_as_unavailable_and_honours_cancel() -> None:
 
 
 def test_admission_from_parameters() -> None:
-    assert Admission.from_parameters({}, BIG).budget is None, "auto on the CPU: no budget"
+    cpu_auto = Admission.from_parameters({}, BIG, free_memory=lambda device: 6000 * MiB)
+    assert cpu_auto.lazy, "auto on the CPU: MemAvailable minus the margin, read at the first request"
+    assert cpu_auto.budget is not None and cpu_auto.budget.budget == (6000 - 2048) * MiB
     assert Admission.from_parameters({"memory_budget_mb": "off"}, BIG).budget is None
     admission = Admission.from_parameters({"memory_budget_mb": "512", "memory_wait_s": "2"}, BIG)
     assert admission.budget is not None and admission.budget.budget == 512 * MiB
@@ -174,6 +176,35 @@ def test_admission_from_parameters() -> None:
     with admission.admit(GenerationParams(audio_duration=5.0)):
         assert admission.budget.in_flight > 0
     assert admission.budget.in_flight == 0
+
+
+def test_auto_budget_reads_free_memory_at_the_first_request_not_at_load() -> None:
+    """Issue 18: at load the components beside the endpoint may not hold their memory yet. A fake
+    free-memory reader (no GPU needed: the device is only an object here) shows when it is read."""
+    reads: list[str] = []
+    free = {"bytes": 1500 * MiB}
+
+    def free_memory(device: torch.device) -> int:
+        reads.append(str(device))
+        return free["bytes"]
+
+    admission = Admission.from_parameters({"memory_budget_mb": "auto", "memory_margin_mb": "1000"}, BIG,
+                                          device="cuda:0", free_memory=free_memory)
+    assert reads == [] and admission.lazy, "nothing may be read while the instance loads"
+    assert "first request" in admission.describe()
+    free["bytes"] = 900 * MiB  # the components took their memory: less than the margin is free now
+    with pytest.raises(UnavailableError, match="not more than memory_margin_mb"), \
+            admission.admit(GenerationParams(audio_duration=5.0)):
+        pass
+    assert reads == ["cuda:0"] and admission.lazy, "a failed read is tried again at the next request"
+    free["bytes"] = 9000 * MiB
+    with admission.admit(GenerationParams(audio_duration=5.0)):
+        assert admission.budget is not None and admission.budget.budget == 8000 * MiB
+    assert reads == ["cuda:0", "cuda:0"] and not admission.lazy
+    free["bytes"] = 1 * MiB  # kept: later requests do not read it again (memory_check_free does that)
+    with admission.admit(GenerationParams(audio_duration=5.0)):
+        pass
+    assert len(reads) == 2 and "8000 MiB" in admission.describe()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc_trim and /proc are Linux's")
@@ -224,3 +255,21 @@ def test_render_passes_the_budget_to_every_endpoint(tmp_path: Path) -> None:
     chosen = render_repository(tmp_path / "chosen", "cpu", None, endpoints, components=[], assets=tmp_path,
                                endpoint_parameters=memory_parameters("512"))
     assert budget(chosen, "text2music") == budget(chosen, "repaint") == "512"
+
+
+def test_cpu_auto_budget_is_mem_available_minus_the_margin() -> None:
+    """Issue 19: admission was off on the CPU target. ``auto`` there reads the host's
+    ``MemAvailable`` (the real /proc/meminfo here) at the first request, minus the margin."""
+    from acestep_triton.serving.admission import available_ram
+
+    admission = Admission.from_parameters({"memory_budget_mb": "auto", "memory_margin_mb": "256"}, BIG)
+    assert admission.lazy
+    free = available_ram()
+    assert free > 256 * MiB, "this machine reports MemAvailable"
+    budget = admission.budget
+    assert budget is not None and abs(budget.budget - (free - 256 * MiB)) < 512 * MiB
+    short = Admission.from_parameters({"memory_budget_mb": "auto", "memory_margin_mb": "100"}, BIG,
+                                      free_memory=lambda device: 50 * MiB)
+    with pytest.raises(UnavailableError, match=r"the host \(MemAvailable\)"), \
+            short.admit(GenerationParams(audio_duration=5.0)):
+        pass

@@ -25,6 +25,12 @@ from acestep_triton.models.vocoder import Vocoder
 
 TOL = 1e-4
 
+LOGMEL_TOL = 2e-3
+"""Log-mel is compared to 2e-3 nats (0.2 % in mel power): quiet bins of loud frames carry the
+fp32 FFT's rounding, which depends on the FFT kernel the CPU selects. Measured on an AVX-512
+Xeon: 1.6e-3 in fp32, and 6.5e-4 even in float64, i.e. the golden numbers (upstream's fp32
+FFT) carry that much themselves. Earlier CI machines passed at 1e-4."""
+
 
 @pytest.fixture(scope="module")
 def vocoder(golden_ckpt: Path) -> Vocoder:
@@ -50,11 +56,11 @@ def _padded_input(golden_components: dict[str, np.ndarray]) -> Tensor:
 def test_logmel_matches_upstream(vocoder: Vocoder, golden_components: dict[str, np.ndarray]) -> None:
     mel = vocoder.mel_transform(_padded_input(golden_components))
     err = max_abs_err(mel, golden_components["dcae_enc_mel_logmel"])
-    assert err <= TOL, f"DCAE-input log-mel max abs err {err:.3g}"
+    assert err <= LOGMEL_TOL, f"DCAE-input log-mel max abs err {err:.3g}"
 
     left = torch.from_numpy(golden_components["dcae_enc_in_audio_44k"])[:, 0]  # unpadded, [1, N]
     err = max_abs_err(vocoder.mel_transform(left), golden_components["voc_logmel_of_dcae_enc_in_left"])
-    assert err <= TOL, f"vocoder log-mel of the left channel max abs err {err:.3g}"
+    assert err <= LOGMEL_TOL, f"vocoder log-mel of the left channel max abs err {err:.3g}"
 
 
 def test_filterbank_matches_slaney_reference() -> None:

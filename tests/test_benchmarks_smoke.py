@@ -174,18 +174,17 @@ def test_graph_self_check_compares_replay_with_eager() -> None:
 
 # ------------------------------------------------------------------------------- the GPU check script
 @pytest.mark.slow
-def test_gpu_check_script_runs_end_to_end_in_cpu_mode(tmp_path: Path) -> None:
-    env = {**os.environ, "GPU_CHECK_CPU": "1", "AUDIO_SECONDS": "2", "STEPS": "2", "REPEATS": "1",
-           "PYTHON": sys.executable, "OUT": str(tmp_path)}
-    done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], env=env, capture_output=True,
-                          text=True, timeout=300)
+def test_gpu_check_inprocess_section_runs_in_a_dry_run(tmp_path: Path) -> None:
+    """The section ``inprocess`` of ``scripts/gpu_serving_check.sh`` (eager vs optimised in-process;
+    the former ``scripts/gpu_check.sh``) alone, on the CPU with the tiny model."""
+    env = {**os.environ, "SECTIONS": "inprocess", "AUDIO_SECONDS": "2", "INPROCESS_STEPS": "2",
+           "INPROCESS_REPEATS": "1", "PYTHON": sys.executable, "OUT": str(tmp_path / "out"),
+           "WORK": str(tmp_path / "work")}
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_serving_check.sh"), "--dry-run"], env=env,
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "eager vs optimized (medians)" in done.stdout
-    results = json.loads((tmp_path / "results.json").read_text())
+    assert "eager vs optimized (medians)" in done.stdout and "section inprocess: ok" in done.stdout
+    assert "phase checkpoint" not in done.stdout, "only the chosen section runs"
+    results = json.loads((tmp_path / "out" / "inprocess.json").read_text())
     assert {r["variant"] for r in results["results"]} == {"eager-sequential", "optimized"}
-    assert (tmp_path / "gpu_check.log").is_file() and (tmp_path / "results.md").is_file()
-
-
-def test_gpu_check_script_is_valid_bash() -> None:
-    done = subprocess.run(["bash", "-n", str(ROOT / "scripts" / "gpu_check.sh")], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out" / "gpu_serving_check.log").is_file() and (tmp_path / "out" / "inprocess.md").is_file()

@@ -102,6 +102,29 @@ def test_the_deadline_bounds_retries_and_waits() -> None:
     assert time.monotonic() - started < 10.0
 
 
+def test_without_a_deadline_retries_stop_max_elapsed_s_after_the_first_failure() -> None:
+    """No ``timeout_s``: the policy's ``max_elapsed_s`` bounds the resends (a wait that would end
+    past it is not started), so a request never retries forever."""
+    client = AceStepClient(f"localhost:{_free_port()}", connect_timeout=5,
+                           retry=RetryPolicy(attempts=50, backoff_s=0.2, max_backoff_s=0.2, jitter=0.0,
+                                             max_elapsed_s=1.0))
+    retries: list[int] = []
+    started = time.monotonic()
+    with pytest.raises(ServerUnavailable):
+        client.generate(GenerationParams(infer_step=2), on_retry=lambda a, *_: retries.append(a))
+    assert 1 <= len(retries) < 49 and time.monotonic() - started < 30.0
+
+
+def test_default_policy_outlasts_a_reload() -> None:
+    """Issue 19 item 7: a dead endpoint's reload took 15-18 s (40 s on a busy machine); the old
+    default gave up after about 7 s of waits. The default now keeps resending for 2 minutes."""
+    from acestep_client.retry import DEFAULT_RETRY
+
+    waits = list(DEFAULT_RETRY.delays())
+    assert sum(waits) >= 60 and max(waits) <= 4.0 * (1 + DEFAULT_RETRY.jitter)
+    assert DEFAULT_RETRY.max_elapsed_s is not None and DEFAULT_RETRY.max_elapsed_s >= 60
+
+
 def test_cancel_interrupts_a_retry_wait() -> None:
     client = AceStepClient(f"localhost:{_free_port()}", connect_timeout=5,
                            retry=RetryPolicy(attempts=2, backoff_s=30.0, jitter=0.0))
@@ -121,7 +144,7 @@ def test_retry_policy_waits_grow_and_are_validated() -> None:
     assert list(NO_RETRY.delays()) == []
     jittered = list(RetryPolicy(attempts=3, backoff_s=1.0, jitter=0.1).delays(random.Random(1)))
     assert all(0.9 <= d / b <= 1.1 for d, b in zip(jittered, [1.0, 2.0], strict=True))
-    for bad in ({"attempts": 0}, {"backoff_s": -1.0}, {"multiplier": 0.5}, {"jitter": 1.0}):
+    for bad in ({"attempts": 0}, {"backoff_s": -1.0}, {"multiplier": 0.5}, {"jitter": 1.0}, {"max_elapsed_s": -1.0}):
         with pytest.raises(ValueError):
             RetryPolicy(**bad)
 
@@ -307,3 +330,62 @@ def test_oversized_audio_upload_is_refused_before_sending(tmp_path) -> None:
         audio_file_bytes(b"\0" * (MAX_AUDIO_BYTES + 1), "src_audio")
     with pytest.raises(ValueError, match=r"^ref_audio: .* is not a file"):
         audio_file_bytes(tmp_path / "missing.wav", "ref_audio")
+
+
+def test_fp32_fields_are_validated_as_sent() -> None:
+    """Issue 19: the client validated doubles, the server their float32: ``repaint_end``
+    1.00000001 passed here and was refused there (float32 makes it 1.0 = repaint_start). Now the
+    client checks the value the tensor carries, so both sides give one verdict."""
+    from acestep_client.params import params_from_wire, params_to_wire, to_float32
+
+    with pytest.raises(ParamError) as info:
+        GenerationParams(task="repaint", repaint_start=1.0, repaint_end=1.00000001).validate()
+    assert info.value.field == "repaint_end"
+    for value in (0.7, 1 / 3, 240.00001, 1.00000001, 1e-8, 123.456789):
+        params = GenerationParams(guidance_interval=min(value, 1.0), audio_duration=min(value + 1, 240.0)).validate()
+        server = params_from_wire(params_to_wire(params))
+        assert (server.guidance_interval, server.audio_duration) == (params.guidance_interval, params.audio_duration)
+    assert to_float32(0.7) == 0.7 and to_float32(1.00000001) == 1.0
+    assert GenerationParams(guidance_interval=1.00000001).validate().guidance_interval == 1.0
+    with pytest.raises(ParamError, match="32-bit float"):
+        GenerationParams(omega_scale=1e300).validate()
+
+
+def test_errors_echo_only_the_start_of_a_long_value() -> None:
+    with pytest.raises(ParamError) as info:
+        GenerationParams(task="x" * 20_000).validate()
+    assert len(str(info.value)) < 300 and "20000 characters" in str(info.value)
+    with pytest.raises(ParamError, match="lora_name_or_path: is 20000 characters long"):
+        GenerationParams(lora_name_or_path="y" * 20_000).validate()
+
+
+def test_keys_are_checked_and_compared_in_constant_time() -> None:
+    from acestep_client.auth import check_key, grpc_headers, keys_match, means_refused
+
+    assert check_key("api_key", None) is None and check_key("api_key", "  ") is None
+    assert check_key("api_key", " " + "k" * 16 + " ") == "k" * 16
+    for bad in ("short", "has space " + "k" * 16, "a:b=c," + "k" * 16):
+        with pytest.raises(ValueError, match="api_key"):
+            check_key("api_key", bad)
+    assert keys_match("k" * 16, "k" * 16) and not keys_match("k" * 16, "j" * 16)
+    assert not keys_match(None, None) and not keys_match("", "")
+    assert grpc_headers(None) is None and grpc_headers("k") == {"triton-grpc-protocol-acestep-api-key": "k"}
+    assert means_refused("This protocol is restricted, expecting header 'triton-grpc-protocol-x'")
+    assert means_refused("This API is restricted, expecting header 'x'") and not means_refused("unavailable")
+
+
+def test_server_restricts_the_admin_protocols_always_and_inference_with_a_key(tmp_path: Path) -> None:
+    """The tritonserver command line (no server started here; test_access_control.py serves it)."""
+    from acestep_triton.serving.server import TritonInstall, TritonServer
+
+    install = TritonInstall.from_root(tmp_path)
+    open_server = TritonServer(tmp_path, grpc_port=1, http_port=2, metrics_port=3)
+    args = open_server.command(install)
+    admin = f"model-repository,shared-memory,logging,trace:acestep-model-control={open_server.admin_key}"
+    assert f"--grpc-restricted-protocol={admin}" in args and f"--http-restricted-api={admin}" in args
+    assert not any("inference:" in a for a in args), "no key: inference stays open"
+    keyed = TritonServer(tmp_path, grpc_port=1, http_port=2, metrics_port=3, api_key="k" * 16, admin_key="a" * 16)
+    args = keyed.command(install)
+    assert "--grpc-restricted-protocol=inference:acestep-api-key=" + "k" * 16 in args
+    assert "--http-restricted-api=inference:acestep-api-key=" + "k" * 16 in args
+    assert keyed.admin_key == "a" * 16 and open_server.admin_key != TritonServer(tmp_path).admin_key

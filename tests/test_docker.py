@@ -542,6 +542,44 @@ def test_gpu_image_leaves_out_pytriton_and_guards_numpy_and_tensorrt() -> None:
     assert install.rstrip().endswith("&& python3 docker/check_tensorrt.py"), "the check must come after it"
 
 
+def _volumes(stage: list[Instruction]) -> set[str]:
+    """Paths of the stage's VOLUME instructions (JSON or plain form)."""
+    paths: set[str] = set()
+    for ins in stage:
+        if ins.keyword == "VOLUME":
+            paths.update(ins.exec_form() or ins.value.split())
+    return paths
+
+
+def test_gpu_image_keeps_the_compile_cache_on_a_volume_the_user_can_write() -> None:
+    """TorchInductor's and Triton's kernel caches point into a VOLUME (a restarted container loads
+    the compiled DiT kernels instead of compiling them again before it is ready), created and
+    owned by the image's non-root user before USER switches to it."""
+    stage = final_stage(GPU)
+    env = image_env(stage)
+    volumes = _volumes(stage)
+    for variable in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        path = PurePosixPath(env[variable])
+        assert any(path.is_relative_to(v) for v in volumes), f"{variable}={path} is not on a volume {volumes}"
+        assert not any(path.is_relative_to(p) for p in ("/tmp", "/models/repository")), path
+    assert env["TORCHINDUCTOR_FX_GRAPH_CACHE"] == "1" and env["TORCHINDUCTOR_AUTOGRAD_CACHE"] == "1"
+    runs = [i for i in stage if i.keyword == "RUN" and "chown" in i.value]
+    user_line = next(i.line for i in stage if i.keyword == "USER")
+    cache_root = str(PurePosixPath(env["TORCHINDUCTOR_CACHE_DIR"]).parent)
+    assert any(cache_root in r.value and "1000:1000" in r.value and r.line < user_line for r in runs), \
+        "the cache folders must exist and belong to uid 1000 before USER"
+
+
+def test_compose_gpu_server_mounts_a_named_compile_cache_volume(compose: dict) -> None:
+    env = image_env(final_stage(GPU))
+    cache_root = str(PurePosixPath(env["TORCHINDUCTOR_CACHE_DIR"]).parent)
+    volumes = compose["services"]["server"]["volumes"]
+    named = [v.split(":")[0] for v in volumes if v.split(":")[1] == cache_root]
+    assert named and named[0] in compose["volumes"], (volumes, cache_root)
+    assert all(not any(str(v).endswith(":" + cache_root) for v in s.get("volumes", []))
+               for n, s in compose["services"].items() if n != "server")
+
+
 def test_frontend_image_has_no_torch() -> None:
     """Only the client, the ui extra and the acestep_triton package without its dependencies."""
     stage = final_stage(FRONTEND)
@@ -695,8 +733,19 @@ def test_compose_checkpoint_mounted_read_only_and_no_secrets(compose: dict) -> N
         assert "secrets" not in service and "env_file" not in service, name
         for key, value in service.get("environment", {}).items():
             words = set(re.split(r"[_\-.]", key.upper()))
-            assert not (words & SECRET_WORDS), f"{name}: {key}"
+            # a credential may only be passed through from the host's environment, never written here
+            assert not (words & SECRET_WORDS) or value == f"${{{key}:-}}", f"{name}: {key}"
             assert not SECRET_VALUES.search(str(value)), f"{name}: {key}"
+
+
+def test_compose_passes_the_optional_keys_from_the_host(compose: dict) -> None:
+    """Issue 19: the keys are off unless the shell running compose sets them; the servers get the
+    API and admin keys, the front ends the API key (to forward) and their own login."""
+    for name, service in compose["services"].items():
+        env = service.get("environment", {})
+        wanted = ({"ACESTEP_API_KEY", "ACESTEP_FRONTEND_AUTH"} if name.startswith("frontend")
+                  else {"ACESTEP_API_KEY", "ACESTEP_ADMIN_KEY"})
+        assert {k: env.get(k) for k in wanted} == {k: f"${{{k}:-}}" for k in wanted}, name
 
 
 # ------------------------------------------------------------------------------- the scripts, for real

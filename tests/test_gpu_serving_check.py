@@ -1,11 +1,14 @@
-"""The GPU serving check (``scripts/gpu_serving_check.sh`` + ``benchmarks/gpu_serving.py``) on a CPU.
+"""The GPU check (``scripts/gpu_serving_check.sh`` + ``benchmarks/gpu_serving.py`` and its
+sections in ``benchmarks/acestep_serving_check/``) on a CPU.
 
 The check runs once on a lent GPU machine, so its whole code path must be proven here first:
 ``--dry-run`` runs the same script and measuring code with the tiny checkpoint, the cpu target
 with the torch runtime and this environment's real tritonserver. Asserted: the script exits 0,
-the server really served the requests, and the Markdown and JSON results hold each of (a)-(d)
-with finite numbers; Triton and in-process give the same audio (fp32 on a CPU, the same
-runners). Timings are never asserted. The pure helpers behind the tables are tested on their own.
+the server really served the requests, every section ended ``ok`` in its own record, and the
+Markdown and JSON results hold each of (a)-(e) with finite numbers, including the served
+components' own weight gauges; Triton and in-process give the same audio (fp32 on a CPU, the
+same runners). Timings are never asserted. The pure helpers behind the tables, and the guard
+that keeps one failing section from losing the others, are tested on their own.
 """
 
 from __future__ import annotations
@@ -60,8 +63,15 @@ def test_dry_run_writes_every_section_with_finite_numbers(dry_run: tuple[Path, s
     data = json.loads((out / "gpu_serving.json").read_text())
     assert "DRY RUN" in markdown and "phase measure" in output
     for title in ("(a) Triton vs the same components in-process", "(b) Triton + compiled torch vs eager",
-                  "(c) throughput", "(d) memory at peak", "goals"):
+                  "(c) throughput", "(d) memory at peak", "(d) per served component", "(e) runtime LoRA", "goals"):
         assert title in markdown, title
+    # every section ran under its guard and wrote its own record
+    assert {k: v["status"] for k, v in data["sections"].items()} == dict.fromkeys(
+        ("setup_inprocess", "setup_eager", "setup_triton", "a_b_end_to_end", "c_throughput", "e_lora", "d_memory",
+         "goals"), "ok")
+    for key in ("a_b_end_to_end", "c_throughput", "d_memory", "e_lora"):
+        assert key in json.loads((out / f"section_{key}.json").read_text()), key
+    assert data["meta"]["require_device_inputs"], "the check runs the components in their check mode"
 
     # the server really started and served (explicit loading of what text2music needs)
     log = (out / "tritonserver.log").read_text()
@@ -100,6 +110,12 @@ def test_dry_run_writes_every_section_with_finite_numbers(dry_run: tuple[Path, s
     assert finite(memory["inprocess_rss_mib"]) and memory["samples"] > 0
     assert {"dit_decoder", "text2music"} <= set(memory["model_rss_mib"])
     assert all(finite(v) for v in memory["model_rss_mib"].values())
+    # per served component, from its own gauges: the weights it holds (the GPU's max_memory_allocated is 0 here)
+    components = memory["components"]
+    assert set(components) == {"text_encoder", "condition_encoder", "dit_decoder", "dcae_decoder", "vocoder"}
+    for name, row in components.items():
+        assert row["instances"] == 1 and row["weights_mib"] > 0, (name, row)
+        assert row["max_allocated_mib"] == 0 and row["allocated_at_load_mib"] == 0, (name, row)
 
     goals = data["goals"]
     assert len(goals) == 2 * 2 + 2 and all(finite(g["measured"]) and g["met"] == "n/a" for g in goals)
@@ -122,33 +138,56 @@ def test_ratio_verdict_and_peaks(serving: Any) -> None:
     assert serving.nanmax(math.nan, 2.0, 1.0) == 2.0 and math.isnan(serving.nanmax(math.nan))
 
 
-def test_nvidia_smi_answers_and_stub_command_lines(serving: Any) -> None:
+def test_nvidia_smi_answers(serving: Any) -> None:
     rows = serving.parse_csv_numbers("1234, 5678\n42, [N/A]\n")
     assert rows[0] == [1234.0, 5678.0] and rows[1][0] == 42.0 and math.isnan(rows[1][1])
     assert serving.parse_csv_numbers("") == []
-    stub = ["/x/backends/python/triton_python_backend_stub", "/w/repository/dit_decoder/1/model.py",
-            "triton_python_backend_shm_region_1", "1048576", ""]
-    assert serving.stub_model_name(stub) == "dit_decoder"
-    assert serving.stub_model_name(["/usr/bin/python3", "-c", "pass"]) is None
-    assert serving.stub_model_name([]) is None
 
 
-def test_set_instance_count_changes_only_the_count(serving: Any) -> None:
-    from acestep_triton.export.render import check_config
+def test_component_gauges_are_read_from_the_metrics_text(serving: Any) -> None:
+    mib = 2**20
+    text = "\n".join([
+        "# HELP acestep_component_weights_bytes Bytes of the parameters and buffers a component instance holds",
+        "# TYPE acestep_component_weights_bytes gauge",
+        f'acestep_component_weights_bytes{{instance="dit_decoder_0_0",model="dit_decoder"}} {512 * mib}',
+        f'acestep_component_weights_bytes{{instance="dit_decoder_0_1",model="dit_decoder"}} {512 * mib}',
+        f'acestep_component_cuda_max_allocated_bytes{{instance="dit_decoder_0_0",model="dit_decoder"}} {900 * mib}',
+        f'acestep_component_cuda_max_allocated_bytes{{instance="dit_decoder_0_1",model="dit_decoder"}} {700 * mib}',
+        f'acestep_component_cuda_allocated_at_load_bytes{{instance="vocoder_0_0",model="vocoder"}} {30 * mib}',
+        'nv_inference_count{model="dit_decoder",version="1"} 12',
+    ])
+    gauges = serving.parse_component_gauges(text)
+    assert set(gauges) == {"dit_decoder", "vocoder"} and set(gauges["dit_decoder"]) == {"dit_decoder_0_0",
+                                                                                        "dit_decoder_0_1"}
+    rows = serving.component_rows(gauges)
+    dit = rows["dit_decoder"]
+    assert math.isnan(dit.pop("allocated_at_load_mib")), "not reported: missing, not zero"
+    assert dit == {"instances": 2, "weights_mib": 512.0, "max_allocated_mib": 900.0, "max_allocated_sum_mib": 1600.0}
+    assert rows["vocoder"]["allocated_at_load_mib"] == 30.0 and math.isnan(rows["vocoder"]["weights_mib"])
 
-    text = ('name: "text2music"\nbackend: "python"\nmax_batch_size: 0\n'
-            'instance_group [ { kind: KIND_GPU count: 2 gpus: [ 0 ] } ]\n'
-            'model_transaction_policy { decoupled: true }\n'
-            'parameters [ { key: "task" value: { string_value: "text2music" } } ]\n')
-    before = check_config(text)
-    after = check_config(serving.set_instance_count(text, 8))
-    assert after.instance_group[0].count == 8
-    after.instance_group[0].count = 2
-    assert after == before, "nothing but the count may change"
-    with pytest.raises(ValueError, match=">= 1"):
-        serving.set_instance_count(text, 0)
-    with pytest.raises(ValueError, match="one instance group"):
-        serving.set_instance_count(text.replace("count: 2 gpus: [ 0 ] }", "count: 2 }, { count: 1 }"), 4)
+
+def test_a_failing_section_is_recorded_and_the_others_still_run(serving: Any, tmp_path: Path) -> None:
+    report = serving.Report(tmp_path)
+    failures: list[str] = []
+
+    def broken() -> None:
+        raise ZeroDivisionError("no server")
+
+    def skipped() -> None:
+        raise serving.SkipSectionError("nothing to measure")
+
+    assert not serving.run_section(report, "first", broken, failures)
+    assert not serving.run_section(report, "second", skipped, failures)
+    assert serving.run_section(report, "third", lambda: report.add("third", {"value": 1.5}, "### third"), failures)
+    data = json.loads((tmp_path / "gpu_serving.json").read_text())
+    assert data["sections"]["first"]["status"] == "failed" and "ZeroDivisionError: no server" in \
+        data["sections"]["first"]["error"] and "Traceback" in data["sections"]["first"]["traceback"]
+    assert data["sections"]["second"] == {"status": "skipped", "reason": "nothing to measure",
+                                          "seconds": data["sections"]["second"]["seconds"]}
+    assert data["sections"]["third"]["status"] == "ok" and data["third"] == {"value": 1.5}
+    assert json.loads((tmp_path / "section_third.json").read_text()) == {"third": {"value": 1.5}}
+    assert failures == ["first: ZeroDivisionError: no server"], "a skip is not a failure"
+    assert "first failed" in (tmp_path / "gpu_serving.md").read_text()
 
 
 def level(concurrency: int, rps: float, rows_per_execution: float = 1.0) -> dict[str, Any]:
@@ -199,6 +238,8 @@ def test_plan_defaults_for_the_gpu_and_the_dry_run(serving: Any) -> None:
     common = ["measure", "--checkpoint", "c", "--repository", "r", "--out", "o"]
     gpu = serving.Plan.for_args(serving.parse_args(common))
     assert (gpu.device, gpu.e2e_seconds, gpu.steps, gpu.concurrency) == ("cuda", 60.0, [27, 60], [1, 4, 8])
+    assert gpu.lora, "(e) runs by default"
+    assert not serving.Plan.for_args(serving.parse_args([*common, "--no-lora"])).lora
     assert (gpu.load_durations, gpu.load_steps, gpu.requests) == ([10.0, 30.0, 60.0], 27, None)
     dry = serving.Plan.for_args(serving.parse_args([*common, "--dry-run"]))
     assert (dry.device, dry.concurrency, dry.threads) == ("cpu", [1, 2], 1)
@@ -221,7 +262,12 @@ def test_scripts_are_valid_bash() -> None:
         done = subprocess.run(["bash", "-n", str(ROOT / "scripts" / name)], capture_output=True, text=True)
         assert done.returncode == 0, (name, done.stderr)
     done = subprocess.run(["bash", str(SCRIPT), "--help"], capture_output=True, text=True, timeout=30)
-    assert done.returncode == 0 and "--dry-run" in done.stdout
+    assert done.returncode == 0 and "--dry-run" in done.stdout and "SECTIONS" in done.stdout
+    assert "set -euo" not in done.stdout, "--help prints the header only"
+    assert not (ROOT / "scripts" / "gpu_check.sh").exists(), "one GPU check script, with sections"
+    done = subprocess.run(["bash", str(SCRIPT), "--dry-run"], capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "SECTIONS": "serving,bogus"})
+    assert done.returncode == 2 and "unknown section bogus" in done.stderr
 
 
 def test_measure_arguments_parse(serving: Any) -> None:

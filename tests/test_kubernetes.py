@@ -235,6 +235,20 @@ def test_server_ports_and_probes(rendered: dict[str, list[Doc]], overlay: str) -
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
+def test_termination_grace_covers_prestop_drain_and_stop(rendered: dict[str, list[Doc]], overlay: str) -> None:
+    """A rolling update loses nothing only if the kubelet waits for the preStop sleep, `serve`'s
+    drain (generations in flight finish) and tritonserver's own stop (issue 19 item 5)."""
+    server = one(rendered[overlay], "Deployment", "acestep-server")
+    triton = container(server, "tritonserver")
+    pre_stop = triton["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep"
+    drain = float(env(triton)["ACESTEP_DRAIN_TIMEOUT_S"])
+    assert drain >= 60, "a long generation needs a minute to finish"
+    stop_bound = 30  # tritonserver's --exit-timeout-secs, the most its own stop may take
+    assert pod_spec(server)["terminationGracePeriodSeconds"] >= float(pre_stop[1]) + drain + stop_bound
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_init_container_builds_the_repository_the_server_serves(rendered: dict[str, list[Doc]],
                                                                  overlay: str) -> None:
     """Both containers mount one volume at ACESTEP_MODELS_DIR (the repository names its assets
@@ -304,6 +318,27 @@ def test_dev_shm_is_memory_backed(rendered: dict[str, list[Doc]], overlay: str) 
     assert re.fullmatch(r"\d+Gi", size) and int(size[:-2]) >= 1, size
 
 
+def test_gpu_server_keeps_its_compile_cache_on_a_shared_claim(rendered: dict[str, list[Doc]]) -> None:
+    """The DiT's warm-up compiles with TorchInductor before the pod is ready; its kernel caches
+    (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR) must be on a volume that outlives the pod (a
+    ReadWriteMany claim every server pod mounts), not on /tmp or the per-pod models volume."""
+    docs = rendered["gpu"]
+    server = one(docs, "Deployment", "acestep-server")
+    serve = container(server, "tritonserver")
+    mounts = {m["mountPath"]: m for m in serve["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod_spec(server)["volumes"]}
+    for variable in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        path = Path(env(serve)[variable])
+        mount = next((m for p, m in mounts.items() if path.is_relative_to(p)), None)
+        assert mount is not None, f"{variable}={path} is on no volume"
+        assert not mount.get("readOnly"), f"{variable}: the cache must be writable"
+        claim = volumes[mount["name"]].get("persistentVolumeClaim")
+        assert claim is not None, f"{variable}: {mount['name']} does not outlive the pod"
+        pvc = one(docs, "PersistentVolumeClaim", claim["claimName"])
+        assert "ReadWriteMany" in pvc["spec"]["accessModes"], "every server pod shares one cache"
+    assert probe_problems(server, min_startup_s=1200) == [], "the startup probe must cover the warm-up"
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_pods_run_non_root_without_privileges(rendered: dict[str, list[Doc]], overlay: str) -> None:
     for workload in workloads(rendered[overlay]):
@@ -358,6 +393,48 @@ def test_frontend_talks_to_the_server_over_grpc(rendered: dict[str, list[Doc]], 
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         assert c[probe]["httpGet"]["port"] in ("http", FRONTEND_PORT), probe
     assert one(docs, "Service", "acestep-frontend")["spec"].get("sessionAffinity") == "ClientIP"
+
+
+KEYS_SECRET = "acestep-keys"
+SECRET_ENV = {"tritonserver": {"ACESTEP_API_KEY": "api-key", "ACESTEP_ADMIN_KEY": "admin-key"},
+              "frontend": {"ACESTEP_API_KEY": "api-key", "ACESTEP_FRONTEND_AUTH": "frontend-auth"}}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_keys_come_from_an_optional_secret(rendered: dict[str, list[Doc]], overlay: str) -> None:
+    """Issue 19: the API key, the admin key and the front end's login come from the Secret
+    `acestep-keys`, optional so that a cluster without it runs with the keys off; no manifest
+    carries a key's value."""
+    docs = rendered[overlay]
+    for workload, name in (("acestep-server", "tritonserver"), ("acestep-frontend", "frontend")):
+        c = container(one(docs, "Deployment", workload), name)
+        refs = {e["name"]: e.get("valueFrom", {}).get("secretKeyRef") for e in c.get("env", [])
+                if e["name"] in SECRET_ENV[name]}
+        assert refs == {k: {"name": KEYS_SECRET, "key": v, "optional": True} for k, v in SECRET_ENV[name].items()}
+    assert not find(docs, "Secret"), "key values never live in the manifests"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_network_policy_admits_only_the_frontend_and_prometheus(rendered: dict[str, list[Doc]],
+                                                                overlay: str) -> None:
+    docs = rendered[overlay]
+    server = one(docs, "Deployment", "acestep-server")
+    frontend = one(docs, "Deployment", "acestep-frontend")
+    policy = one(docs, "NetworkPolicy", "acestep-server")["spec"]
+    assert selects(policy["podSelector"]["matchLabels"], server["spec"]["template"]["metadata"]["labels"])
+    assert policy["policyTypes"] == ["Ingress"]
+    rules = policy["ingress"]
+    assert len(rules) == 2
+    by_port = {rule["ports"][0]["port"]: rule["from"] for rule in rules}
+    assert set(by_port) == {"grpc", "metrics"}, "only gRPC (front end) and metrics (Prometheus) are reachable"
+    (from_frontend,) = by_port["grpc"]
+    assert set(from_frontend) == {"podSelector"}, "same namespace only"
+    assert selects(from_frontend["podSelector"]["matchLabels"], frontend["spec"]["template"]["metadata"]["labels"])
+    (from_prometheus,) = by_port["metrics"]
+    assert from_prometheus["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring"}
+    assert from_prometheus["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prometheus"}
+    names = {p["name"] for p in container(server, "tritonserver")["ports"]}
+    assert {"grpc", "metrics"} <= names, "the policy's named ports exist on the server container"
 
 
 def _adapter_rules(monitoring: list[Doc]) -> list[Doc]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -177,8 +178,8 @@ def test_projections_the_forward_never_calls_are_refused(registry_dir: Path, tin
 def test_control_load_unload_reload_and_refusals(registry_dir: Path, tiny_onnx_ckpt: Path, tmp_path: Path) -> None:
     root = tmp_path / "reg"
     root.mkdir()
-    for name in ("a", "b"):
-        (root / name).symlink_to(registry_dir / name, target_is_directory=True)
+    for name in ("a", "b"):  # copies: a folder linked from outside the registry is refused (issue 19)
+        shutil.copytree(registry_dir / name, root / name)
     state = tmp_path / "rt" / "state.json"
     registry = _registry(root, tiny_onnx_ckpt, state)
     assert registry.reload() == {}
@@ -212,7 +213,7 @@ def test_control_load_unload_reload_and_refusals(registry_dir: Path, tiny_onnx_c
     with pytest.raises(ParamError, match="memory budget"):
         small.load("a")
 
-    (root / "b").unlink()
+    shutil.rmtree(root / "b")
     registry.reload()
     assert set(registry.state.loaded) == {"a"}, "reload unloads adapters whose folder vanished"
 

@@ -8,6 +8,11 @@ adapter at 1.3, no adapter) are served by ONE ``dit_decoder`` execution per step
 statistics), each with the audio of the in-process pipeline with its adapter fused at its
 strength (1e-4 absolute). Refusals (unknown adapter, keys that do not fit the checkpoint,
 an unloaded adapter) name ``lora_name_or_path`` and leave the server serving.
+
+The registry is an admin API (issue 19): load, unload and reload need the server's admin key
+(listing is open); malformed adapter files, links out of the registry and over-long names are
+refused naming ``lora_name_or_path`` and the folder, reload loads every good folder past bad
+ones, and the state file keeps only the last few refusals.
 """
 
 from __future__ import annotations
@@ -27,8 +32,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from test_torch_runtime import dit_stats
 
+from acestep_client.auth import ADMIN_KEY_ENV
 from acestep_client.cli import main as client_main
-from acestep_client.client import AceStepClient, GenerationResult, InvalidRequest
+from acestep_client.client import AccessDenied, AceStepClient, GenerationResult, InvalidRequest
 from acestep_client.params import GenerationParams
 from acestep_triton.checkpoint import Components
 from acestep_triton.export.render import DynamicBatching
@@ -92,7 +98,7 @@ def _generate_all(url: str, requests: list[GenerationParams]) -> list[Generation
 def test_adapter_added_at_runtime_batches_with_others_and_matches_fused(
         server: TritonServer, registry: Path, tiny_onnx_ckpt: Path, tiny_onnx_components: Components,
         capsys: pytest.CaptureFixture[str]) -> None:
-    client = AceStepClient(server.grpc_url)
+    client = AceStepClient(server.grpc_url, admin_key=server.admin_key)
     listing = client.list_loras()
     assert [a["name"] for a in listing["loaded"]] == [TINY_LORA] and listing["available"] == []
 
@@ -129,9 +135,9 @@ def test_adapter_added_at_runtime_batches_with_others_and_matches_fused(
 
 
 def test_refused_adapters_name_the_field_and_the_server_keeps_serving(server: TritonServer, registry: Path,
-                                                                      tiny_lora_dir: Path,
-                                                                      tiny_onnx_ckpt: Path) -> None:
-    client = AceStepClient(server.grpc_url)
+                                                                      tiny_lora_dir: Path, tiny_onnx_ckpt: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    client = AceStepClient(server.grpc_url, admin_key=server.admin_key)
     if not (registry / NEW).exists():  # also when run on its own
         write_tiny_lora(tiny_onnx_ckpt, registry / NEW, seed=7, rank=6)
     bad = registry / "misfit"
@@ -156,6 +162,7 @@ def test_refused_adapters_name_the_field_and_the_server_keeps_serving(server: Tr
     with pytest.raises(InvalidRequest) as info:
         client.unload_lora("jazz")
     assert info.value.field == "lora_name_or_path"
+    monkeypatch.setenv(ADMIN_KEY_ENV, server.admin_key)  # the CLI takes the key from the environment only
     assert client_main(["loras", "load", "jazz", "--url", server.grpc_url]) == 2
 
     shutil.rmtree(bad)  # reload: serve every folder there is (NEW again), forget what vanished
@@ -193,3 +200,94 @@ def test_frontend_lora_fields_reach_the_runtime_adapters(torch_server: TritonSer
     direct = AceStepClient(torch_server.grpc_url).generate(
         GenerationParams(**settings, audio_duration=2.0, lora_name_or_path=TINY_LORA, lora_weight=1.7))
     assert float(np.abs(direct.audio[0].T - with_lora).max()) <= 1e-3, "front end and client disagree (wav rounding)"
+
+
+# ------------------------------------------------------------------------------ issue 19: an admin API
+def _state_file(server: TritonServer) -> Path:
+    (state,) = server.repository.parent.glob("lora_runtime/lora_state.json")
+    return state
+
+
+def test_load_unload_reload_need_the_admin_key(server: TritonServer, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv(ADMIN_KEY_ENV, raising=False)
+    before = _state_file(server).read_bytes()
+    for key, said in (("", "none was sent"), ("wrong-" + "0" * 16, "the key sent is wrong")):
+        anyone = AceStepClient(server.grpc_url, admin_key=key)
+        assert TINY_LORA in [a["name"] for a in anyone.list_loras()["loaded"]], "listing stays open"
+        for call in (lambda c=anyone: c.unload_lora(TINY_LORA), lambda c=anyone: c.load_lora(NEW),
+                     lambda c=anyone: c.reload_loras()):
+            with pytest.raises(AccessDenied) as info:
+                call()
+            assert info.value.credential == "admin_key" and said in info.value.message, info.value.message
+    assert _state_file(server).read_bytes() == before, "a refused command changed nothing"
+    assert client_main(["loras", "unload", TINY_LORA, "--url", server.grpc_url]) == 5
+    assert "access denied" in capsys.readouterr().err
+    result = AceStepClient(server.grpc_url).generate(GenerationParams(**REQUEST, manual_seeds="2",
+                                                                      lora_name_or_path=TINY_LORA))
+    assert np.isfinite(result.audio).all(), "the adapter is still served"
+
+
+def test_bad_names_and_files_are_refused_naming_the_field_and_reload_loads_the_good_ones(
+        server: TritonServer, registry: Path, tiny_lora_dir: Path, tmp_path: Path) -> None:
+    client = AceStepClient(server.grpc_url, admin_key=server.admin_key)
+    state = _state_file(server)
+
+    # names: too long for a file name, and far beyond gRPC's 16 KiB of error metadata
+    for name in ("a" * 300, "b" * 20_000):
+        with pytest.raises(InvalidRequest) as info:
+            client.load_lora(name)
+        assert info.value.field == "lora_name_or_path" and "too long" in info.value.message
+        assert len(info.value.message) < 1000, "the error echoes only the start of the name"
+    with pytest.raises(InvalidRequest) as info:
+        client.unload_lora("c" * 20_000)
+    assert info.value.field == "lora_name_or_path" and len(info.value.message) < 1000
+    for i in range(40):  # refused loads of (valid) unknown names: the state keeps the last few
+        with pytest.raises(InvalidRequest):
+            client.load_lora(f"missing-{i:03d}-" + "x" * 80)
+    failed = client.list_loras()["failed"]
+    assert 0 < len(failed) <= 16 and f"missing-039-{'x' * 80}" in failed
+    assert state.stat().st_size < 64 * 1024, state.stat().st_size
+
+    # malformed adapter files, and links out of the registry
+    good = tiny_lora_dir / TINY_LORA / LORA_WEIGHTS_FILE
+    outside = tmp_path / "outside"
+    shutil.copytree(tiny_lora_dir / TINY_LORA, outside)
+    bad: dict[str, str] = {}
+
+    def folder(name: str) -> Path:
+        bad[name] = ""
+        (registry / name).mkdir()
+        return registry / name / LORA_WEIGHTS_FILE
+
+    folder("aa-empty").write_bytes(b"")
+    folder("ab-random").write_bytes(np.random.default_rng(0).bytes(4096))
+    folder("ac-passwd").symlink_to("/etc/passwd")
+    folder("ad-huge-header").write_bytes((2**60).to_bytes(8, "little") + b"{}")
+    folder("ae-outside-file").symlink_to(good)
+    (registry / "af-outside-folder").symlink_to(outside, target_is_directory=True)
+    bad["af-outside-folder"] = ""
+    shutil.copytree(tiny_lora_dir / TINY_LORA, registry / "zz-good")  # sorted after every bad one
+    try:
+        for name in bad:
+            with pytest.raises(InvalidRequest) as info:
+                client.load_lora(name)
+            assert info.value.field == "lora_name_or_path", (name, info.value.message)
+            assert info.value.category is not None and "internal" not in info.value.message
+            assert f"{registry / name}" in info.value.message, (name, info.value.message)
+            assert "outside" in info.value.message or "not a readable adapter file" in info.value.message, \
+                info.value.message
+        listing = client.reload_loras()
+        assert "zz-good" in [a["name"] for a in listing["loaded"]], "one bad folder aborted the reload"
+        assert set(bad) <= set(listing["failed"]), listing["failed"]
+        result = client.generate(GenerationParams(**REQUEST, manual_seeds="4", lora_name_or_path="zz-good"))
+        assert np.isfinite(result.audio).all()
+    finally:
+        for name in [*bad, "zz-good"]:
+            path = registry / name
+            if path.is_symlink():
+                path.unlink()
+            elif path.exists():
+                shutil.rmtree(path)
+    listing = client.reload_loras()
+    assert "zz-good" not in [a["name"] for a in listing["loaded"]] and listing["failed"] == {}

@@ -28,8 +28,22 @@ def test_audio_inputs_are_checked() -> None:
     with pytest.raises(ParamError, match=r"^src_audio: expected the bytes of one audio file"):
         read_audio_input(inputs(src_audio=np.array([b"a", b"b"], dtype=object)), "src_audio")
     big = np.array([b"\0" * (MAX_AUDIO_BYTES + 1)], dtype=object)
-    with pytest.raises(ParamError, match=r"^ref_audio: .*the limit is"):
+    with pytest.raises(ParamError, match=r"^ref_audio: .*accepts at most 128 MiB"):
         read_audio_input(inputs(ref_audio=big), "ref_audio")
+
+
+def test_the_upload_limit_is_a_deployment_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ACESTEP_MAX_UPLOAD_MB`` (``serve --max-upload-mb``) sets the endpoints' limit."""
+    from acestep_triton.serving.orchestrator import MAX_UPLOAD_ENV, upload_limit_bytes
+
+    monkeypatch.setenv(MAX_UPLOAD_ENV, "1")
+    assert upload_limit_bytes() == 2**20
+    two_mib = np.array([b"\0" * 2**21], dtype=object)
+    with pytest.raises(ParamError, match=r"^src_audio: 2 MiB; this server accepts at most 1 MiB"):
+        read_audio_input(inputs(src_audio=two_mib), "src_audio")
+    for bad in ("", "zero", "-5"):
+        monkeypatch.setenv(MAX_UPLOAD_ENV, bad)
+        assert upload_limit_bytes() == MAX_AUDIO_BYTES
 
 
 @pytest.mark.parametrize(("exc", "category"), [

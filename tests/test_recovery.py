@@ -329,8 +329,9 @@ def test_killed_server_leftovers_are_removed_on_the_next_start(small_repository:
 
 @pytest.mark.triton
 def test_serve_exits_and_cleans_up_when_its_server_is_killed(small_repository: Path, tmp_path: Path) -> None:
-    """``acestep-triton serve``: kill -9 of its tritonserver ends ``serve`` and takes the
-    server's stubs and /dev/shm regions with it (no waiting for the next start)."""
+    """``acestep-triton serve --max-restarts 0``: kill -9 of its tritonserver ends ``serve`` and
+    takes the server's stubs and /dev/shm regions with it (no waiting for the next start). With
+    restarts allowed (the default) serve starts a new server instead: ``tests/test_lifecycle.py``."""
     from acestep_triton.serving.server import free_ports
 
     grpc, http, metrics = free_ports(3)
@@ -338,7 +339,8 @@ def test_serve_exits_and_cleans_up_when_its_server_is_killed(small_repository: P
     with open(log, "wb") as out:
         serve = subprocess.Popen([sys.executable, "-m", "acestep_triton.cli", "serve", "--repository",
                                   str(small_repository), "--grpc-port", str(grpc), "--http-port", str(http),
-                                  "--metrics-port", str(metrics), "--log-file", str(tmp_path / "triton.log")],
+                                  "--metrics-port", str(metrics), "--log-file", str(tmp_path / "triton.log"),
+                                  "--max-restarts", "0"],
                                  stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120

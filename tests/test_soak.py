@@ -66,6 +66,16 @@ def test_a_fault_loses_nothing_and_the_server_comes_back(phase: str, results: di
     assert result.ready_again_s is not None and result.ready_again_s < bound, result
 
 
+@pytest.mark.parametrize("phase", ["kill_endpoint", "kill_component"])
+def test_default_client_settings_fail_no_request_when_a_stub_is_killed(phase: str,
+                                                                      results: dict[str, soak.PhaseResult]) -> None:
+    """Issue 19 item 7: the workload's clients use the client's default retry policy, which
+    outlasts the killed model's reload (an endpoint: 15-40 s here), so every request gets audio."""
+    assert soak.SOAK_RETRY == soak.DEFAULT_RETRY
+    result = results[phase]
+    assert result.audio == result.sent, result.errors
+
+
 def test_client_retries_ride_out_a_server_restart(results: dict[str, soak.PhaseResult]) -> None:
     """Requests sent while the server was down were resent until it was back, and got audio."""
     restart = results["restart"]
@@ -83,3 +93,18 @@ def test_a_burst_is_refused_fast_not_left_to_time_out(results: dict[str, soak.Ph
 def test_the_soak_table_has_a_row_per_phase(results: dict[str, soak.PhaseResult]) -> None:
     table = soak.markdown_table(list(results.values()), concurrency=2, recovery_bound_s=RESTART_BOUND_S)
     assert [line.split(" | ")[0].lstrip("| ") for line in table.splitlines()[4:]] == list(soak.PHASES)
+
+
+def test_leak_slope_is_fitted_after_the_warm_up() -> None:
+    """The leak phase's arithmetic (its 1,000-request run is `benchmarks/soak.py --phases leak`)."""
+    at = [0, 50, 100, 150, 200, 250, 300]
+    growing = [10.0, 40.0, 60.0, 60.0, 61.0, 62.0, 63.0]  # warm-up, then 1 MiB per 50 requests
+    after = [i for i, a in enumerate(at) if a >= 150]
+    assert soak.slope_per_100([at[i] for i in after], [growing[i] for i in after]) == pytest.approx(2.0)
+    assert soak.slope_per_100([0], [1.0]) != soak.slope_per_100([0], [1.0])  # one point: NaN
+    result = soak.PhaseResult(soak.LEAK, sent=300, audio=300, memory_at=at,
+                              memory={"tritonserver": growing, "/dev/shm": [15.0] * 7},
+                              slopes={"tritonserver": 2.5, "/dev/shm": 0.0})
+    table = soak.leak_table(result, warmup=150)
+    assert "| tritonserver | 10 | 60 | 63 | +2.50 **over** |" in table
+    assert "| /dev/shm | 15 | 15 | 15 | +0.00 |" in table

@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "AceStepClient": "client",
+    "AccessDenied": "client",
     "GenerationResult": "result",
     "ServerError": "client",
     "ServerUnavailable": "client",

@@ -6,8 +6,12 @@ new schema field is a new flag with no change here), with the short aliases peop
 (e.g. ``*_params.json`` written next to a previous result); explicit flags override it.
 
 Exit status: 0 done, 1 server error, 2 bad arguments/parameters (also when the server refused
-them), 3 server unavailable (after the retries), 4 cancelled or timed out, 130 interrupted
-(Ctrl-C, which also cancels the request server-side).
+them), 3 server unavailable (after the retries), 4 cancelled or timed out, 5 access denied (a
+missing or wrong key), 130 interrupted (Ctrl-C, which also cancels the request server-side).
+
+Keys come from the environment only (``ACESTEP_API_KEY`` for a server started with
+``--api-key``, ``ACESTEP_ADMIN_KEY`` for ``loras load/unload/reload``), never from flags: a
+command line is visible to every user of the machine and stays in shell histories.
 
 A request the server cannot serve right now (down, restarting, a component coming back) is
 resent up to ``--retries`` times with growing waits, each announced on stderr; ``--timeout-s``
@@ -86,7 +90,8 @@ def add_generate_arguments(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--timeout-s", "--timeout", dest="timeout_s", type=float, default=None,
                      help="deadline of the whole request in seconds, retries included (default: none)")
     gen.add_argument("--retries", type=int, default=RetryPolicy().attempts - 1,
-                     help="resends after 'server unavailable' errors, 0 for none (default %(default)s)")
+                     help="resends after 'server unavailable' errors, 0 for none (default %(default)s, "
+                          "within --timeout-s, or within 2 minutes of the first failure without one)")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.add_argument("--src-audio", type=Path, default=None,
                      help="source audio file for repaint/edit/extend (wav/flac/ogg/mp3)")
@@ -123,9 +128,17 @@ def params_from_args(args: argparse.Namespace) -> GenerationParams:
 def report_error(exc: BaseException, stderr: TextIO) -> int:
     """Print a failed command's error the way the CLI reports it; return its exit status
     (the module docstring's table)."""
-    from acestep_client.client import GenerationCancelled, InvalidRequest, ServerError, ServerUnavailable
+    from acestep_client.client import (
+        AccessDenied,
+        GenerationCancelled,
+        InvalidRequest,
+        ServerError,
+        ServerUnavailable,
+    )
 
-    if isinstance(exc, ServerUnavailable):
+    if isinstance(exc, AccessDenied):
+        text, status = f"access denied: {exc}", 5
+    elif isinstance(exc, ServerUnavailable):
         text, status = f"server unavailable: {exc}", 3
     elif isinstance(exc, InvalidRequest):
         text, status = f"rejected by the server: {exc}", 2
@@ -203,7 +216,8 @@ def format_loras(listing: dict[str, Any]) -> str:
 
 
 def run_loras(args: argparse.Namespace, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
-    """Exit status: 0 done, 1 server error, 2 bad arguments or refused, 3 server unavailable."""
+    """Exit status: 0 done, 1 server error, 2 bad arguments or refused, 3 server unavailable,
+    5 access denied (load/unload/reload need ``ACESTEP_ADMIN_KEY``)."""
     from acestep_client.client import AceStepClient, AceStepError
 
     stdout, stderr = stdout or sys.stdout, stderr or sys.stderr

@@ -35,6 +35,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from acestep_client.audio_io import audio_tensor
+from acestep_client.auth import ADMIN_KEY_ENV, ADMIN_KEY_PARAMETER, API_KEY_ENV, env_key, grpc_headers, means_refused
 from acestep_client.errors import ErrorCategory, means_unavailable, parse_message
 from acestep_client.params import AUDIO_INPUTS, GenerationParams, params_to_wire
 from acestep_client.result import GenerationResult
@@ -84,6 +85,18 @@ class InvalidRequest(ServerError):  # noqa: N818 - the name users catch
     """The server refused the request's input (``field`` names it): fix it, do not retry."""
 
 
+class AccessDenied(AceStepError):  # noqa: N818 - the name users catch
+    """The server refused the request's credential: ``credential`` is ``"api_key"`` (inference on a
+    server started with ``--api-key``) or ``"admin_key"`` (the LoRA registry's load, unload and
+    reload). The message says whether none was sent or the one sent was wrong. Never retried:
+    the same request would be refused again."""
+
+    def __init__(self, message: str, *, credential: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.credential = credential
+
+
 class GenerationCancelled(AceStepError):  # noqa: N818 - the name users catch
     """The generation was stopped before it finished (``cancel()``, timeout, interrupt)."""
 
@@ -113,8 +126,16 @@ class AceStepClient:
     """
 
     def __init__(self, url: str = "localhost:8001", *, ssl: bool = False, verbose: bool = False,
-                 connect_timeout: float = 10.0, retry: RetryPolicy = DEFAULT_RETRY) -> None:
-        """``retry`` is :meth:`generate`'s default :class:`RetryPolicy` (``retry.NO_RETRY``: never)."""
+                 connect_timeout: float = 10.0, retry: RetryPolicy = DEFAULT_RETRY,
+                 api_key: str | None = None, admin_key: str | None = None) -> None:
+        """``retry`` is :meth:`generate`'s default :class:`RetryPolicy` (``retry.NO_RETRY``: never).
+
+        ``api_key``: the inference key of a server started with ``--api-key`` (default: the
+        ``ACESTEP_API_KEY`` environment variable; ``""``: none). ``admin_key``: the key that the
+        LoRA registry's load/unload/reload need (default: ``ACESTEP_ADMIN_KEY``). A missing or
+        wrong key raises :class:`AccessDenied` (see :mod:`acestep_client.auth`)."""
+        self.api_key = env_key(API_KEY_ENV) if api_key is None else (api_key.strip() or None)
+        self.admin_key = env_key(ADMIN_KEY_ENV) if admin_key is None else (admin_key.strip() or None)
         self.url = url
         self.ssl = ssl
         self.verbose = verbose
@@ -191,7 +212,8 @@ class AceStepClient:
         ``timeout_s`` is the request's deadline, over all attempts and the waits between them:
         past it the request is cancelled on the server and :class:`GenerationTimeout` raised.
         ``retry`` (default: the client's policy) resends the request after a
-        :class:`ServerUnavailable` that came before any audio, waiting between attempts;
+        :class:`ServerUnavailable` that came before any audio, waiting between attempts, until
+        ``timeout_s`` (or the policy's ``max_elapsed_s`` after the first failure without one);
         ``on_retry(attempt, attempts, error, delay_s)`` hears about each resend. Progress then
         starts again from the first step. The last failure is raised when attempts or the
         deadline run out.
@@ -218,6 +240,7 @@ class AceStepClient:
         policy = retry or self.retry
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         delays = policy.delays()
+        retry_until: float | None = None  # without a deadline: max_elapsed_s after the first failure
         for attempt in range(1, policy.attempts + 1):
             if should_cancel is not None and should_cancel():  # nothing in flight: nothing to cancel there
                 raise GenerationCancelled(f"generation on {endpoint!r} cancelled before it was sent")
@@ -225,7 +248,10 @@ class AceStepClient:
                 result = self._attempt(inputs, endpoint, on_progress, deadline, timeout_s, should_cancel)
             except ServerUnavailable as exc:
                 delay = next(delays, None)
-                left = None if deadline is None else deadline - time.monotonic()
+                if retry_until is None and deadline is None and policy.max_elapsed_s is not None:
+                    retry_until = time.monotonic() + policy.max_elapsed_s
+                until = deadline if deadline is not None else retry_until
+                left = None if until is None else until - time.monotonic()
                 if exc.audio_started or delay is None or (left is not None and delay >= left):
                     raise
                 if on_retry is not None:
@@ -270,11 +296,18 @@ class AceStepClient:
             try:
                 self._check_ready(client, endpoint)
                 try:
-                    client.start_stream(callback=lambda result=None, error=None: events.put((result, error)))
+                    client.start_stream(callback=lambda result=None, error=None: events.put((result, error)),
+                                        headers=grpc_headers(self.api_key))
                     client.async_stream_infer(endpoint, inputs, request_id=uuid.uuid4().hex,
                                               enable_empty_final_response=True)
                 except InferenceServerException as exc:
-                    raise _translate(exc, self.url) from exc
+                    # A stream the server refused at once (e.g. a missing API key) fails the send
+                    # with "the error detail is reported through provided callback": report that.
+                    try:
+                        detail = events.get(timeout=1.0)[1]
+                    except queue.Empty:
+                        detail = None
+                    raise self._translate(detail if detail is not None else exc) from exc
                 result = self._collect(events, cancelled, endpoint, on_progress, deadline, timeout_s,
                                        should_cancel)
                 finished = True
@@ -307,7 +340,7 @@ class AceStepClient:
             except queue.Empty:
                 continue
             if error is not None:
-                raise _translate(error, self.url, audio_started=bool(chunks))
+                raise self._translate(error, audio_started=bool(chunks))
             progress = result.as_numpy("progress")
             if progress is not None and on_progress is not None:
                 on_progress(int(progress[0]), int(progress[1]))
@@ -349,7 +382,11 @@ class AceStepClient:
         return self._lora_command("load", name)
 
     def unload_lora(self, name: str) -> dict[str, Any]:
-        """Stop serving adapter ``name`` (its memory is freed on the instances' next calls)."""
+        """Stop serving adapter ``name`` (its memory is freed on the instances' next calls).
+
+        ``load_lora``, ``unload_lora`` and ``reload_loras`` change what every user of the server
+        gets, so they need the client's ``admin_key`` (:class:`AccessDenied` without it);
+        ``list_loras`` is open."""
         return self._lora_command("unload", name)
 
     def reload_loras(self) -> dict[str, Any]:
@@ -364,18 +401,31 @@ class AceStepClient:
             tensor = grpcclient.InferInput(key, [1], "BYTES")
             tensor.set_data_from_numpy(np.array([value.encode()], dtype=object))
             inputs.append(tensor)
+        parameters = {ADMIN_KEY_PARAMETER: self.admin_key} if command != "list" and self.admin_key else None
         client = self._new_client()
         try:
-            result = client.infer(LORA_REGISTRY_MODEL, inputs, client_timeout=self.connect_timeout * 6)
+            result = client.infer(LORA_REGISTRY_MODEL, inputs, client_timeout=self.connect_timeout * 6,
+                                  headers=grpc_headers(self.api_key), parameters=parameters)
         except InferenceServerException as exc:
             if "unknown model" in (exc.message() or "").lower():
                 raise ServerError(f"{self.url} has no {LORA_REGISTRY_MODEL!r} model: runtime LoRA adapters need a "
                                   "torch-runtime deployment built with a LoRA registry (--lora-dir)") from exc
-            raise _translate(exc, self.url) from exc
+            raise self._translate(exc) from exc
         finally:
             client.close()
         raw = result.as_numpy("loras_json").reshape(-1)[0]
         return json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else str(raw))
+
+    def _translate(self, error: Any, *, audio_started: bool = False) -> AceStepError:
+        """:func:`_translate` with what this client knows about its own credentials."""
+        translated = _translate(error, self.url, audio_started=audio_started)
+        if isinstance(translated, AccessDenied):
+            sent = self.api_key if translated.credential == "api_key" else self.admin_key
+            env = API_KEY_ENV if translated.credential == "api_key" else ADMIN_KEY_ENV
+            what = ("the key this client sent was refused" if sent else
+                    f"this client sent none (pass {translated.credential}= or set {env})")
+            translated = AccessDenied(f"{translated.message}: {what}", credential=translated.credential)
+        return translated
 
     def close(self) -> None:
         self.cancel()
@@ -407,6 +457,10 @@ def _translate(error: Any, url: str, *, audio_started: bool = False) -> AceStepE
         return InvalidRequest(message, status=status or None, field=field_of(message), category=category)
     if category is ErrorCategory.INTERNAL:
         return ServerError(message, status=status or None, category=category)
+    if category is ErrorCategory.PERMISSION_DENIED:
+        return AccessDenied(message, credential="admin_key")
+    if means_refused(message):  # Triton's own check of a restricted protocol (gRPC says UNAVAILABLE)
+        return AccessDenied(f"{url} requires an API key for inference ({message})", credential="api_key")
     if status.endswith("UNAVAILABLE"):
         return ServerUnavailable(f"lost the Triton server at {url}: {message}", audio_started=audio_started)
     if means_unavailable(message):  # Triton answering for an endpoint whose own process died

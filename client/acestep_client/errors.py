@@ -30,6 +30,9 @@ class ErrorCategory(str, Enum):
     """The request was cancelled (by the caller, or the server shutting down)."""
     INTERNAL = "internal"
     """The server failed unexpectedly: a bug to report; retrying may or may not help."""
+    PERMISSION_DENIED = "permission_denied"
+    """A credential the operation needs is missing or wrong (the admin key of the LoRA registry's
+    load/unload/reload): never retried, the same request would be refused again."""
 
     @property
     def retryable(self) -> bool:

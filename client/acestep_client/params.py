@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -42,6 +43,38 @@ MAX_AUDIO_SAMPLE_RATE = 192000
 """Sample rates accepted for ``src_audio``/``ref_audio`` (telephone to high-resolution studio
 audio); anything else is refused naming the field rather than resampled at a cost for nothing."""
 OUTPUT_SAMPLE_RATE = 48000
+MAX_LORA_NAME_CHARS = 256
+"""Longest ``lora_name_or_path`` accepted (served adapter names are shorter still: see
+``acestep_triton.lora.registry``); a longer value is refused without being echoed back."""
+ECHO_CHARS = 64
+"""How much of a refused value an error message quotes (:func:`echo`): enough to recognise it,
+never so much that the message outgrows gRPC's 16 KiB metadata and loses its category tag."""
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def echo(value: Any, limit: int = ECHO_CHARS) -> str:
+    """``repr(value)`` for an error message, cut to about ``limit`` characters (with the full length)."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f" ({len(value)} characters)" if isinstance(value, (str, bytes)) else ""
+    return f"{text[:limit]}...{size}"
+
+
+def to_float32(value: float) -> float:
+    """``value`` as the FP32 tensor carries it, written back as the shortest decimal that
+    round-trips it (0.7, not 0.699999988079071).
+
+    Both sides validate this number: the client before sending, the server after decoding, so a
+    value that float32 rounds (``repaint_end`` 1.00000001 becomes 1.0) gets the same verdict on
+    both. Pure Python (``struct``), so the schema needs no numpy.
+    """
+    single = struct.unpack("<f", struct.pack("<f", value))[0]
+    for digits in range(1, 10):
+        text = f"{single:.{digits}g}"
+        if struct.unpack("<f", struct.pack("<f", float(text)))[0] == single:
+            return float(text)
+    return single  # pragma: no cover - 9 significant digits always round-trip a float32
 
 
 class ParamError(ValueError):
@@ -162,7 +195,8 @@ class GenerationParams:
                                    minimum=0.0, maximum=1.0)
     # --- LoRA
     lora_name_or_path: str = _f("lora_name_or_path", "BYTES", "none",
-                                "LoRA adapter name (one the server is configured with) or 'none'")
+                                "LoRA adapter name (one the server is configured with) or 'none'",
+                                max_chars=MAX_LORA_NAME_CHARS)
     lora_weight: float = _f("lora_weight", "FP32", 1.0, "LoRA strength", minimum=-3.0, maximum=3.0)
     format: str = _f("format", "BYTES", "wav", "audio file format written by the client",
                      choices=AUDIO_FORMATS, wire=False)
@@ -302,7 +336,7 @@ def parse_int_list(name: str, text: str | Iterable[int] | int | None, *, minimum
         # skipped: the sampling code and upstream read such a list as an error too.
         parts = text.split(",") if text.strip() else []
         if any(not part.strip() for part in parts):
-            raise ParamError(name, f"{text!r} has an empty entry; use integers separated by commas")
+            raise ParamError(name, f"{echo(text)} has an empty entry; use integers separated by commas")
         items = [item for part in parts for item in part.split()]
     else:
         items = list(text)
@@ -311,13 +345,19 @@ def parse_int_list(name: str, text: str | Iterable[int] | int | None, *, minimum
         try:
             value = int(item)
         except (TypeError, ValueError):
-            raise ParamError(name, f"{item!r} is not an integer") from None
+            raise ParamError(name, f"{echo(item)} is not an integer") from None
         if minimum is not None and value < minimum:
             raise ParamError(name, f"{value} is below {minimum}")
         if maximum is not None and value > maximum:
             raise ParamError(name, f"{value} is above {maximum}")
         out.append(value)
     return out
+
+
+def check_field(name: str, value: Any) -> Any:
+    """One field's value, coerced and checked as :meth:`GenerationParams.validate` does it (for a
+    server that must look at one field, such as ``task``, before the others)."""
+    return _check(GenerationParams.spec(name), value)
 
 
 def _check(spec: FieldSpec, value: Any) -> Any:
@@ -339,7 +379,7 @@ def _check(spec: FieldSpec, value: Any) -> Any:
         if spec.max_chars is not None and len(value) > spec.max_chars:
             raise ParamError(spec.name, f"is {len(value)} characters long; the limit is {spec.max_chars}")
         if spec.choices is not None and value not in spec.choices:
-            raise ParamError(spec.name, f"{value!r} is not one of {', '.join(spec.choices)}")
+            raise ParamError(spec.name, f"{echo(value)} is not one of {', '.join(spec.choices)}")
         return value
     if kind is bool:
         if isinstance(value, (bool, int)) and not isinstance(value, float):
@@ -359,6 +399,10 @@ def _check(spec: FieldSpec, value: Any) -> Any:
         if number != int(number):
             raise ParamError(spec.name, f"must be an integer, got {number}")
         number = int(number)
+    elif spec.triton_dtype == "FP32":
+        if abs(number) > FLOAT32_MAX:
+            raise ParamError(spec.name, f"{number:g} does not fit a 32-bit float")
+        number = to_float32(number)  # checked as sent: the server sees this value, not the double
     if spec.minimum is not None and number < spec.minimum:
         raise ParamError(spec.name, f"{number} is below the minimum {spec.minimum:g}")
     if spec.maximum is not None and number > spec.maximum:
@@ -400,8 +444,8 @@ def decode_field(spec: FieldSpec, array: Any) -> Any:
         raise ParamError(spec.name, f"expected {spec.triton_dtype} ({expected}), got {arr.dtype}")
     if spec.triton_dtype == "FP32":
         # the shortest decimal that round-trips the float32 (0.7, not 0.699999988079071): the value
-        # the user typed, as upstream's Python floats carried it
-        return float(str(item))
+        # the user typed, as upstream's Python floats carried it, and the one the client validated
+        return to_float32(float(item))
     return item.item()
 
 

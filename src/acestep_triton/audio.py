@@ -210,6 +210,10 @@ def load_audio(path: str | Path) -> tuple[Tensor, int]:
 
 MAX_INPUT_SECONDS = 240.0
 """Longest source/reference audio accepted (the longest generation ACE-Step serves)."""
+MAX_INPUT_CHANNELS = 2
+"""Mono or stereo only. A file's decoded size is channels × frames × 4 bytes, and a compressed
+file is tiny beside it: a 370 KiB FLAC of 8 channels × 192 kHz × 239 s decodes to 1.4 GiB (its
+stub went from 1.1 to 3.9 GB), so the channel count is checked in the header, before decoding."""
 
 
 def _decode_reason(exc: Exception) -> str:
@@ -230,19 +234,26 @@ def decode_audio_bytes(data: bytes, field: str, max_seconds: float = MAX_INPUT_S
     ``ValueError``), so a bad upload ends that request and nothing else. The sample rate and the
     length are checked from the header before any sample is decoded: a rate outside
     :data:`~acestep_client.params.MIN_AUDIO_SAMPLE_RATE` … ``MAX_AUDIO_SAMPLE_RATE`` is refused
-    (no music needs it, and resampling it would cost time for nothing).
+    (no music needs it, and resampling it would cost time for nothing), and so is more than
+    :data:`MAX_INPUT_CHANNELS` channels; the decoded size is then at most 2 channels × 240 s at
+    the highest rate (350 MiB of float32), whatever the file's compression.
     """
     if not data:
         raise ParamError(field, "the audio file is empty")
     try:
         with sf.SoundFile(io.BytesIO(data)) as f:
-            rate, frames = int(f.samplerate), int(f.frames)
+            rate, frames, channels = int(f.samplerate), int(f.frames), int(f.channels)
             if not MIN_AUDIO_SAMPLE_RATE <= rate <= MAX_AUDIO_SAMPLE_RATE:
                 raise ParamError(field, f"sample rate {rate} Hz is outside the supported "
                                         f"{MIN_AUDIO_SAMPLE_RATE}–{MAX_AUDIO_SAMPLE_RATE} Hz")
+            if not 1 <= channels <= MAX_INPUT_CHANNELS:
+                raise ParamError(field, f"{channels} channels; mono or stereo expected (mix it down to "
+                                        f"{MAX_INPUT_CHANNELS} channels first)")
             if frames / rate > max_seconds:
                 raise ParamError(field, f"{frames / rate:.1f} s long; the limit is {max_seconds:g} s")
-            samples = f.read(dtype="float32", always_2d=True)
+            # Never more than the limit allows, whatever the header said (a wrong frame count):
+            # one frame more than the limit still shows as too long below.
+            samples = f.read(frames=min(frames, int(max_seconds * rate) + 1), dtype="float32", always_2d=True)
     except ParamError:
         raise
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:

@@ -17,17 +17,25 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import re
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from .weights import (  # noqa: F401 (re-exported: the checkpoint API's error and file reader)
+    CheckpointError,
+    SafetensorsFile,
+    build_on_meta,
+    load_state_dict_strict,
+    materialize,
+    read_safetensors,
+)
 
 HF_REPO_ID = "ACE-Step/ACE-Step-v1-3.5B"
 """The official checkpoint on the Hugging Face Hub."""
@@ -58,10 +66,6 @@ OFFICIAL_FILES: dict[str, tuple[str, ...]] = {
     TEXT_ENCODER_DIR: (CONFIG_FILE, TRANSFORMERS_WEIGHTS, *TOKENIZER_FILES),
 }
 """Every file the loader reads, per folder: the official layout, which we never rename."""
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is incomplete, or whose tensors do not fit the model built from it."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,100 +157,6 @@ class CheckpointLayout:
 
 
 # ---------------------------------------------------------------------------------------------
-# Strict loading
-
-
-def _compile(patterns: Iterable[str]) -> list[re.Pattern[str]]:
-    return [re.compile(p) for p in patterns]
-
-
-def load_state_dict_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor],
-                           unused: Sequence[str] = (), what: str = "model", *,
-                           tied: Mapping[str, str] | None = None) -> None:
-    """Copy ``state_dict`` into ``module``, casting each tensor to the parameter's dtype.
-
-    ``unused`` are regular expressions (``re.search``) of keys that may be present in the file
-    and/or the module without a counterpart (weights the checkpoint carries but inference never
-    uses). ``tied`` maps a module key to the file key it shares storage with (stored once).
-    Any other missing or unexpected key, and every shape mismatch, is reported together in one
-    :class:`CheckpointError` that names each key, prefixed by ``what``.
-
-    Tensors are copied one at a time into the existing parameters, so with a lazy mapping
-    (:func:`read_safetensors`) peak memory is the model plus one tensor, not plus a second copy
-    of the whole (cast) checkpoint: that matters for the 3.5B transformer in fp32.
-    """
-    expected = module.state_dict()  # detached views of the parameters and buffers
-    skip = _compile(unused)
-
-    def is_unused(key: str) -> bool:
-        return any(p.search(key) for p in skip)
-
-    file_keys = set(state_dict.keys())
-    source_of = {k: k for k in expected if k in file_keys}
-    for dst, src in (tied or {}).items():
-        if dst in expected and dst not in file_keys and src in file_keys:
-            source_of[dst] = src
-    missing = sorted(k for k in expected if k not in source_of and not is_unused(k))
-    unexpected = sorted(k for k in file_keys if k not in expected and not is_unused(k))
-
-    def file_shape(key: str) -> tuple[int, ...]:
-        if isinstance(state_dict, SafetensorsFile):
-            return state_dict.shape(key)  # from the header, without reading the tensor
-        return tuple(state_dict[key].shape)
-
-    mismatched = sorted(
-        f"{k}: checkpoint {file_shape(src)} vs model {tuple(expected[k].shape)}"
-        for k, src in source_of.items() if file_shape(src) != tuple(expected[k].shape))
-    if missing or unexpected or mismatched:
-        # Checked before copying anything, so a wrong file never half-overwrites the module.
-        parts = [f"{what}: checkpoint does not match the model built from its config"]
-        for title, keys in (("missing keys", missing), ("unexpected keys", unexpected),
-                            ("shape mismatches", mismatched)):
-            if keys:
-                parts.append(f"{title} ({len(keys)}):\n    " + "\n    ".join(keys))
-        raise CheckpointError("\n  ".join(parts))
-    with torch.no_grad():
-        for key, src in source_of.items():
-            expected[key].copy_(state_dict[src])  # casts, e.g. bf16 on disk -> fp32 module
-
-
-class SafetensorsFile(Mapping[str, torch.Tensor]):
-    """A ``.safetensors`` file as a read-only mapping that reads each tensor when asked."""
-
-    def __init__(self, path: str | Path) -> None:
-        from safetensors import safe_open
-
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise CheckpointError(f"{self.path}: missing")
-        self._file = safe_open(str(self.path), framework="pt", device="cpu")
-        self._keys = tuple(self._file.keys())
-        self._key_set = frozenset(self._keys)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._file.get_slice(key).get_shape())
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        if key not in self._key_set:
-            raise KeyError(key)
-        return self._file.get_tensor(key)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._key_set
-
-
-def read_safetensors(path: str | Path) -> SafetensorsFile:
-    """The tensors of a ``.safetensors`` file (CPU, stored dtype), read lazily key by key."""
-    return SafetensorsFile(path)
-
-
-# ---------------------------------------------------------------------------------------------
 # Loading every component
 
 
@@ -304,42 +214,60 @@ def load_text_encoder(layout: CheckpointLayout, dtype: torch.dtype = torch.float
     return _finish(load_umt5(layout.text_encoder_dir, dtype))
 
 
-def load_transformer(layout: CheckpointLayout, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The DiT; the official file is bf16, cast here to ``dtype`` (fp32 by default)."""
+def load_transformer(layout: CheckpointLayout, dtype: torch.dtype = torch.float32, *,
+                     drop: Sequence[str] = ()) -> nn.Module:
+    """The DiT; the official file is bf16, cast here to ``dtype`` (fp32 by default).
+
+    ``drop`` names top-level submodules to leave out (the condition encoder never runs the
+    decoder blocks and vice versa): their tensors are checked against the file but never read.
+    """
     from acestep_triton.models.transformer import UNUSED_KEYS, ACEStepTransformer
 
-    model = ACEStepTransformer.from_config(layout.read_config(TRANSFORMER_DIR)).to(dtype)
+    config = layout.read_config(TRANSFORMER_DIR)
     state = read_safetensors(layout.weights_path(TRANSFORMER_DIR))
-    load_state_dict_strict(model, state, UNUSED_KEYS, f"transformer ({TRANSFORMER_DIR})")
-    return _finish(model)
+    return materialize(lambda: ACEStepTransformer.from_config(config), state, UNUSED_KEYS,
+                       f"transformer ({TRANSFORMER_DIR})", dtype=dtype, drop=drop)
+
+
+def meta_transformer(ckpt_dir: str | Path) -> nn.Module:
+    """The checkpoint's transformer on the meta device: every shape, no weights (for checks)."""
+    from acestep_triton.models.transformer import ACEStepTransformer
+
+    config = CheckpointLayout(Path(ckpt_dir)).read_config(TRANSFORMER_DIR)
+    return build_on_meta(lambda: ACEStepTransformer.from_config(config))
+
+
+DCAE_HALVES = ("encoder", "decoder")
+"""The two halves of the official DCAE file, each served by its own model."""
+
+
+def load_dcae_half(layout: CheckpointLayout, half: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """One DCAE half from the single official file, reading only that half's tensors. It is
+    checked against every key of the file minus the other half's, so a stray key fails in both."""
+    from acestep_triton.models import dcae
+
+    if half not in DCAE_HALVES:
+        raise ValueError(f"DCAE half must be one of {DCAE_HALVES}, got {half!r}")
+    config = layout.read_config(DCAE_DIR)
+    state = read_safetensors(layout.weights_path(DCAE_DIR))
+    factory, foreign = ((lambda: dcae.DCAEEncoder(config), dcae.ENCODER_FOREIGN_KEYS) if half == "encoder"
+                        else (lambda: dcae.DCAEDecoder(config), dcae.DECODER_FOREIGN_KEYS))
+    return materialize(factory, state, (*dcae.UNUSED_KEYS, *foreign), f"DCAE {half} ({DCAE_DIR})", dtype=dtype)
 
 
 def load_dcae(layout: CheckpointLayout, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, nn.Module]:
-    """Both DCAE halves from the single official file; each half is checked against all keys
-    of the file minus the other half's, so a stray key fails in both."""
-    from acestep_triton.models import dcae
-
-    config = layout.read_config(DCAE_DIR)
-    state = read_safetensors(layout.weights_path(DCAE_DIR))
-    encoder = dcae.DCAEEncoder(config).to(dtype)
-    decoder = dcae.DCAEDecoder(config).to(dtype)
-    _all_or_none(
-        lambda: load_state_dict_strict(encoder, state, (*dcae.UNUSED_KEYS, *dcae.ENCODER_FOREIGN_KEYS),
-                                       f"DCAE encoder ({DCAE_DIR})"),
-        lambda: load_state_dict_strict(decoder, state, (*dcae.UNUSED_KEYS, *dcae.DECODER_FOREIGN_KEYS),
-                                       f"DCAE decoder ({DCAE_DIR})"),
-    )
-    return _finish(encoder), _finish(decoder)
+    """Both DCAE halves (every problem of both reported together)."""
+    encoder, decoder = _all_or_none(*(lambda h=h: load_dcae_half(layout, h, dtype) for h in DCAE_HALVES))
+    return encoder, decoder
 
 
 def load_vocoder(layout: CheckpointLayout, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The vocoder with its official ``weight_g``/``weight_v`` pairs (fold them before export)."""
     from acestep_triton.models.vocoder import UNUSED_KEYS, Vocoder
 
-    model = Vocoder(layout.read_config(VOCODER_DIR)).to(dtype)
+    config = layout.read_config(VOCODER_DIR)
     state = read_safetensors(layout.weights_path(VOCODER_DIR))
-    load_state_dict_strict(model, state, UNUSED_KEYS, f"vocoder ({VOCODER_DIR})")
-    return _finish(model)
+    return materialize(lambda: Vocoder(config), state, UNUSED_KEYS, f"vocoder ({VOCODER_DIR})", dtype=dtype)
 
 
 def load_components(ckpt_dir: str | Path, vocab_path: str | Path | None = None,

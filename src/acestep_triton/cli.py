@@ -61,11 +61,27 @@ def _delegate(argv: Sequence[str]) -> int | None:
 
 
 def _build(args: argparse.Namespace) -> int:
+    from .export.render import check_runtime, parse_endpoint_instances
     from .serving.deploy import build_deployment
 
+    try:
+        runtime = check_runtime(args.target, args.runtime)
+        instances = parse_endpoint_instances(args.endpoint_instances)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.lora_memory_mb is not None and (args.lora_dir is None or runtime != "torch"):
+        print("error: --lora-memory-mb sizes the runtime adapters of the torch runtime: it needs --lora-dir "
+              f"and --runtime torch (this build: runtime {runtime}"
+              f"{', no --lora-dir' if args.lora_dir is None else ''})", file=sys.stderr)
+        return 2
+    if args.lora_memory_mb is not None and not args.lora_memory_mb > 0:
+        print(f"error: --lora-memory-mb must be > 0, got {args.lora_memory_mb:g}", file=sys.stderr)
+        return 2
     deployment = build_deployment(args.checkpoint, args.workdir, vocab_path=args.vocab, progress=True,
                                   lora_dir=args.lora_dir, target=args.target, precision=args.precision,
-                                  runtime=args.runtime)
+                                  runtime=runtime, lora_memory_mb=args.lora_memory_mb,
+                                  endpoint_instances=instances)
     print(deployment.repository)
     return 0
 
@@ -190,6 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="engine precision for --runtime tensorrt")
     build.add_argument("--lora-dir", type=Path, default=None,
                        help="LoRA registry: one folder per adapter (+ serving.json with its lora_weight)")
+    build.add_argument("--lora-memory-mb", type=float, default=None,
+                       help="torch runtime with --lora-dir: MiB of runtime adapters each condition_encoder / "
+                            "dit_decoder instance keeps resident (least recently used evicted; default 2048)")
+    build.add_argument("--endpoint-instances", default=None,
+                       help="instances per endpoint: one count for all (8) or per endpoint "
+                            "(text2music=8,repaint=2); each serves one request at a time. "
+                            "Default: ensemble_configs/*.json's instance_count")
     assets = sub.add_parser("assets", help="the weight-free serving assets a repository's endpoints read",
                             description="Write the orchestrators' assets (configs, tokenizers, lyric vocab, "
                                         "mel buffers; no weights): the folder `render --assets` takes.")

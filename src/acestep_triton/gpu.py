@@ -135,13 +135,20 @@ class CUDAGraphDecoder:
     graph's output buffer), so callers may keep results across steps.
     ``max_graphs`` bounds how many shapes are kept (each holds its activations' memory);
     beyond it, calls run eagerly.
+
+    ``decode`` replaces ``transformer.decode`` as the captured function; it receives every
+    tensor the call was given, so a caller may append inputs of its own after ``decode``'s six
+    (the runtime LoRA path appends the per-row adapter ``slot`` and ``scale``). Calls with a
+    different number of inputs are different graphs. :meth:`drop` forgets graphs whose captured
+    code reads tensors that are about to go away.
     """
 
     def __init__(self, transformer: nn.Module, *, backend: GraphBackend | None = None,
-                 max_graphs: int = 8) -> None:
+                 max_graphs: int = 8, decode: Callable[..., Tensor] | None = None) -> None:
         self.transformer = transformer
         self.backend = backend if backend is not None else TorchCUDAGraphs()
         self.max_graphs = max_graphs
+        self.decode: Callable[..., Tensor] = decode if decode is not None else transformer.decode
         self._graphs: dict[tuple[Any, ...], _Captured] = {}
         self.eager_calls = 0
 
@@ -162,21 +169,29 @@ class CUDAGraphDecoder:
 
         def run() -> Tensor:
             with torch.no_grad(), static_rope(tables):
-                return self.transformer.decode(*static)
+                return self.decode(*static)
 
         replay = self.backend.capture(run, latents.device)
         return _Captured(inputs=static, replay=replay, keepalive=(tables, run))
 
+    def drop(self, which: Callable[[tuple[Any, ...]], bool] | None = None) -> int:
+        """Forget the graphs whose key ``which(key)`` selects (all without ``which``); a key has one
+        ``(shape, dtype, device)`` entry per input. Returns how many were dropped."""
+        keys = [k for k in self._graphs if which is None or which(k)]
+        for key in keys:
+            del self._graphs[key]
+        return len(keys)
+
     def __call__(self, latents: Tensor, latent_mask: Tensor, encoder_states: Tensor, encoder_mask: Tensor,
-                 timestep: Tensor, query_scale: Tensor) -> Tensor:
-        inputs = (latents, latent_mask, encoder_states, encoder_mask, timestep, query_scale)
+                 timestep: Tensor, query_scale: Tensor, *extra: Tensor) -> Tensor:
+        inputs = (latents, latent_mask, encoder_states, encoder_mask, timestep, query_scale, *extra)
         key = self._key(inputs)
         captured = self._graphs.get(key)
         if captured is None:
             if len(self._graphs) >= self.max_graphs:
                 self.eager_calls += 1
                 with torch.no_grad():
-                    return self.transformer.decode(*inputs)
+                    return self.decode(*inputs)
             captured = self._graphs[key] = self._capture(inputs)
         with torch.no_grad():
             for static, value in zip(captured.inputs, inputs, strict=True):

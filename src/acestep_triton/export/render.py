@@ -57,6 +57,9 @@ RENDER_MARKER = ".acestep-rendered"
 TARGETS = ("cpu", "gpu")
 RUNTIMES: dict[str, tuple[str, ...]] = {"cpu": ("onnx", "torch"), "gpu": ("torch", "tensorrt")}
 """Component runtimes each target can render; the first is the target's default."""
+FORCE_CPU_ONLY_INPUT_TENSORS = "FORCE_CPU_ONLY_INPUT_TENSORS"
+"""The Python backend's own config parameter: ``no`` hands a model its inputs where they lie (a
+GPU tensor stays on the GPU); its default ``yes`` copies every input to the host first."""
 DEFAULT_MAX_ITEMS = MAX_BATCH
 """Songs per request the components are sized for (the schema's largest ``batch_size``); a
 component's ``max_batch_size`` is this times its ``rows_per_item``."""
@@ -296,12 +299,17 @@ def component_config(spec: ComponentSpec, target: str = "cpu", *, sizes: Mapping
     }
     if runtime == "torch":
         on_gpu = target == "gpu"
+        # The Python backend copies every input to the host unless told otherwise; the endpoints
+        # send GPU tensors, so on a GPU that would be a device→host→device trip per DiT call.
+        device_inputs = {FORCE_CPU_ONLY_INPUT_TENSORS: "no"} if on_gpu else {}
         return ModelConfigSpec(backend="python", instance_kind="KIND_GPU" if on_gpu else "KIND_CPU",
                                instance_gpus=tuple(gpus) if on_gpu else (),
                                parameters={"component": spec.name, "precision": "auto", "compile": "auto",
                                            "cuda_graphs": "auto",
+                                           # shapes run at load, before ready (torch_runtime.RuntimeOptions)
+                                           "warmup": "auto",
                                            "torch_threads": str(intra_op_threads),
-                                           **(parameters or {})},
+                                           **device_inputs, **(parameters or {})},
                                **common)
     if target == "cpu":
         return ModelConfigSpec(backend="python", instance_kind="KIND_CPU",
@@ -528,7 +536,8 @@ def render_repository(out_dir: str | Path, target: str = "cpu", onnx_dir: str | 
                       checkpoint: str | Path | None = None,
                       batching: Mapping[str, DynamicBatching] | None = None,
                       component_parameters: Mapping[str, Mapping[str, str]] | None = None,
-                      endpoint_parameters: Mapping[str, str] | None = None) -> Path:
+                      endpoint_parameters: Mapping[str, str] | None = None,
+                      endpoint_instances: int | Mapping[str, int] | None = None) -> Path:
     """Write a runnable model repository into ``out_dir`` (replacing one we rendered before; it
     is built in a staging folder beside it and swapped in only when complete).
 
@@ -541,7 +550,9 @@ def render_repository(out_dir: str | Path, target: str = "cpu", onnx_dir: str | 
     ``components=[]`` renders endpoints only. ``batching`` overrides the dynamic batching of
     the named components, ``component_parameters`` adds config parameters per model name (LoRA
     variants of the torch runtime), ``endpoint_parameters`` overrides parameters of every
-    endpoint (e.g. ``frame_buckets``). Returns ``out_dir``.
+    endpoint (e.g. ``frame_buckets``), ``endpoint_instances`` the instance count of every
+    endpoint (an int) or of the named ones (``{"text2music": 8}``; see
+    :func:`parse_endpoint_instances`). Returns ``out_dir``.
     """
     runtime = check_runtime(target, runtime)
     out_dir = Path(out_dir)
@@ -555,6 +566,7 @@ def render_repository(out_dir: str | Path, target: str = "cpu", onnx_dir: str | 
             raise ValueError("runtime torch needs the checkpoint folder (--checkpoint)")
         sizes = {**checkpoint_sizes(checkpoint), **(sizes or {})}
         onnx_dir = None  # the torch runtime reads no ONNX file
+    orchestrators = with_endpoint_instances(orchestrators, endpoint_instances)
     for spec in specs:  # check every input before touching out_dir
         if onnx_dir is not None and not (onnx_dir / f"{spec.name}.onnx").is_file():
             raise FileNotFoundError(f"{onnx_dir / (spec.name + '.onnx')} not found")
@@ -656,9 +668,64 @@ def add_render_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--queue-delay-us", type=int, default=1000,
                         help="dynamic batching: how long a batch may wait for more requests")
     parser.add_argument("--threads", type=int, default=0, help="cpu: onnxruntime intra-op threads (0: all)")
+    parser.add_argument("--endpoint-instances", default=None, type=parse_endpoint_instances,
+                        help="instances per endpoint: one count for all (8), or per endpoint "
+                             "(text2music=8,repaint=2); a decoupled endpoint instance serves one request at a time. "
+                             "Default: each ensemble_configs/*.json's instance_count")
     parser.add_argument("--memory-budget-mb", default=None,
-                        help="endpoints' admission budget per instance: auto (GPU: free memory at load minus "
-                             "memory_margin_mb; CPU: off), off, or MiB (see serving/admission.py)")
+                        help="endpoints' admission budget per instance: auto (free memory at the first request "
+                             "minus memory_margin_mb: GPU cudaMemGetInfo, CPU MemAvailable), off, or MiB "
+                             "(see serving/admission.py)")
+
+
+def parse_endpoint_instances(text: str | int | None) -> int | dict[str, int] | None:
+    """``--endpoint-instances``: ``"8"`` → 8 (every endpoint), ``"text2music=8,repaint=2"`` →
+    ``{"text2music": 8, "repaint": 2}`` (the others keep their definition's count), None/'' → None.
+
+    Why an option: a decoupled endpoint instance runs one request at a time, so the concurrency
+    a deployment serves is its endpoint instance count; it depends on the GPU, not the task.
+    """
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return None
+
+    def count(value: str | int, where: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise ValueError(f"--endpoint-instances: {where} must be a whole number, got {value!r}") from None
+        if number < 1:
+            raise ValueError(f"--endpoint-instances: {where} must be >= 1, got {number}")
+        return number
+
+    if isinstance(text, int) or "=" not in text:
+        return count(text.strip() if isinstance(text, str) else text, "the count")
+    counts: dict[str, int] = {}
+    for item in (i.strip() for i in text.split(",")):
+        if not item:
+            continue
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"--endpoint-instances: expected NAME=COUNT, got {item!r}")
+        counts[name.strip()] = count(value.strip(), name.strip())
+    return counts
+
+
+def with_endpoint_instances(orchestrators: Sequence[OrchestratorSpec],
+                            instances: int | Mapping[str, int] | None) -> list[OrchestratorSpec]:
+    """``orchestrators`` with their instance counts overridden (see :func:`parse_endpoint_instances`);
+    a name that is not among them is an error, not a silently ignored typo."""
+    if instances is None:
+        return list(orchestrators)
+    if isinstance(instances, int):
+        if instances < 1:
+            raise ValueError(f"--endpoint-instances: the count must be >= 1, got {instances}")
+        return [replace(o, instance_count=instances) for o in orchestrators]
+    names = {o.name for o in orchestrators}
+    unknown = sorted(set(instances) - names)
+    if unknown:
+        raise ValueError(f"--endpoint-instances names endpoints that are not rendered: {unknown} "
+                         f"(rendered: {sorted(names) or 'none'})")
+    return [replace(o, instance_count=instances[o.name]) if o.name in instances else o for o in orchestrators]
 
 
 def memory_parameters(budget_mb: str | None) -> dict[str, str]:
@@ -684,7 +751,8 @@ def run_render(args: argparse.Namespace) -> int:
         sources_root=args.sources, max_items=args.max_items, instance_count=args.instances,
         gpus=[int(g) for g in args.gpus.split(",") if g], max_queue_delay_us=args.queue_delay_us,
         intra_op_threads=args.threads, runtime=args.runtime, checkpoint=args.checkpoint,
-        endpoint_parameters=memory_parameters(getattr(args, "memory_budget_mb", None)))
+        endpoint_parameters=memory_parameters(getattr(args, "memory_budget_mb", None)),
+        endpoint_instances=getattr(args, "endpoint_instances", None))
     models = sorted(p.name for p in out.iterdir() if p.is_dir())
     print(f"rendered {len(models)} models for target {args.target} into {out}: {', '.join(models)}")
     return 0

@@ -28,7 +28,14 @@ from typing import Any
 
 import gradio as gr
 
-from acestep_client.client import AceStepClient, AceStepError, ServerError, ServerUnavailable, field_of
+from acestep_client.client import (
+    AccessDenied,
+    AceStepClient,
+    AceStepError,
+    ServerError,
+    ServerUnavailable,
+    field_of,
+)
 from acestep_client.params import AUDIO_INPUTS, EDIT_PRESETS, MAX_DURATION_S, GenerationParams, ParamError
 
 from .disconnect import caller_gone
@@ -53,6 +60,25 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 7865
 URL_ENV = "ACESTEP_URL"
+AUTH_ENV = "ACESTEP_FRONTEND_AUTH"
+"""``user:password`` (several separated by commas): the front end's own login (Gradio auth), for
+browsers and ``gradio_client`` alike. Unset: no login (the demo). Its key to the model server is
+``ACESTEP_API_KEY``, which the client library reads; it is never shown to the front end's users."""
+
+
+def parse_auth(text: str | None) -> list[tuple[str, str]] | None:
+    """``"alice:pw1,bob:pw2"`` as Gradio's ``auth`` list; None for no login. A malformed entry is
+    an error at start-up (never a front end that silently runs without its login)."""
+    if text is None or not text.strip():
+        return None
+    pairs = []
+    for entry in text.split(","):
+        user, sep, password = entry.strip().partition(":")
+        if not sep or not user or not password:
+            raise ValueError(f"{AUTH_ENV}: each entry must be user:password (got an entry without "
+                             f"{'a user' if sep and not user else 'a password' if sep else ':'})")
+        pairs.append((user, password))
+    return pairs
 MAX_UPLOAD = "256mb"
 """Largest upload Gradio accepts: a 240 s, 48 kHz stereo float WAV (our own output) is ~92 MB."""
 D = UPSTREAM_DEFAULTS
@@ -96,6 +122,9 @@ def user_errors(aliases: dict[str, str]) -> Iterator[None]:
         raise gr.Error(f"{aliases.get(exc.field, exc.field)}: {exc.reason}") from exc
     except ServerError as exc:
         raise gr.Error(server_message(exc.message, aliases)) from exc
+    except AccessDenied as exc:  # the operator's configuration, not the caller's input
+        raise gr.Error(f"the model server refused this front end's key; ask its operator to check "
+                       f"ACESTEP_API_KEY ({exc})", print_exception=False) from exc
     except ServerUnavailable as exc:  # after the client's retries
         raise gr.Error(f"the model server is unavailable, try again in a moment: {exc}") from exc
     except AceStepError as exc:  # cancelled (often: the caller left) / timed out; not a server fault
@@ -504,13 +533,15 @@ def create_service(args: argparse.Namespace) -> FrontendService:
 
 
 def launch(service: FrontendService, *, server_name: str = "127.0.0.1", port: int = DEFAULT_PORT,
-           concurrency: int = 4, lora_choices: Sequence[str] = (), block: bool = True) -> gr.Blocks:
-    """Build and start the app; with ``block=False`` return once it is serving."""
+           concurrency: int = 4, lora_choices: Sequence[str] = (), block: bool = True,
+           auth: Sequence[tuple[str, str]] | None = None) -> gr.Blocks:
+    """Build and start the app; with ``block=False`` return once it is serving. ``auth``:
+    (user, password) pairs that must log in first (:func:`parse_auth`), None for an open UI."""
     demo = build_demo(service, lora_choices=lora_choices)
     demo.queue(default_concurrency_limit=concurrency)
     demo.launch(server_name=server_name, server_port=port, allowed_paths=[str(service.output_dir)],
                 max_file_size=MAX_UPLOAD, prevent_thread_lock=not block, show_error=True, quiet=not block,
-                ssr_mode=False)
+                ssr_mode=False, auth=list(auth) if auth else None)
     return demo
 
 
@@ -519,14 +550,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         service = create_service(args)
+        auth = parse_auth(os.environ.get(AUTH_ENV))
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if not service.client.is_ready():
         log.warning("no ready Triton server at %s yet; requests will fail until it is up", args.url)
     log.info("results go to %s", service.output_dir)
+    log.info("login %s; model server key %s", "required" if auth else f"off (set {AUTH_ENV})",
+             "sent" if service.client.api_key else "none")
     launch(service, server_name=args.server_name, port=args.port, concurrency=args.concurrency,
-           lora_choices=args.lora or served_loras(service))
+           lora_choices=args.lora or served_loras(service), auth=auth)
     return 0
 
 

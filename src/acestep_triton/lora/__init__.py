@@ -87,7 +87,7 @@ from .files import (
     component_of,
     load_lora,
 )
-from .fuse import apply_lora, fused_transformer
+from .fuse import apply_lora, fuse_in_place, fused_transformer
 from .registry import LoraRegistry, check_adapter_name, check_weight_range, is_no_lora
 from .runtime import AdapterBank, RuntimeAdapter, called_modules, lora_rows, runtime_adapter
 from .served import InProcessLoras, LoraScope, RoutingCall, RuntimeLoras, ServedLoras, no_lora, served_scope
@@ -112,7 +112,7 @@ __all__ = [
     "LoadedAdapter", "LoraAdapter", "LoraError", "LoraLayer", "LoraRegistry", "LoraScope", "LoraSettings",
     "LoraState", "LoraVariant", "RoutingCall", "RuntimeAdapter", "RuntimeLoras", "ServedLoras", "StateReader",
     "adapter_file", "apply_lora", "base_component", "called_modules", "check_adapter_name",
-    "check_weight_range", "component_of", "export_lora_variants", "fused_transformer", "is_no_lora",
+    "check_weight_range", "component_of", "export_lora_variants", "fuse_in_place", "fused_transformer", "is_no_lora",
     "load_lora", "lora_rows", "main", "no_lora", "prepare_lora_onnx_dir", "read_variants_manifest",
     "runtime_adapter", "served_scope", "target_module_paths", "tiny_lora_config", "variant_model_name",
     "variant_specs", "write_tiny_lora", "write_variants_manifest",

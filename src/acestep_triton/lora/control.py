@@ -11,10 +11,21 @@ Nothing in it is served until it is loaded, explicitly: the control model answer
 * ``unload NAME``: stop serving it (instances drop its tensors on their next call);
 * ``reload``: load every folder not loaded yet or whose file changed, unload the vanished ones.
 
-Requests only ever name adapters by folder name: a server never opens a path a request names.
-A refused load names ``lora_name_or_path`` and the reason (unknown folder, keys that do not fit
-the checkpoint, a single adapter larger than the memory budget) and changes nothing else.
-The answer is ``loras_json`` BYTES [1] (the listing, after the command).
+Requests only ever name adapters by folder name: a server never opens a path a request names,
+and a folder (or adapter file) whose real path leaves the registry folder, through a symlink, is
+refused. A refused load names ``lora_name_or_path``, the folder and the reason (unknown folder, a
+file that is not a readable safetensors adapter, keys that do not fit the checkpoint, a single
+adapter larger than the memory budget) and changes nothing else; ``reload`` loads every good
+folder and reports each bad one. The answer is ``loras_json`` BYTES [1] (the listing, after the
+command).
+
+``load``, ``unload`` and ``reload`` change what every user of the server gets, so they need the
+admin key (:mod:`acestep_client.auth`: request parameter ``acestep_admin_key``, compared with the
+``ACESTEP_ADMIN_KEY`` that ``acestep-triton serve`` puts in the server's environment); a missing
+or wrong key is ``[permission_denied]``. ``list`` is open. What the state file remembers of
+refused loads is bounded (the last :data:`MAX_FAILED`, reasons cut to :data:`MAX_REASON_CHARS`),
+and so is every error message (:data:`MAX_MESSAGE_CHARS`, well under gRPC's 16 KiB of metadata,
+where a longer message would lose its category tag).
 
 The loaded set lives in the state file (:mod:`.state`), written only here; the component
 instances keep the tensors they use within ``lora_memory_mb`` (:class:`~.runtime.AdapterBank`,
@@ -32,8 +43,10 @@ from typing import Any
 
 from torch import nn
 
-from acestep_client.params import ParamError
+from acestep_client.auth import ADMIN_KEY_ENV, ADMIN_KEY_PARAMETER, keys_match
+from acestep_client.params import ParamError, echo
 
+from ..checkpoint import meta_transformer
 from .files import LoraError, adapter_file, load_lora
 from .registry import check_adapter_name, is_no_lora
 from .runtime import component_part
@@ -46,21 +59,26 @@ CONTROL_SOURCE = "lora_registry"
 """Its Python-backend source folder under ``model_repository/``."""
 
 COMMANDS = ("list", "load", "unload", "reload")
+ADMIN_COMMANDS = ("load", "unload", "reload")
+"""Commands that need the admin key (``list`` is open)."""
+
+MAX_FAILED = 16
+"""Refused loads the state file remembers (the most recent; every reader parses the file)."""
+MAX_REASON_CHARS = 2000
+"""A remembered refusal's reason is cut to this."""
+MAX_MESSAGE_CHARS = 4096
+"""Longest error message the control model answers with (gRPC carries it in 16 KiB of metadata)."""
+
+
+def clip(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, saying how much was left out."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
+
 
 STATUS_DIR = "resident"
 """Folder beside the state file where each component instance records its resident adapters."""
-
-
-def meta_transformer(ckpt_dir: str | Path) -> nn.Module:
-    """The checkpoint's transformer on the meta device: every shape, no weights (for checks)."""
-    import torch
-
-    from ..checkpoint import TRANSFORMER_DIR, CheckpointLayout
-    from ..models.transformer import ACEStepTransformer
-
-    config = CheckpointLayout(Path(ckpt_dir)).read_config(TRANSFORMER_DIR)
-    with torch.device("meta"):
-        return ACEStepTransformer.from_config(config)
 
 
 class RuntimeRegistry:
@@ -91,21 +109,46 @@ class RuntimeRegistry:
                 continue
         return names
 
-    def _validate(self, name: str, index: int) -> LoadedAdapter:
-        """Read and check ``name``'s adapter; :class:`ParamError` on ``lora_name_or_path``."""
+    def _folder(self, name: str) -> Path:
+        """The registry folder of ``name``, checked: a valid name, present, and really inside
+        the registry (a symlink to a folder elsewhere is refused, as is one to an adapter file
+        elsewhere). :class:`ParamError` on ``lora_name_or_path`` otherwise."""
         try:
             check_adapter_name(name)
         except ValueError as e:
             raise ParamError("lora_name_or_path", str(e)) from None
         folder = self.root / name
-        if not folder.is_dir():
+        root = self.root.resolve()
+        try:
+            present = folder.is_dir()
+            real = folder.resolve()
+        except OSError as e:
+            raise ParamError("lora_name_or_path", f"adapter folder {folder} cannot be read ({e.strerror})") from None
+        if not present:
             have = ", ".join(self.folders()) or "none"
             raise ParamError("lora_name_or_path", f"no adapter folder {name!r} in the LoRA registry {self.root} "
                                                   f"(it holds: {have})")
+        if real.parent != root:
+            raise ParamError("lora_name_or_path", f"adapter folder {folder} leads to {real}, outside the LoRA "
+                                                  f"registry {root}: copy the adapter into the registry instead "
+                                                  "of linking it")
+        return folder
+
+    def _validate(self, name: str, index: int) -> LoadedAdapter:
+        """Read and check ``name``'s adapter; :class:`ParamError` on ``lora_name_or_path`` naming
+        the folder for anything wrong with it (a bad file never reads as an internal error)."""
+        folder = self._folder(name)
         try:
-            adapter = load_lora(adapter_file(folder), self.transformer, scaling=self.scaling, name=name)
+            file = adapter_file(folder)
+            real = file.resolve()
+            if not real.is_relative_to(folder.resolve()):
+                raise LoraError(f"{file} leads to {real}, outside the adapter's folder")
+            adapter = load_lora(file, self.transformer, scaling=self.scaling, name=name)
         except LoraError as e:
-            raise ParamError("lora_name_or_path", f"adapter {name!r} does not fit this checkpoint: {e}") from None
+            raise ParamError("lora_name_or_path", f"adapter {name!r} ({folder}) cannot be served: {e}") from None
+        except Exception as e:  # whatever else a malformed file provokes: still this folder's fault
+            raise ParamError("lora_name_or_path", f"adapter {name!r} ({folder}) cannot be read: "
+                                                  f"{type(e).__name__}: {e}") from None
         parameters = {}
         for component in adapter.components:
             part = component_part(adapter, component)
@@ -127,7 +170,10 @@ class RuntimeRegistry:
         try:
             entry = self._validate(name, state.next_index)
         except ParamError as e:
-            self._write(state.loaded, state.next_index, {**state.failed, name: e.reason})
+            if _valid_name(name):  # an invalid name is no folder: nothing to remember about it
+                failed = {k: v for k, v in state.failed.items() if k != name}
+                failed[name] = clip(e.reason, MAX_REASON_CHARS)
+                self._write(state.loaded, state.next_index, dict(list(failed.items())[-MAX_FAILED:]))
             raise
         old = state.loaded.get(name)
         if old is not None and old.sha256 == entry.sha256:
@@ -141,7 +187,7 @@ class RuntimeRegistry:
         state = self.state
         if name not in state.loaded:
             served = ", ".join(state.loaded) or "none"
-            raise ParamError("lora_name_or_path", f"adapter {name!r} is not loaded (loaded: {served})")
+            raise ParamError("lora_name_or_path", f"adapter {echo(name)} is not loaded (loaded: {served})")
         self._write({k: v for k, v in state.loaded.items() if k != name}, state.next_index, state.failed)
 
     def reload(self) -> dict[str, str]:
@@ -150,11 +196,11 @@ class RuntimeRegistry:
         for name in [n for n in self.state.loaded if n not in folders]:
             self.unload(name)
         refused: dict[str, str] = {}
-        for name in sorted(folders):
+        for name in sorted(folders):  # one bad folder never keeps the ones after it from loading
             try:
                 self.load(name)
             except ParamError as e:
-                refused[name] = e.reason
+                refused[name] = clip(e.reason, MAX_REASON_CHARS)
         state = self.state
         self._write(state.loaded, state.next_index, refused)
         return refused
@@ -186,7 +232,7 @@ class RuntimeRegistry:
         """Run one control command and return the listing after it."""
         command = command.strip().lower()
         if command not in COMMANDS:
-            raise ParamError("command", f"unknown command {command!r}; use one of {', '.join(COMMANDS)}")
+            raise ParamError("command", f"unknown command {echo(command)}; use one of {', '.join(COMMANDS)}")
         if command in ("load", "unload"):
             if is_no_lora(name):
                 raise ParamError("lora_name_or_path", f"{command} needs the name of an adapter folder")
@@ -196,7 +242,8 @@ class RuntimeRegistry:
             else:
                 self.unload(name)
         elif command == "reload":
-            self.reload()
+            refused = self.reload()
+            return {**self.listing(), "failed": refused}  # every bad folder of this reload
         return self.listing()
 
 
@@ -219,6 +266,7 @@ class TritonPythonModel:
         for key in ("lora_dir", "lora_state", "checkpoint_dir"):
             if not params.get(key):
                 raise ValueError(f"{self.name}: config parameter {key!r} is required")
+        self.admin_key = os.environ.get(ADMIN_KEY_ENV) or None  # set by `acestep-triton serve`
         self.registry = RuntimeRegistry(params["lora_dir"], params["lora_state"],
                                         meta_transformer(params["checkpoint_dir"]),
                                         budget_bytes=parse_budget_mb(params.get("lora_memory_mb")),
@@ -242,18 +290,51 @@ class TritonPythonModel:
                 return value.decode() if isinstance(value, bytes) else str(value)
 
             try:
-                listing = self.registry.command(text("command") or "list", text("lora_name_or_path"))
+                command = text("command") or "list"
+                denied = self._refusal(command, request)
+                if denied is not None:
+                    message = tag_message(ErrorCategory.PERMISSION_DENIED, denied)
+                    responses.append(pb.InferenceResponse(output_tensors=[], error=pb.TritonError(message)))
+                    continue
+                listing = self.registry.command(command, text("lora_name_or_path"))
             except ParamError as e:
-                message = tag_message(ErrorCategory.INVALID_ARGUMENT, str(e))
+                message = tag_message(ErrorCategory.INVALID_ARGUMENT, clip(str(e), MAX_MESSAGE_CHARS))
                 responses.append(pb.InferenceResponse(output_tensors=[], error=pb.TritonError(message)))
                 continue
             except Exception as e:  # never take the control model down
-                message = tag_message(ErrorCategory.INTERNAL, f"{self.name}: {type(e).__name__}: {e}")
-                responses.append(pb.InferenceResponse(output_tensors=[], error=pb.TritonError(message)))
+                text_ = clip(f"{self.name}: {type(e).__name__}: {e}", MAX_MESSAGE_CHARS)
+                responses.append(pb.InferenceResponse(output_tensors=[], error=pb.TritonError(
+                    tag_message(ErrorCategory.INTERNAL, text_))))
                 continue
             out = pb.Tensor("loras_json", np.array([json.dumps(listing).encode()], dtype=object))
             responses.append(pb.InferenceResponse(output_tensors=[out]))
         return responses
+
+
+    def _refusal(self, command: str, request: Any) -> str | None:
+        """Why ``command`` may not run for this request (None: it may): load/unload/reload need
+        the admin key as the request parameter ``acestep_admin_key``."""
+        if command.strip().lower() not in ADMIN_COMMANDS:
+            return None
+        what = f"{command.strip().lower()} changes the adapters every user gets and needs the admin key"
+        if self.admin_key is None:
+            return (f"{what}, and this server has none ({ADMIN_KEY_ENV} is not set in its environment: "
+                    "serve with `acestep-triton serve --admin-key` or set it)")
+        try:
+            given = json.loads(request.parameters() or "{}").get(ADMIN_KEY_PARAMETER)
+        except (ValueError, AttributeError):
+            given = None
+        if keys_match(self.admin_key, given if isinstance(given, str) else None):
+            return None
+        return f"{what} (admin_key): {'the key sent is wrong' if given else 'none was sent'}"
+
+
+def _valid_name(name: str) -> bool:
+    try:
+        check_adapter_name(name)
+    except ValueError:
+        return False
+    return True
 
 
 def control_config(parameters: Mapping[str, str]) -> str:

@@ -293,17 +293,24 @@ def load_lora(path_or_dir: str | Path, transformer: nn.Module | None = None, *,
     other key that is not a LoRA pair (DoRA, embedding LoRA, kohya ``.alpha`` ...) is an error
     naming it. ``scaling`` is ``"upstream"`` (default) or ``"peft"`` (module docstring). With
     ``transformer``, every layer is also checked against it (:meth:`LoraAdapter.check`).
-    """
-    from safetensors import safe_open
 
+    The file is read by :class:`~acestep_triton.weights.SafetensorsFile`, which checks the header
+    against the file's size before allocating anything: an empty, truncated or random file, or
+    one whose header claims 2^60 bytes, is a :class:`LoraError` naming the file, never an
+    allocation of what a corrupt length field says.
+    """
     from ..models.transformer import unused_key
+    from ..weights import CheckpointError, SafetensorsFile
 
     if scaling not in SCALING_MODES:
         raise ValueError(f"scaling must be one of {SCALING_MODES}, got {scaling!r}")
     file = adapter_file(path_or_dir)
-    with safe_open(str(file), framework="pt", device="cpu") as f:
-        header = f.metadata()
-        tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    try:
+        reader = SafetensorsFile(file)
+        header = reader.metadata
+        tensors = {key: reader.read(key) for key in reader}
+    except CheckpointError as e:
+        raise LoraError(f"not a readable adapter file: {e}") from None
     settings = _resolve_settings(header, file.parent, scaling)
 
     halves: dict[str, dict[str, tuple[str, Tensor]]] = {}

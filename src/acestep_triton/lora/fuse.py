@@ -51,18 +51,32 @@ def apply_lora(transformer: nn.Module, adapter: LoraAdapter, weight: float = 1.0
             param.data = original
 
 
+def fuse_in_place(transformer: nn.Module, adapter: LoraAdapter, weight: float = 1.0) -> nn.Module:
+    """Add the adapter at ``weight`` to ``transformer``'s weights for good (no restore).
+
+    Layers whose module the transformer does not hold (a served half that dropped the other
+    half's submodules) are skipped: check the adapter against the whole model first
+    (:func:`~acestep_triton.lora.files.load_lora` with a meta-device transformer costs nothing).
+    """
+    if weight == 0:
+        return transformer
+    with torch.no_grad():
+        for path, layer in adapter.layers.items():
+            try:
+                module = transformer.get_submodule(path)
+            except AttributeError:
+                continue
+            for param_name, value in _fused_tensors(module, layer, weight).items():
+                getattr(module, param_name).data = value
+    return transformer
+
+
 def fused_transformer(transformer: nn.Module, adapter: LoraAdapter, weight: float = 1.0) -> nn.Module:
     """A deep copy of ``transformer`` with the adapter fused in (the original is not touched).
 
     Costs a second full transformer in memory; :func:`export_lora_variants` fuses in place
-    under :func:`apply_lora` instead.
+    under :func:`apply_lora` instead, and serving uses :func:`fuse_in_place`.
     """
-    fused = copy.deepcopy(transformer)
-    targets = adapter.check(fused)
-    if weight != 0:
-        with torch.no_grad():
-            for path, layer in adapter.layers.items():
-                for param_name, value in _fused_tensors(targets[path], layer, weight).items():
-                    getattr(targets[path], param_name).data = value
-    return fused
+    adapter.check(transformer)
+    return fuse_in_place(copy.deepcopy(transformer), adapter, weight)
 

@@ -7,16 +7,24 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from acestep_client.params import ParamError
+from acestep_client.params import ParamError, echo
 
 from .files import _NAME_RE, NO_LORA, SERVING_FILE, VARIANT_SEPARATOR, LoraError, _read_json, adapter_file
+
+MAX_ADAPTER_NAME_CHARS = 100
+"""Longest adapter (folder) name: well below a file name's 255 bytes (a longer name would reach
+the file system as ENAMETOOLONG) and short enough to sit in model names and error messages."""
 
 
 def check_adapter_name(name: str) -> str:
     """A served adapter name: letters, digits, ``_`` and ``-`` (it becomes part of model names),
-    not ``none`` and without the ``__`` separator."""
+    not ``none``, without the ``__`` separator, at most :data:`MAX_ADAPTER_NAME_CHARS` long.
+    The error quotes at most the start of a refused name (:func:`~acestep_client.params.echo`)."""
+    if len(name) > MAX_ADAPTER_NAME_CHARS:
+        raise ValueError(f"LoRA adapter name {echo(name)} is too long: at most {MAX_ADAPTER_NAME_CHARS} "
+                         "characters")
     if not _NAME_RE.match(name) or VARIANT_SEPARATOR in name or name.lower() == NO_LORA:
-        raise ValueError(f"invalid LoRA adapter name {name!r}: use letters, digits, '_' and '-' (not "
+        raise ValueError(f"invalid LoRA adapter name {echo(name)}: use letters, digits, '_' and '-' (not "
                          f"'{VARIANT_SEPARATOR}', not '{NO_LORA}')")
     return name
 
@@ -103,6 +111,6 @@ class LoraRegistry:
         if key in self.adapters:
             return self.adapters[key]
         served = ", ".join(self.adapters) if self.adapters else "no adapters are configured"
-        raise ParamError("lora_name_or_path", f"unknown LoRA adapter {name!r}; this server serves: {served} "
+        raise ParamError("lora_name_or_path", f"unknown LoRA adapter {echo(name)}; this server serves: {served} "
                                               f"(or '{NO_LORA}')")
 

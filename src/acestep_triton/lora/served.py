@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from acestep_client.params import ParamError
+from acestep_client.params import ParamError, echo
 
 from .files import LORA_COMPONENTS, NO_LORA, LoraAdapter, LoraError, load_lora
 from .fuse import apply_lora
@@ -29,7 +29,7 @@ in; raises :class:`ParamError` on entry for a name or strength the backend canno
 def no_lora(name: str, weight: float) -> Iterator[None]:
     """The scope of a backend without adapters: ``none`` passes, any name is a request error."""
     if not is_no_lora(name):
-        raise ParamError("lora_name_or_path", f"unknown LoRA adapter {name!r}: this server has no LoRA adapters "
+        raise ParamError("lora_name_or_path", f"unknown LoRA adapter {echo(name)}: this server has no LoRA adapters "
                                               f"configured (use '{NO_LORA}')")
     yield
 
@@ -60,7 +60,7 @@ class InProcessLoras:
             return Path(name)
         if self.registry is not None:
             self.registry.resolve(name)  # raises the listing error
-        raise ParamError("lora_name_or_path", f"{name!r} is neither 'none' nor an existing LoRA adapter path")
+        raise ParamError("lora_name_or_path", f"{echo(name)} is neither 'none' nor an existing LoRA adapter path")
 
     def adapter(self, path: Path) -> LoraAdapter:
         key = path.resolve()
@@ -130,7 +130,7 @@ class ServedLoras:
         variant = self.variants.get(name.strip())
         if variant is None:
             served = ", ".join(self.variants) if self.variants else "no adapters are configured"
-            raise ParamError("lora_name_or_path", f"unknown LoRA adapter {name!r}; this server serves: {served} "
+            raise ParamError("lora_name_or_path", f"unknown LoRA adapter {echo(name)}; this server serves: {served} "
                                                   f"(or '{NO_LORA}')")
         if not variant.accepts(weight):
             raise ParamError("lora_weight", f"{float(weight):g}: adapter {variant.name!r} is served fused at "
@@ -173,7 +173,7 @@ class RuntimeLoras:
         if entry is None:
             served = ", ".join(sorted(state.loaded)) or "no adapters are loaded"
             reason = f" (it could not be loaded: {state.failed[key]})" if key in state.failed else ""
-            raise ParamError("lora_name_or_path", f"unknown LoRA adapter {name!r}{reason}; this server serves: "
+            raise ParamError("lora_name_or_path", f"unknown LoRA adapter {echo(name)}{reason}; this server serves: "
                                                   f"{served} (or '{NO_LORA}'); load one with the lora_registry "
                                                   "model (client.load_lora)")
         return entry.index, float(weight)

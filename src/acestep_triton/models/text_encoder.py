@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
+from ..weights import materialize, read_safetensors
+
 TEXT_MAX_LENGTH = 256
 """Upstream truncates prompts to 256 tokens (padding to the longest prompt of the batch)."""
 
@@ -143,12 +145,12 @@ def read_text_encoder_config(umt5_dir: str | Path) -> dict[str, Any]:
 
 def load_text_encoder(umt5_dir: str | Path, dtype: torch.dtype = torch.float32) -> TextEncoder:
     """Build the encoder from ``umt5_dir/config.json`` and load ``model.safetensors`` strictly
-    (decoder/LM-head weights of a full UMT5 file are skipped; any other mismatch is an error)."""
-    from acestep_triton.checkpoint import load_state_dict_strict, read_safetensors
-
+    (decoder/LM-head weights of a full UMT5 file are skipped; any other mismatch is an error).
+    Built on the meta device and filled from the file, so no random init is paid for."""
     umt5_dir = Path(umt5_dir)
-    model = TextEncoder(read_text_encoder_config(umt5_dir)).to(dtype)
+    config = read_text_encoder_config(umt5_dir)
     state = read_safetensors(umt5_dir / "model.safetensors")
-    load_state_dict_strict(model.umt5, state, UNUSED_KEYS, f"text encoder ({umt5_dir})", tied=TIED_KEYS)
-    model.requires_grad_(False)
-    return model.eval()
+    # The file's keys are those of the wrapped UMT5 model, ``self.umt5``.
+    model = materialize(lambda: TextEncoder(config), state, UNUSED_KEYS, f"text encoder ({umt5_dir})",
+                        dtype=dtype, tied=TIED_KEYS, root="umt5")
+    return model

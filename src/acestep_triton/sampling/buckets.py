@@ -61,6 +61,7 @@ longer lyrics dominate S."""
 
 FRAME_PARAMETER = "frame_buckets"
 TOKEN_PARAMETER = "token_buckets"
+WARMUP_PARAMETER = "warmup"
 
 
 def _validate(values: tuple[int, ...], name: str) -> None:
@@ -215,3 +216,60 @@ class BucketedDenoiser(DenoiserWrapper):
         velocity = self.inner.predict_velocity(latents, latent_mask, encoder_states, encoder_mask,
                                                timestep, query_scale)
         return velocity[..., :width] if pad_w else velocity
+
+
+@dataclass(frozen=True)
+class WarmupShape:
+    """One ``dit_decoder`` call shape to compile and capture before a model reports ready:
+    ``batch`` rows (items x guidance branches, merged requests included), ``frames`` latent
+    frames W and ``tokens`` encoder tokens S, normally sizes of the endpoints' bucket ladders."""
+
+    batch: int
+    frames: int
+    tokens: int
+
+    def __post_init__(self) -> None:
+        for name in ("batch", "frames", "tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{WARMUP_PARAMETER}: {name} must be a positive int, got {value!r}")
+
+    def __str__(self) -> str:
+        return f"{self.batch}:{self.frames}:{self.tokens}"
+
+
+DEFAULT_WARMUP: tuple[WarmupShape, ...] = tuple(
+    WarmupShape(batch, frames, 512) for frames in (384, 768, 1536, MAX_FRAMES) for batch in (1, 2))
+"""What ``warmup`` = ``default`` compiles and captures: one song at 30, 60, 120 and 240 s
+(frame buckets 384, 768, 1536, 2583), guided (2 rows: conditional + unconditional, the default
+``apg`` request) and conditional-only (1 row, outside the guidance interval), with prompt and
+lyrics up to 511 encoder tokens. Eight shapes: half the default ``max_graphs`` (16), leaving
+room for the shapes real traffic adds. A deployment whose traffic differs lists its own."""
+
+
+def parse_warmup(text: str | None, default: tuple[WarmupShape, ...] = DEFAULT_WARMUP) -> tuple[WarmupShape, ...]:
+    """The ``warmup`` config parameter: ``"default"`` (:data:`DEFAULT_WARMUP`, or ``default``),
+    ``"none"`` / ``""`` (no warm-up), or ``"batch:frames:tokens,..."`` (e.g. ``"2:768:512"``).
+
+    Duplicates are dropped, the order is kept (the first shapes are compiled first). Raises
+    ``ValueError("warmup: ...")`` for anything else.
+    """
+    spec = (text or "").strip()
+    if spec.lower() == "default":
+        return tuple(default)
+    if spec.lower() in ("", "none"):
+        return ()
+    shapes: list[WarmupShape] = []
+    for part in spec.split(","):
+        fields = part.strip().split(":")
+        try:
+            if len(fields) != 3:
+                raise ValueError
+            shape = WarmupShape(*(int(f) for f in fields))
+        except ValueError:
+            raise ValueError(f"{WARMUP_PARAMETER}: expected 'default', 'none' or comma-separated "
+                             f"batch:frames:tokens with positive integers, got {part.strip()!r} "
+                             f"in {text!r}") from None
+        if shape not in shapes:
+            shapes.append(shape)
+    return tuple(shapes)

@@ -37,22 +37,28 @@ what lives through all of them, each term an element count derived from the chec
   per-item list and its stack, the endpoint's output tensor) beside the decode phase;
 * a fixed ``REQUEST_OVERHEAD`` (conditions, tokenizer output, allocator slack).
 
-Per-element factors, fitted by ``benchmarks/memory_estimate.py`` (figures in
-benchmarks/RESULTS.md): ``K_DIT_WIDTH = 12``, ``K_DIT_FF = 6`` (DiT at width 512: estimate ÷
-measured 1.04–1.05), ``K_CROSS = 0.5``, ``K_LYRIC = 8`` (not calibrated: the tiny Conformer is too
-small to measure), ``K_DCAE = 9`` (the 3.5B DCAE decoder measured 7.7–12 per element),
-``K_VOCODER = 24`` (the 3.5B vocoder measured 25–48 per element at short windows, fixed costs
-included), ``K_AUDIO = 5``, ``REQUEST_OVERHEAD = 32 MiB``; whole requests on the tiny checkpoint:
-estimate ÷ measured 1.02–1.34 over two runs (never below 1).
+Per-element factors: first fitted in-process by ``benchmarks/memory_estimate.py`` (DiT at width
+512: ``K_DIT_WIDTH = 12``, ``K_DIT_FF = 6``, estimate ÷ measured 1.04–1.05; ``K_CROSS = 0.5``;
+``K_LYRIC = 8``, not calibrated: the tiny Conformer is too small to measure; ``K_AUDIO = 5``),
+then recalibrated at full size through tritonserver by ``benchmarks/full_size.py`` (3.5B
+checkpoint, torch runtime on the CPU, every task at 5 and 10 s, after one unmeasured request per
+endpoint; measured = the sum of every server process's RSS over its value before the request):
+``K_DCAE = 7`` (9 before; the in-process fit at 16–64 frames, 7.7–12 per element, included fixed
+costs), ``K_VOCODER = 12`` (24 before: the in-process 25–48 per element were small windows
+dominated by fixed costs) and ``REQUEST_OVERHEAD = 200 MiB`` (32 before): a served request leaves
+every component process up to its release threshold (64 MiB, ``serving/memory.py``) above its
+post-load size, and the sum over the processes is a constant a request must be budgeted for.
+Full size, 8 requests: estimate ÷ measured 1.08–1.43 (benchmarks/RESULTS.md; in-sample: the
+constants were fitted on those requests).
 
 For the 3.5B checkpoint (D 2560, F 6400, 20 heads, Conformer 16 heads, DCAE channels 128…1024,
 vocoder 1024 initial channels) that is: DiT ``12·2560 + 6·6400 = 69 120`` elements = 270 KiB per
 row and frame (a 240 s song, 2583 frames, apg at batch 1: 1362 MiB); cross-attention 40 B per
-(row, frame, token); DCAE 131 072 elements per latent frame × 9 × 4 B = 4.5 MiB per frame (a
-512-frame window: 2304 MiB); vocoder 8 elements per sample and channel × 24 × 4 B = 768 B (a
-262 144-sample window of 2 channels: 384 MiB); audio 5 × 2 × 4 B = 40 B per output sample and
-item (a 240 s song: 439 MiB per item). Batch 1 × 240 s with 300 lyric tokens: ~2.8 GiB; batch
-16 × 240 s: ~23 GiB (the DiT call dominates: 16 × 2 rows × 2583 frames).
+(row, frame, token); DCAE 131 072 elements per latent frame × 7 × 4 B = 3.5 MiB per frame (a
+512-frame window: 1792 MiB); vocoder 8 elements per sample and channel × 12 × 4 B = 384 B (a
+262 144-sample window of 2 channels: 192 MiB); audio 5 × 2 × 4 B = 40 B per output sample and
+item (a 240 s song: 439 MiB per item). Batch 1 × 240 s with 300 lyric tokens: ~2.4 GiB; batch
+16 × 240 s: ~24 GiB (the DiT call dominates: 16 × 2 rows × 2583 frames).
 """
 
 from __future__ import annotations
@@ -88,10 +94,10 @@ K_DIT_WIDTH = 12.0
 K_DIT_FF = 6.0
 K_CROSS = 0.5
 K_LYRIC = 8.0
-K_DCAE = 9.0
-K_VOCODER = 24.0
+K_DCAE = 7.0
+K_VOCODER = 12.0
 K_AUDIO = 5.0
-REQUEST_OVERHEAD = 32 * MiB  # conditions, tokenizer output, allocator slack (measured: ~18 MiB)
+REQUEST_OVERHEAD = 200 * MiB  # allocator slack of the served processes, conditions, tokenizer output
 K_LATENTS = 16.0  # latents, noise, velocities and guidance temporaries per row (float64 in APG)
 
 SOURCE_TASKS = {"repaint": "src_audio", "edit": "src_audio", "extend": "src_audio", "audio2audio": "ref_audio"}
@@ -396,22 +402,54 @@ class Admission:
 
     Built from the endpoint's config parameters (:meth:`from_parameters`):
 
-    * ``memory_budget_mb``: ``auto`` (default: on a GPU the device's free memory at load minus
-      the margin; on the CPU no budget), ``off``/``0``, or a number of MiB;
+    * ``memory_budget_mb``: ``auto`` (default: the device's free memory minus the margin, read at
+      the first request and kept: ``cudaMemGetInfo`` on a GPU, ``MemAvailable`` on the CPU),
+      ``off``/``0``, or a number of MiB;
     * ``memory_margin_mb``: what ``auto`` and the live check leave free (default 2048);
     * ``memory_wait_s``: how long a request that fits waits for memory (default 30);
     * ``memory_check_free``: also require the live free memory (default false).
     """
 
-    def __init__(self, dims: ModelDims, budget: MemoryBudget | None,
+    def __init__(self, dims: ModelDims, budget: MemoryBudget | Callable[[], MemoryBudget] | None,
                  count_tokens: Callable[[GenerationParams], tuple[int, int]] | None = None) -> None:
+        """``budget``: the budget, None (no budget), or a function making it, called once at the
+        first request (``auto`` on a GPU: see :meth:`from_parameters`)."""
         self.dims = dims
-        self.budget = budget
+        self._budget: MemoryBudget | None = None
+        self._make_budget: Callable[[], MemoryBudget] | None = None
+        if callable(budget) and not isinstance(budget, MemoryBudget):
+            self._make_budget = budget
+        else:
+            self._budget = budget
+        self._lock = threading.Lock()
         self.count_tokens = count_tokens
+
+    @property
+    def budget(self) -> MemoryBudget | None:
+        """The budget, made on first use when it is measured lazily (then kept).
+
+        Why lazily: free device memory read while the instance loads also counts the memory that
+        the components loading beside it (DiT, DCAE, vocoder in their own processes, often on
+        the same GPU) have not taken yet, so the budget would promise memory they will hold. By
+        the first request every model of the server is loaded (Triton serves only then)."""
+        if self._make_budget is not None:
+            with self._lock:
+                if self._make_budget is not None:
+                    self._budget = self._make_budget()  # raises (and is retried next time) when none is left
+                    self._make_budget = None
+        return self._budget
+
+    @property
+    def lazy(self) -> bool:
+        """True until a lazily measured budget has been read."""
+        return self._make_budget is not None
 
     @classmethod
     def from_parameters(cls, parameters: Mapping[str, str], dims: ModelDims, device: Any = "cpu",
-                        count_tokens: Callable[[GenerationParams], tuple[int, int]] | None = None) -> Admission:
+                        count_tokens: Callable[[GenerationParams], tuple[int, int]] | None = None,
+                        free_memory: Callable[[Any], int] | None = None) -> Admission:
+        """``free_memory(device)``: bytes free on the device now (default: ``cudaMemGetInfo``
+        on a GPU, ``MemAvailable`` on the CPU); tests pass a fake."""
         import torch
 
         device = torch.device(device)
@@ -423,6 +461,8 @@ class Admission:
             raise ValueError("config parameters memory_wait_s and memory_margin_mb must be >= 0")
 
         def free_now() -> int:
+            if free_memory is not None:
+                return int(free_memory(device)) - margin
             if device.type == "cuda":
                 return int(torch.cuda.mem_get_info(device)[0]) - margin
             return available_ram() - margin
@@ -430,19 +470,30 @@ class Admission:
         if value in ("off", "none", "0", ""):
             return cls(dims, None, count_tokens)
         if value == "auto":
-            if device.type != "cuda":
-                return cls(dims, None, count_tokens)
-            budget = free_now()
-        else:
-            try:
-                budget = int(float(value) * MiB)
-            except ValueError:
-                raise ValueError(f"config parameter memory_budget_mb must be auto, off or MiB, got {value!r}") from None
+            # The CPU too: the host's MemAvailable minus the margin (what an out-of-memory kill of
+            # the whole server would otherwise decide), read at the first request like a GPU's.
+            where = str(device) if device.type == "cuda" else "the host (MemAvailable)"
+
+            def measured() -> MemoryBudget:
+                budget = free_now()
+                if budget <= 0:
+                    raise UnavailableError(
+                        f"memory_budget_mb auto: {where} has {(budget + margin) / MiB:.0f} MiB free, not more "
+                        f"than memory_margin_mb ({margin / MiB:.0f} MiB); nothing can be admitted now")
+                return MemoryBudget(budget, wait, free_now if check_free else None)
+
+            return cls(dims, measured, count_tokens)
+        try:
+            budget = int(float(value) * MiB)
+        except ValueError:
+            raise ValueError(f"config parameter memory_budget_mb must be auto, off or MiB, got {value!r}") from None
         if budget <= 0:
             raise ValueError(f"memory budget {budget / MiB:.0f} MiB: nothing left after the margin")
         return cls(dims, MemoryBudget(budget, wait, free_now if check_free else None), count_tokens)
 
     def describe(self) -> str:
+        if self.lazy:
+            return "memory budget auto (free memory minus the margin, read at the first request)"
         if self.budget is None:
             return "memory budget off"
         return f"memory budget {self.budget.budget / MiB:.0f} MiB (wait up to {self.budget.timeout_s:g} s)"
@@ -457,13 +508,14 @@ class Admission:
               should_cancel: Callable[[], bool] | None = None) -> AbstractContextManager[None]:
         """A context to run the request in: raises ``ParamError`` now when it can never fit, and
         waits (or raises ``UnavailableError``) while memory is short."""
-        if self.budget is None:
+        budget = self.budget
+        if budget is None:
             return nullcontext()
         shape = self.shape(params, src_audio, ref_audio)
-        error = refusal(shape, self.dims, self.budget.budget)
+        error = refusal(shape, self.dims, budget.budget)
         if error is not None:
             raise error
-        return self.budget.reserve(estimate_memory(shape, self.dims).peak, should_cancel)
+        return budget.reserve(estimate_memory(shape, self.dims).peak, should_cancel)
 
 
 def token_counter(generator: Any) -> Callable[[GenerationParams], tuple[int, int]]:

@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from acestep_client.auth import ADMIN_HEADER
+
 STUB_BINARY = "triton_python_backend_stub"
 STUB_COMM = STUB_BINARY[:15]
 """The kernel keeps 15 characters of a process name (``/proc/<pid>/stat``), also for zombies."""
@@ -47,10 +49,8 @@ SHM_FAMILY = "acestep_"
 (``--backend-config=python,shm-region-prefix-name=acestep_<token>_``), so leftovers of a killed
 server can be recognised as ours and removed, without touching other servers' regions."""
 SHM_DIR = Path("/dev/shm")
-ADMIN_HEADER = "acestep-model-control"
-"""Header that unlocks the model-repository API (load/unload) when the watchdog enables explicit
-model control: ``--http-restricted-api`` / ``--grpc-restricted-protocol`` reserve that API for
-requests carrying it, because Triton's load request can carry model files (code) of its own."""
+# ADMIN_HEADER unlocks the model-repository API (load/unload: the watchdog's reloads) and the
+# other admin protocols (acestep_client.auth): Triton's load request can carry model files (code).
 HEALTH_FILE_ENV = "ACESTEP_HEALTH_FILE"
 STATUS_STALE_S = 15.0
 """A watchdog status older than this means the watchdog itself stopped: not healthy."""
@@ -213,6 +213,13 @@ def cleanup_orphans(prefix: str | None = None) -> tuple[list[int], list[Path]]:
         with contextlib.suppress(OSError):
             path.unlink()
             removed.append(path)
+    if prefix is None:  # the drain folders (serving/drain.py) of servers that are gone
+        import shutil
+
+        from .drain import stale_folders
+
+        for folder in stale_folders(_live_prefixes()):
+            shutil.rmtree(folder, ignore_errors=True)
     return killed, removed
 
 
@@ -286,6 +293,8 @@ class Status:
     recoveries: int = 0
     last_recovery_s: float | None = None
     message: str = ""
+    draining: bool = False
+    """``serve`` is draining before a stop (:mod:`acestep_triton.serving.drain`): not ready, still live."""
 
     def write(self, path: Path) -> None:
         """Atomically (a probe never reads half a file)."""
@@ -323,7 +332,8 @@ def check_health(http_port: int, *, host: str = "127.0.0.1", mode: str = "ready"
 
     * ``ready``: ``/v2/health/ready`` is 200 (``--strict-readiness``: every model loaded), every
       instance of every Python-backend model has a live stub process, no zombie stub is left
-      unrecovered, and the watchdog (when one runs: its status file) is not recovering anything;
+      unrecovered, the watchdog (when one runs: its status file) is not recovering anything,
+      and ``serve`` is not draining for a stop;
     * ``live``: ``/v2/health/live`` is 200 and the watchdog has not given up; with no watchdog,
       a missing stub also fails it (nothing else would bring it back), so an orchestrator's
       liveness probe restarts the server after its failure budget.
@@ -349,6 +359,8 @@ def check_health(http_port: int, *, host: str = "127.0.0.1", mode: str = "ready"
                             f"{time.time() - status.updated:.0f} s (the watchdog stopped)")
         elif mode == "ready" and status.state == RECOVERING:
             problems.append(f"restarting {', '.join(status.recovering)} after its process died")
+        if mode == "ready" and status.draining:
+            problems.append("draining: the server is shutting down and accepts no new requests")
     if server_pid is None:  # not on this machine / PID namespace: the HTTP answers are all we have
         return HealthReport(not problems, tuple(problems))
     watched = status is not None and not problems
@@ -400,6 +412,11 @@ class Watchdog(threading.Thread):
         self._expected: dict[str, list[str]] = {}
         self._known: dict[str, int] = {}  # instance -> pid of the stub serving it
         self._generation = 0
+        self.stale_pids: set[int] = set()
+        """Stubs of replaced model versions that never exit: when one instance of a model with
+        several died, the reload replaces the version, but the old version's unload hangs on
+        the dead instance, so its live instances stay (idle: requests go to the new version).
+        A stop must not wait for them (it used to wait out Triton's 30 s exit timeout)."""
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop_event.set()
@@ -472,6 +489,7 @@ class Watchdog(threading.Thread):
         self.status.write(self.status_file)
         self.log(f"acestep watchdog: stub process of {', '.join(models)} died; reloading")
         failed: dict[str, str] = {}
+        before = {s.pid for s in stub_processes(self.server_pid) if s.model in models}
         for model in models:
             error = ""
             for _attempt in range(self.attempts):
@@ -489,6 +507,8 @@ class Watchdog(threading.Thread):
         if self._stop_event.is_set():
             return
         self._refresh_expected()
+        serving = set(self._known.values())
+        self.stale_pids |= {pid for pid in before if pid not in serving and process_alive(pid)}
         # Only the models this round reloaded: one that broke meanwhile is the next round's work.
         still = [m for m in self.broken_models() if m in models and m not in failed]
         for model in still:

@@ -27,8 +27,7 @@ import gc
 import sys
 from collections.abc import Callable
 from functools import lru_cache
-
-import torch
+from typing import Any
 
 MiB = 2**20
 #: Growth of the process over its post-load size that triggers a release (smaller growth is
@@ -86,8 +85,11 @@ class MemoryReleaser:
     PyTorch's cache when more than ``threshold`` bytes sit reserved but unused).
     """
 
-    def __init__(self, device: torch.device | str = "cpu", threshold: int = DEFAULT_THRESHOLD) -> None:
-        self.device = torch.device(device)
+    def __init__(self, device: Any = "cpu", threshold: int = DEFAULT_THRESHOLD) -> None:
+        # torch is imported only for a CUDA device: the ONNX component models use this too, and
+        # their stub processes do not import torch at all.
+        self.device = str(device)
+        self.cuda = self.device.startswith("cuda")
         self.threshold = threshold
         self.baseline = rss_bytes()
         self.releases = 0
@@ -98,11 +100,14 @@ class MemoryReleaser:
         if rss_bytes() - self.baseline > self.threshold:
             gc.collect()  # tensors held only by reference cycles (e.g. a kept traceback) go first
             released = malloc_trim()
-        if self.device.type == "cuda" and torch.cuda.is_available():
-            cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-            if cached > self.threshold:
-                torch.cuda.empty_cache()
-                released = True
+        if self.cuda:
+            import torch
+
+            if torch.cuda.is_available():
+                cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+                if cached > self.threshold:
+                    torch.cuda.empty_cache()
+                    released = True
         if released:
             self.releases += 1
         return released

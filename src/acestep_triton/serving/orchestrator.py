@@ -29,6 +29,7 @@ lazily; everything else here is plain torch and unit-testable.
 from __future__ import annotations
 
 import json
+import os
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -38,7 +39,15 @@ import numpy as np
 import torch
 
 from acestep_client.errors import ErrorCategory, UnavailableError, means_unavailable, tag_message
-from acestep_client.params import MAX_AUDIO_BYTES, TASKS, GenerationParams, ParamError, params_from_wire
+from acestep_client.params import (
+    MAX_AUDIO_BYTES,
+    TASKS,
+    GenerationParams,
+    ParamError,
+    check_field,
+    decode_field,
+    params_from_wire,
+)
 
 from ..export.specs import SAMPLING_DEVICES
 from ..lora import RoutingCall, base_component, served_scope
@@ -47,6 +56,7 @@ from ..sampling import SamplingCancelled
 from ..sampling.buckets import BucketedDenoiser, ShapeBuckets
 from .admission import Admission, ModelDims, token_counter
 from .assets import ServingAssets, load_assets
+from .drain import DrainGate
 from .memory import MemoryReleaser
 from .metrics import TaskMetrics
 
@@ -188,22 +198,44 @@ def read_request_fields(get_input: Callable[[str], Any], task: str) -> Generatio
     arrays = {spec.name: get_input(spec.name) for spec in GenerationParams.wire_specs()}
     if arrays.get("task") is None:
         arrays["task"] = np.array([task.encode()], dtype=object)
-    params = params_from_wire(arrays)
-    if params.task != task:
-        raise ParamError("task", f"{params.task!r} sent to the {task!r} endpoint")
-    return params
+    # The task first: a request for another endpoint's task is refused for that, naming `task`,
+    # not for a field that only that task checks (repaint's `repaint_end` sent to text2music).
+    sent = check_field("task", decode_field(GenerationParams.spec("task"), arrays["task"]))
+    if sent != task:
+        raise ParamError("task", f"{sent!r} sent to the {task!r} endpoint; send it to the {sent!r} endpoint "
+                                 f"or leave task out")
+    return params_from_wire(arrays)
 
 
-def read_audio_input(get_input: Callable[[str], Any], name: str) -> bytes | None:
-    """The file bytes of an optional BYTES [1] audio input (``src_audio``/``ref_audio``)."""
+MAX_UPLOAD_ENV = "ACESTEP_MAX_UPLOAD_MB"
+"""Deployment setting: the largest ``src_audio``/``ref_audio`` upload an endpoint accepts, in MiB
+(default :data:`~acestep_client.params.MAX_AUDIO_BYTES`, 128 MiB: a 240 s stereo float WAV at
+48 kHz is 92 MB). ``acestep-triton serve --max-upload-mb`` sets it for the server's models."""
+
+
+def upload_limit_bytes() -> int:
+    """The upload limit of this process (:data:`MAX_UPLOAD_ENV`; a bad value keeps the default)."""
+    value = os.environ.get(MAX_UPLOAD_ENV, "").strip()
+    try:
+        limit = int(float(value) * 2**20) if value else MAX_AUDIO_BYTES
+    except ValueError:
+        return MAX_AUDIO_BYTES
+    return limit if limit > 0 else MAX_AUDIO_BYTES
+
+
+def read_audio_input(get_input: Callable[[str], Any], name: str, limit: int | None = None) -> bytes | None:
+    """The file bytes of an optional BYTES [1] audio input (``src_audio``/``ref_audio``), at most
+    ``limit`` bytes (default :func:`upload_limit_bytes`); refused naming ``name`` otherwise."""
     array = get_input(name)
     if array is None:
         return None
     if array.size != 1 or not isinstance(array.reshape(-1)[0], bytes):
         raise ParamError(name, f"expected the bytes of one audio file (BYTES [1]), got shape {list(array.shape)}")
     data = array.reshape(-1)[0]
-    if len(data) > MAX_AUDIO_BYTES:
-        raise ParamError(name, f"{len(data) / 2**20:.0f} MiB; the limit is {MAX_AUDIO_BYTES / 2**20:.0f} MiB")
+    limit = upload_limit_bytes() if limit is None else limit
+    if len(data) > limit:
+        raise ParamError(name, f"{len(data) / 2**20:.0f} MiB; this server accepts at most {limit / 2**20:.0f} MiB "
+                               f"(a 240 s stereo source fits as FLAC, or as WAV at 48 kHz)")
     return data
 
 
@@ -277,13 +309,15 @@ class TritonPythonModel:
         self.admission = Admission.from_parameters(parameters, ModelDims.from_dir(assets_dir), self.device,
                                                    token_counter(self.generator))  # see serving/admission.py
         self.memory = MemoryReleaser(self.device)  # after loading: the size requests must come back to
+        self.drain = DrainGate()  # `serve` drains before a stop: refuse new requests, count ours
         pb_utils.Logger.log_info(f"{self.model_name} ready (task {self.task}, sampling on {self.device}, "
                                  f"DiT shape buckets {self.buckets.as_parameters()}, {self.admission.describe()}, "
                                  f"assets {assets_dir})")
 
     def execute(self, requests: list[Any]) -> None:
         for request in requests:
-            self._serve(request)
+            with self.drain.track():  # in flight until its final response is sent: `serve` waits for it
+                self._serve(request)
             self.memory.after_request()  # the request's buffers are unreferenced now: hand them back
         return None
 
@@ -303,6 +337,7 @@ class TritonPythonModel:
 
         started = time.perf_counter()
         try:
+            self.drain.check()  # [unavailable] once the server drains (before any input is read)
             params = read_request_fields(get_input, self.task)
             src, ref = read_audio_input(get_input, "src_audio"), read_audio_input(get_input, "ref_audio")
             with self.admission.admit(params, src, ref, request.is_cancelled):  # refuse/wait before any work

@@ -31,6 +31,7 @@ import contextlib
 import filecmp
 import importlib.util
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -48,9 +49,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from acestep_client.auth import (
+    ADMIN_KEY_ENV,
+    API_KEY_ENV,
+    API_KEY_HEADER,
+    GRPC_HEADER_PREFIX,
+    check_key,
+    env_key,
+)
+
+from . import drain as drain_files
 from .health import (
     ADMIN_HEADER,
     SHM_FAMILY,
+    Status,
     Watchdog,
     cleanup_orphans,
     dead_stub_children,
@@ -64,10 +76,31 @@ ROOT_ENV = "ACESTEP_TRITON_ROOT"
 
 _ADDRESS_IN_USE = ("address already in use", "failed to start grpc", "failed to start http",
                    "failed to bind")
+ADMIN_PROTOCOLS = ("model-repository", "shared-memory", "logging", "trace")
+"""Triton protocols only the admin secret unlocks (gRPC and HTTP alike). Model loading can carry
+code; shared memory would let any client register any ``/dev/shm`` key (the Python backend's own
+regions included) and read or write it; logging lets a client turn on verbose logs for every
+request; trace writes trace files. Health, metadata, model config, statistics and metrics stay open
+(probes, Prometheus); inference is restricted separately by the API key."""
+API_PROTOCOLS = ("inference",)
+"""Protocols the optional API key restricts."""
 HUNG_UNLOAD_GRACE_S = 2.0
 """On stop: once every live stub has exited and only dead (zombie) ones are left, the server is
 waiting for the unload of an instance whose stub died, which never finishes (Python backend
 2.51): after this grace it is killed instead of waiting out ``--exit-timeout-secs`` (30 s)."""
+REQUEST_POOL_ARGS = ("--grpc-infer-allocation-pool-size=0",)
+"""Triton's gRPC front end keeps up to 8 request/response objects for reuse (the default), each
+with the capacity of the largest message it ever held: after one 300 MiB upload (refused by the
+endpoint) tritonserver kept +426 MiB of heap for good; with no pool, +64 MiB (measured on 2.51,
+benchmarks/RESULTS.md). Allocating them per request costs nothing next to a generation."""
+MAX_UPLOAD_ENV = "ACESTEP_MAX_UPLOAD_MB"
+"""The endpoints' upload limit in MiB (:func:`acestep_triton.serving.orchestrator.upload_limit_bytes`)."""
+NO_STUBS_GRACE_S = 3.0
+"""On stop: a server that had stub processes when it was signalled and has none left for this
+long has unloaded every Python model; if it still runs it waits for the unload of a version the
+watchdog replaced after its stub died (that old version's unload never finishes, and its zombie
+stub was reaped by the reload, so the rule above does not see it). Triton checks its models once
+a second while stopping, so 3 s is past its own exit."""
 
 
 class TritonServerError(RuntimeError):
@@ -160,6 +193,23 @@ class TritonInstall:
             raise TritonServerError(f"cannot install the Python backend stub into {target}: {exc}") from exc
         return target
 
+    def supports(self, option: str) -> bool:
+        """Whether this tritonserver has a command-line ``option`` (read once from its ``--help``):
+        newer releases add options (request size limits) that 2.51 refuses to start with."""
+        return option in self._options()
+
+    def _options(self) -> frozenset[str]:
+        cached = _OPTIONS_CACHE.get(self.binary)
+        if cached is None:
+            try:
+                result = subprocess.run([str(self.binary), "--help"], capture_output=True, text=True, timeout=30,
+                                        env=self.environment())
+                text = result.stdout + result.stderr
+            except (OSError, subprocess.TimeoutExpired):
+                text = ""
+            cached = _OPTIONS_CACHE[self.binary] = frozenset(re.findall(r"(--[a-z][a-z0-9-]+)", text))
+        return cached
+
     def environment(self, base: dict[str, str] | None = None) -> dict[str, str]:
         """The server's environment: bundled libraries + libpython first, virtualenv bin on PATH."""
         env = dict(os.environ if base is None else base)
@@ -167,6 +217,9 @@ class TritonInstall:
         env["LD_LIBRARY_PATH"] = _prepend(lib_dirs, env.get("LD_LIBRARY_PATH", ""))
         env["PATH"] = _prepend([sysconfig.get_path("scripts")], env.get("PATH", ""))
         return env
+
+
+_OPTIONS_CACHE: dict[Path, frozenset[str]] = {}
 
 
 def _python_libdir() -> Path | None:
@@ -206,6 +259,16 @@ def tail(path: Path | None, lines: int = 40) -> str:
     return "\n".join(kept[-lines:])
 
 
+@dataclass(frozen=True)
+class DrainReport:
+    """What :meth:`TritonServer.drain` saw: requests in flight when it began, those still
+    running when it ended (0: every one finished), and how long it waited."""
+
+    in_flight: int
+    unfinished: int
+    seconds: float
+
+
 class TritonServer:
     """One ``tritonserver`` process serving a model repository.
 
@@ -223,7 +286,8 @@ class TritonServer:
                  extra_args: Sequence[str] = (), install: TritonInstall | None = None,
                  env: dict[str, str] | None = None, recover: bool = False,
                  recovery_timeout: float = 600.0, status_file: str | Path | None = None,
-                 on_give_up: Callable[[str], None] | None = None) -> None:
+                 on_give_up: Callable[[str], None] | None = None, api_key: str | None = None,
+                 admin_key: str | None = None, max_upload_mb: float | None = None) -> None:
         """``log_path``: file for the server's stdout/stderr (``None``: a new temporary file,
         ``"-"``: inherit this process's streams, as a container entry point wants).
 
@@ -232,7 +296,18 @@ class TritonServer:
         :class:`~acestep_triton.serving.health.Watchdog` that reloads a model whose stub died,
         within ``recovery_timeout`` s, publishing its state in ``status_file`` (default
         :func:`~acestep_triton.serving.health.default_status_file` of the HTTP port) for the
-        health probes. ``on_give_up(message)`` is called when a recovery fails."""
+        health probes. ``on_give_up(message)`` is called when a recovery fails.
+
+        ``api_key``: restrict inference (gRPC and HTTP) to requests carrying it
+        (:mod:`acestep_client.auth`); None serves inference openly. ``admin_key``: the secret of
+        the admin protocols (:data:`ADMIN_PROTOCOLS`, always restricted) and of the LoRA registry's
+        load/unload/reload; None makes a random one for this start, known only to this object.
+
+        ``max_upload_mb``: the largest audio upload the endpoints accept (``ACESTEP_MAX_UPLOAD_MB``
+        in the server's environment; None: theirs, or 128 MiB), and the HTTP request size limit
+        where this tritonserver has one (``--http-max-input-size``; 2.51 has none, nor one for
+        gRPC, so there the endpoint refuses the upload once it arrived: see :data:`REQUEST_POOL_ARGS`
+        for what keeps that from costing memory afterwards)."""
         self.repository = Path(repository).resolve()
         self._requested_ports = (grpc_port, http_port, metrics_port)
         self.grpc_port, self.http_port, self.metrics_port = grpc_port, http_port, metrics_port
@@ -253,8 +328,13 @@ class TritonServer:
         self.on_give_up = on_give_up
         self.shm_prefix = f"{SHM_FAMILY}{secrets.token_hex(4)}_"
         """This server's Python-backend shared-memory region prefix (see :data:`health.SHM_FAMILY`)."""
-        self._admin_token = secrets.token_hex(16)
+        self.max_upload_mb = max_upload_mb
+        self.api_key = check_key("api_key", api_key)
+        self._admin_token = check_key("admin_key", admin_key) or secrets.token_hex(16)
         self.watchdog: Watchdog | None = None
+        self.drain_dir = drain_files.folder_for(self.shm_prefix)
+        """Where the endpoints mark requests in flight and see the drain flag (:mod:`.drain`)."""
+        self._wrote_status = False
 
     # ------------------------------------------------------------------------- addresses
     @property
@@ -291,7 +371,13 @@ class TritonServer:
     @property
     def grpc_admin_headers(self) -> dict[str, str]:
         """The same for gRPC (Triton expects the key prefixed with ``triton-grpc-protocol-``)."""
-        return {f"triton-grpc-protocol-{ADMIN_HEADER}": self._admin_token}
+        return {f"{GRPC_HEADER_PREFIX}{ADMIN_HEADER}": self._admin_token}
+
+    @property
+    def admin_key(self) -> str:
+        """The admin secret of this server (the configured key, or this start's random one): what
+        :class:`acestep_client.AceStepClient` needs as ``admin_key`` to load or unload adapters."""
+        return self._admin_token
 
     def _backend_args(self) -> list[str]:
         args = []
@@ -299,10 +385,20 @@ class TritonServer:
             args.append(f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}")
         if self.recover:
             # Reloading a model is the only way back from a dead stub, and it needs explicit
-            # model control; the load API can carry model code, so only our header unlocks it.
-            secret = f"model-repository:{ADMIN_HEADER}={self._admin_token}"
-            args += ["--model-control-mode=explicit", "--load-model=*",
-                     f"--http-restricted-api={secret}", f"--grpc-restricted-protocol={secret}"]
+            # model control (the model-repository protocol is restricted below, always).
+            args += ["--model-control-mode=explicit", "--load-model=*"]
+        return args + self._restriction_args()
+
+    def _restriction_args(self) -> list[str]:
+        """Triton's per-protocol header checks: the admin protocols behind the admin secret, and
+        inference behind the API key when there is one (both for gRPC and HTTP)."""
+        groups = [(ADMIN_PROTOCOLS, ADMIN_HEADER, self._admin_token)]
+        if self.api_key:
+            groups.append((API_PROTOCOLS, API_KEY_HEADER, self.api_key))
+        args = []
+        for protocols, header, value in groups:
+            secret = f"{','.join(protocols)}:{header}={value}"
+            args += [f"--http-restricted-api={secret}", f"--grpc-restricted-protocol={secret}"]
         return args
 
     def command(self, install: TritonInstall) -> list[str]:
@@ -318,9 +414,18 @@ class TritonServer:
             "--exit-on-error=true",
             "--strict-readiness=true",
             f"--log-verbose={self.log_verbose}",
+            *REQUEST_POOL_ARGS,
+            *self._size_limit_args(install),
             *self._backend_args(),
             *self.extra_args,
         ]
+
+    def _size_limit_args(self, install: TritonInstall) -> list[str]:
+        """Triton's own request size limit, where the binary has one (not 2.51): the upload limit
+        plus room for the other inputs."""
+        if self.max_upload_mb is None or not install.supports("--http-max-input-size"):
+            return []
+        return [f"--http-max-input-size={int((self.max_upload_mb + 16) * 2**20)}"]
 
     # ------------------------------------------------------------------------- lifecycle
     def start(self) -> TritonServer:
@@ -371,8 +476,15 @@ class TritonServer:
         try:
             # A new session: Ctrl-C in a terminal reaches us, not the server directly, so that
             # shutdown is always the orderly SIGTERM below; its group lets SIGKILL reach the stubs.
+            env = install.environment(self._env)
+            env[ADMIN_KEY_ENV] = self._admin_token  # the lora_registry model checks load/unload against it
+            env[drain_files.DRAIN_DIR_ENV] = str(self.drain_dir)  # the endpoints' drain gate
+            if self.max_upload_mb is not None:
+                env[MAX_UPLOAD_ENV] = f"{self.max_upload_mb:g}"  # the endpoints' upload limit
+            drain_files.reset(self.drain_dir)  # a new server: not draining, nothing in flight
+            env.pop(API_KEY_ENV, None)  # Triton checks the API key; no model needs to see it
             self._process = subprocess.Popen(
-                self.command(install), env=install.environment(self._env), stdin=subprocess.DEVNULL,
+                self.command(install), env=env, stdin=subprocess.DEVNULL,
                 stdout=out, stderr=subprocess.STDOUT if out is not None else None,
                 start_new_session=True)
         except OSError as exc:
@@ -422,12 +534,45 @@ class TritonServer:
             return 0
         return self._process.wait()
 
+    def drain(self, timeout: float, poll_s: float = 0.2) -> DrainReport:
+        """Stop taking new requests and wait up to ``timeout`` s for those in flight to finish.
+
+        Readiness fails at once (the health file says ``draining``), every endpoint refuses a
+        new request with ``[unavailable]`` (clients resend it elsewhere), and this returns when
+        no endpoint serves a request any more. The server keeps running: call :meth:`stop` next.
+        Why Triton's own SIGTERM handling is not enough: :mod:`acestep_triton.serving.drain`.
+        """
+        started = time.monotonic()
+        drain_files.begin(self.drain_dir)
+        self._publish_draining()
+        at_start = left = drain_files.in_flight(self.drain_dir)
+        while left and self.running and time.monotonic() - started < timeout:
+            time.sleep(poll_s)
+            self._publish_draining()
+            left = drain_files.in_flight(self.drain_dir)
+        return DrainReport(in_flight=at_start, unfinished=left, seconds=time.monotonic() - started)
+
+    def _publish_draining(self) -> None:
+        """Write the health file with ``draining`` (the watchdog's, or one of our own)."""
+        if self.watchdog is not None and self.watchdog.is_alive():
+            self.watchdog.status.draining = True
+            status = self.watchdog.status
+        elif self._process is not None:
+            status = Status(server_pid=self._process.pid, draining=True)
+            self._wrote_status = True
+        else:
+            return
+        with contextlib.suppress(OSError):
+            status.write(self.status_file)
+
     def stop(self, timeout: float | None = None) -> int | None:
         """SIGTERM (Triton drains in-flight requests), then SIGKILL after ``timeout`` seconds, or
         as soon as only dead stubs are left (their unload never finishes). Then its leftover
         stubs and shared-memory regions are removed."""
+        stale: set[int] = set()
         if self.watchdog is not None:
             self.watchdog.stop()
+            stale = set(self.watchdog.stale_pids)
             self.watchdog = None
         process, self._process = self._process, None
         if self._finalizer is not None:
@@ -436,7 +581,11 @@ class TritonServer:
         if process is None:
             cleanup_orphans(self.shm_prefix)
             return None
-        code = _terminate(process, self.stop_timeout if timeout is None else timeout, self.shm_prefix)
+        code = _terminate(process, self.stop_timeout if timeout is None else timeout, self.shm_prefix, stale)
+        if self._wrote_status:  # the draining status of a server without a watchdog
+            self._wrote_status = False
+            with contextlib.suppress(OSError):
+                self.status_file.unlink()
         if self._owns_log and self.log_path is not None and code == 0:
             with contextlib.suppress(OSError):
                 self.log_path.unlink()
@@ -453,34 +602,49 @@ class TritonServer:
         self.stop()
 
 
-def _terminate(process: subprocess.Popen[bytes], timeout: float, shm_prefix: str | None = None) -> int:
+def _terminate(process: subprocess.Popen[bytes], timeout: float, shm_prefix: str | None = None,
+               stale: set[int] | frozenset[int] = frozenset()) -> int:
     """Stop one server process we started; kill its process group if it does not stop in time
     (or when it only waits for the unload of a dead stub, which never ends); then remove the
-    stubs and shared-memory regions it left (``shm_prefix``)."""
+    stubs and shared-memory regions it left (``shm_prefix``). ``stale``: stubs of model versions
+    the watchdog replaced (:attr:`Watchdog.stale_pids`), which never exit on their own."""
     try:
         if process.poll() is not None:
             return process.returncode
         with contextlib.suppress(ProcessLookupError):
             process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
+        def live_stubs() -> bool:
+            return any(s.pid not in stale for s in stub_processes(process.pid))
+
+        had_stubs = live_stubs()
         only_dead_since: float | None = None
+        no_stubs_since: float | None = None
         while True:
             try:
                 return process.wait(timeout=0.2)
             except subprocess.TimeoutExpired:
                 pass
             now = time.monotonic()
-            if stub_processes(process.pid) or not dead_stub_children(process.pid):
+            live = live_stubs()
+            if live or not (dead_stub_children(process.pid) or stale):
                 only_dead_since = None
             elif only_dead_since is None:
                 only_dead_since = now
-            if now >= deadline or (only_dead_since is not None and now - only_dead_since >= HUNG_UNLOAD_GRACE_S):
+            if live or not had_stubs:
+                no_stubs_since = None
+            elif no_stubs_since is None:
+                no_stubs_since = now
+            hung = ((only_dead_since is not None and now - only_dead_since >= HUNG_UNLOAD_GRACE_S)
+                    or (no_stubs_since is not None and now - no_stubs_since >= NO_STUBS_GRACE_S))
+            if now >= deadline or hung:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(process.pid, signal.SIGKILL)  # the server and its Python stubs
                 return process.wait()
     finally:
         if shm_prefix is not None:
             cleanup_orphans(shm_prefix)
+            shutil.rmtree(drain_files.folder_for(shm_prefix), ignore_errors=True)
 
 
 def _http_ok(url: str) -> bool:
@@ -511,11 +675,51 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recovery-timeout", type=float, default=600.0,
                         help="seconds a model reload may take before the server is given up on "
                              f"(exit status {EXIT_UNRECOVERABLE}, so the container is restarted)")
+    parser.add_argument("--api-key", default=None,
+                        help=f"require this key for inference, gRPC and HTTP (default: ${API_KEY_ENV}; "
+                             "unset: inference is open). Clients send it as api_key= / ACESTEP_API_KEY")
+    parser.add_argument("--admin-key", default=None,
+                        help=f"admin secret (default: ${ADMIN_KEY_ENV}; unset: a random one per start, so "
+                             "nobody can use the admin APIs): unlocks the model-repository, shared-memory, "
+                             "logging and trace protocols and the LoRA registry's load/unload/reload")
+    parser.add_argument("--drain-timeout", type=float, default=_env_float(DRAIN_TIMEOUT_ENV, 90.0),
+                        help="on SIGTERM/SIGINT: seconds to let generations in flight finish (new requests "
+                             "are refused as unavailable and readiness fails meanwhile) before tritonserver "
+                             f"is stopped; a second signal stops at once (default: ${DRAIN_TIMEOUT_ENV} or 90)")
+    parser.add_argument("--max-restarts", type=int, default=int(_env_float(MAX_RESTARTS_ENV, 5)),
+                        help="restart a tritonserver that died this many times within "
+                             f"{RESTART_WINDOW_S:.0f} s (with growing waits) before serve gives up and exits "
+                             f"(default: ${MAX_RESTARTS_ENV} or 5; 0: never restart)")
+    parser.add_argument("--max-upload-mb", type=float, default=_env_float(MAX_UPLOAD_ENV, 0.0) or None,
+                        help=f"largest src_audio/ref_audio upload in MiB (default: ${MAX_UPLOAD_ENV} or 128: a 240 s "
+                             "stereo source as FLAC, or as a float WAV at 48 kHz); larger ones are refused naming "
+                             "the field, and so are files of more than 2 channels or 240 s")
     parser.add_argument("extra", nargs="*", help="extra tritonserver options after '--'")
 
 
 EXIT_UNRECOVERABLE = 3
 """``serve``'s exit status when a dead model could not be brought back."""
+DRAIN_TIMEOUT_ENV = "ACESTEP_DRAIN_TIMEOUT_S"
+MAX_RESTARTS_ENV = "ACESTEP_MAX_RESTARTS"
+RESTART_WINDOW_S = 600.0
+"""Restarts of a dead tritonserver are counted over this window (``--max-restarts``)."""
+RESTART_BACKOFF_S = (1.0, 30.0)
+"""First and longest wait before restarting a dead tritonserver (doubling in between), so a
+server that dies at once on every start does not spin."""
+
+
+def _env_float(name: str, default: float) -> float:
+    value = os.environ.get(name, "").strip()
+    try:
+        return float(value) if value else default
+    except ValueError:
+        print(f"warning: ignoring {name}={value!r} (not a number); using {default:g}", file=sys.stderr)
+        return default
+
+
+def _restart_delay(recent: int) -> float:
+    first, longest = RESTART_BACKOFF_S
+    return min(longest, first * 2 ** recent)
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -536,24 +740,43 @@ def run_serve(args: argparse.Namespace) -> int:
         if process is not None:
             _terminate(process, server.stop_timeout)
 
+    try:  # the environment rather than argv where possible: argv is visible to every local user
+        api_key = check_key("--api-key", getattr(args, "api_key", None) or env_key(API_KEY_ENV))
+        admin_key = check_key("--admin-key", getattr(args, "admin_key", None) or env_key(ADMIN_KEY_ENV))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     server = TritonServer(args.repository, grpc_port=args.grpc_port, http_port=args.http_port,
                           metrics_port=args.metrics_port, log_path=args.log_file,
                           log_verbose=args.log_verbose, startup_timeout=args.startup_timeout,
                           extra_args=args.extra, install=TritonInstall.locate(args.triton_root),
                           recover=recover, recovery_timeout=getattr(args, "recovery_timeout", 600.0),
-                          on_give_up=_give_up)
+                          on_give_up=_give_up, api_key=api_key, admin_key=admin_key,
+                          max_upload_mb=getattr(args, "max_upload_mb", None))
 
     def _on_signal(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
     previous = signal.signal(signal.SIGTERM, _on_signal)
+    drain_timeout = float(getattr(args, "drain_timeout", 90.0))
+    max_restarts = int(getattr(args, "max_restarts", 0))
     try:
         server.start()
         print(f"tritonserver ready: grpc {server.grpc_url}, http {server.http_url}, "
-              f"metrics {server.metrics_url}", file=sys.stderr, flush=True)
-        code = server.wait()
-        return EXIT_UNRECOVERABLE if gave_up else code
-    except KeyboardInterrupt:
+              f"metrics {server.metrics_url}; inference {'needs the API key' if api_key else 'open'}, "
+              f"admin APIs {'need the admin key' if admin_key else 'locked (no admin key set)'}",
+              file=sys.stderr, flush=True)
+        return _supervise(server, max_restarts, gave_up)
+    except KeyboardInterrupt as signalled:
+        try:
+            if server.running and drain_timeout > 0:
+                print(f"{signalled or 'signal'}: draining (up to {drain_timeout:g} s; a second signal stops now)",
+                      file=sys.stderr, flush=True)
+                report = server.drain(drain_timeout)
+                print(f"drained: {report.in_flight - report.unfinished} of {report.in_flight} request(s) in flight "
+                      f"finished in {report.seconds:.1f} s; stopping tritonserver", file=sys.stderr, flush=True)
+        except KeyboardInterrupt:
+            print("second signal: stopping now", file=sys.stderr, flush=True)
         return 0
     except TritonServerError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -561,6 +784,41 @@ def run_serve(args: argparse.Namespace) -> int:
     finally:
         server.stop()
         signal.signal(signal.SIGTERM, previous)
+
+
+def _supervise(server: TritonServer, max_restarts: int, gave_up: list[str]) -> int:
+    """Wait for ``server``; when tritonserver dies on its own (a crash, an abort in the Python
+    backend, the OOM killer), restart it with growing waits, at most ``max_restarts`` times per
+    :data:`RESTART_WINDOW_S`. Readiness fails while it is down (nothing answers on its port).
+
+    Returns the exit status for ``serve``: :data:`EXIT_UNRECOVERABLE` after the watchdog gave up
+    (a dead model that could not be reloaded: the container is restarted instead), the dead
+    server's status when the restarts ran out. A signal raises ``KeyboardInterrupt`` out of it.
+    """
+    restarts: list[float] = []
+    while True:
+        code = server.wait()
+        if gave_up:
+            return EXIT_UNRECOVERABLE
+        now = time.monotonic()
+        restarts = [t for t in restarts if now - t < RESTART_WINDOW_S]
+        if len(restarts) >= max_restarts:
+            print(f"error: tritonserver exited with status {code}; {len(restarts)} restart(s) in the last "
+                  f"{RESTART_WINDOW_S:.0f} s (--max-restarts {max_restarts}): giving up", file=sys.stderr, flush=True)
+            return code or 1
+        delay = _restart_delay(len(restarts))
+        print(f"error: tritonserver exited with status {code}; restarting it in {delay:g} s "
+              f"(restart {len(restarts) + 1} of at most {max_restarts} per {RESTART_WINDOW_S:.0f} s)",
+              file=sys.stderr, flush=True)
+        server.stop()  # reap it, remove its stubs and /dev/shm regions; the health file goes too
+        time.sleep(delay)
+        restarts.append(time.monotonic())
+        try:
+            server.start()
+        except TritonServerError as exc:  # counts as a restart; the loop waits on the dead process
+            print(f"error: restart failed: {exc}", file=sys.stderr, flush=True)
+            continue
+        print(f"tritonserver restarted: grpc {server.grpc_url}", file=sys.stderr, flush=True)
 
 
 def run_prepare(args: argparse.Namespace) -> int:

@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,16 +40,20 @@ from torch import Tensor, nn
 
 from ..checkpoint import (
     CheckpointLayout,
-    load_dcae,
+    load_dcae_half,
     load_text_encoder,
     load_transformer,
     load_vocoder,
+    meta_transformer,
 )
 from ..export.adapters import ComponentGraph, component_graph
 from ..export.specs import COMPONENTS, ComponentSpec
+from ..sampling.buckets import PROMPT_MAX_TOKENS, WarmupShape, parse_warmup
+from .memory import malloc_trim
 
 if TYPE_CHECKING:
-    from ..lora.runtime import AdapterBank
+    from ..gpu import GraphBackend
+    from ..lora.runtime import AdapterBank, AdapterStack
 
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 """Values of the ``precision`` config parameter."""
@@ -84,13 +89,24 @@ def parse_flag(value: str | bool | None, default: bool, name: str) -> bool:
 @dataclass(frozen=True)
 class RuntimeOptions:
     """How one component instance runs. ``compile``/``cuda_graphs`` only act on the DiT decoder
-    (where the time goes) and only on a CUDA device; elsewhere they are accepted and ignored."""
+    (where the time goes); ``cuda_graphs`` only on a CUDA device. ``compile`` defaults to on on a
+    GPU only; set explicitly on the CPU it compiles there too (TorchInductor's C++ backend needs
+    a C++ compiler; ``compile_backend`` picks another torch.compile backend, e.g. ``aot_eager``).
+
+    ``warmup``: the ``dit_decoder`` shapes run once at load, before the model reports ready
+    (:meth:`ComponentRunner.warm_up`). ``lora_fast_path``/``lora_slots``: runtime adapters on a
+    compiled or graphed DiT go through the static :class:`~acestep_triton.lora.runtime.
+    AdapterStack` of that many initial slots (off: such batches run the blocks eagerly)."""
 
     device: torch.device
     precision: str = "fp32"
     compile: bool = False
     cuda_graphs: bool = False
     max_graphs: int = 16
+    compile_backend: str | Callable[..., Any] = "inductor"
+    warmup: tuple[WarmupShape, ...] = ()
+    lora_fast_path: bool = True
+    lora_slots: int = 4
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -99,6 +115,8 @@ class RuntimeOptions:
         if self.device.type == "cpu" and self.precision != "fp32":
             raise ValueError(f"config parameter precision: {self.precision} on the CPU is not supported "
                              "(CPU instances run fp32)")
+        if self.lora_slots < 1:
+            raise ValueError(f"config parameter lora_slots must be >= 1, got {self.lora_slots}")
 
     @property
     def dtype(self) -> torch.dtype:
@@ -108,53 +126,82 @@ class RuntimeOptions:
     def for_component(cls, name: str, device: torch.device, parameters: Mapping[str, str] | None = None
                       ) -> RuntimeOptions:
         """Options from a model's config parameters (``precision``, ``compile``, ``cuda_graphs``,
-        ``max_graphs``), with the per-device defaults for whatever they leave out."""
+        ``max_graphs``, ``compile_backend``, ``warmup``, ``lora_fast_path``, ``lora_slots``), with
+        the per-device defaults for whatever they leave out.
+
+        ``warmup`` ``auto`` (or absent) is :data:`~acestep_triton.sampling.buckets.DEFAULT_WARMUP`
+        for a DiT decoder on a GPU that compiles or captures graphs (where first calls cost
+        seconds to minutes), and nothing elsewhere (a CPU's first call costs little; opt in with
+        ``default`` or a list)."""
         parameters = parameters or {}
         on_gpu = device.type == "cuda"
         precision = parameters.get("precision") or (GPU_DEFAULT_PRECISION[name] if on_gpu else "fp32")
         if precision == "auto":
             precision = GPU_DEFAULT_PRECISION[name] if on_gpu else "fp32"
-        return cls(device=device, precision=precision,
-                   compile=parse_flag(parameters.get("compile"), on_gpu, "compile"),
-                   cuda_graphs=parse_flag(parameters.get("cuda_graphs"), on_gpu, "cuda_graphs"),
-                   max_graphs=int(parameters.get("max_graphs") or 16))
-
-
-def _drop(module: nn.Module, names: Sequence[str]) -> None:
-    for name in names:
-        setattr(module, name, None)
+        compile_ = parse_flag(parameters.get("compile"), on_gpu, "compile")
+        cuda_graphs = parse_flag(parameters.get("cuda_graphs"), on_gpu, "cuda_graphs")
+        warmup_text = (parameters.get("warmup") or "auto").strip()
+        if warmup_text.lower() == "auto":
+            fast = name == "dit_decoder" and on_gpu and (compile_ or cuda_graphs)
+            warmup_text = "default" if fast else "none"
+        return cls(device=device, precision=precision, compile=compile_, cuda_graphs=cuda_graphs,
+                   max_graphs=int(parameters.get("max_graphs") or 16),
+                   compile_backend=(parameters.get("compile_backend") or "inductor").strip(),
+                   warmup=parse_warmup(warmup_text),
+                   lora_fast_path=parse_flag(parameters.get("lora_fast_path"), True, "lora_fast_path"),
+                   lora_slots=int(parameters.get("lora_slots") or 4))
 
 
 def load_component_module(name: str, ckpt_dir: str | Path, *, lora_path: str | Path | None = None,
-                          lora_weight: float = 1.0, lora_scaling: str = "upstream") -> nn.Module:
-    """The torch model served as component ``name``, strictly loaded from the checkpoint (fp32).
+                          lora_weight: float = 1.0, lora_scaling: str = "upstream",
+                          dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The torch model served as component ``name``, strictly loaded from the checkpoint in ``dtype``.
 
-    Only the files the component needs are read. The transformer loses the half the component
-    does not run (:data:`ENCODE_ONLY` / :data:`DECODE_ONLY`). With ``lora_path`` the adapter is
-    fused at ``lora_weight`` (a LoRA variant model such as ``dit_decoder__rap``).
+    Start-up cost is reading what the component serves, once: modules are built on the meta
+    device and filled from the file tensor by tensor (:func:`acestep_triton.weights.materialize`),
+    only the files the component needs are opened, the transformer components never read the
+    half they do not run (:data:`ENCODE_ONLY` / :data:`DECODE_ONLY`), and each DCAE model reads
+    only its own half. With ``lora_path`` the adapter is checked against the whole transformer and
+    fused in place at ``lora_weight`` into the half that is served (a LoRA variant model such as
+    ``dit_decoder__rap``).
     """
-    layout = CheckpointLayout(Path(ckpt_dir))
-    if name == "text_encoder":
-        return load_text_encoder(layout)
-    if name in ("condition_encoder", "dit_decoder"):
-        transformer = load_transformer(layout)
-        if lora_path is not None:
-            from ..lora import fused_transformer, load_lora
+    module = _load_component_module(name, CheckpointLayout(Path(ckpt_dir)), lora_path, lora_weight, lora_scaling,
+                                    dtype)
+    # Loading freed its temporaries (the cast reads' staging buffer, header parsing, lazily
+    # imported code's scratch): hand the pages back so the steady RSS is the weights' size.
+    malloc_trim()
+    return module
 
-            adapter = load_lora(lora_path, transformer, scaling=lora_scaling)
-            transformer = fused_transformer(transformer, adapter, lora_weight)
-        _drop(transformer, DECODE_ONLY if name == "condition_encoder" else ENCODE_ONLY)
+
+def _load_component_module(name: str, layout: CheckpointLayout, lora_path: str | Path | None, lora_weight: float,
+                           lora_scaling: str, dtype: torch.dtype) -> nn.Module:
+    if name == "text_encoder":
+        return load_text_encoder(layout, dtype)
+    if name in ("condition_encoder", "dit_decoder"):
+        transformer = load_transformer(layout, dtype, drop=DECODE_ONLY if name == "condition_encoder" else ENCODE_ONLY)
+        if lora_path is not None:
+            _fuse_variant(layout, transformer, lora_path, lora_weight, lora_scaling)
         return transformer
     if lora_path is not None:
         raise ValueError(f"{name}: LoRA adapters touch only the transformer components")
     if name in ("dcae_encoder", "dcae_decoder"):
-        encoder, decoder = load_dcae(layout)
-        return encoder if name == "dcae_encoder" else decoder
+        return load_dcae_half(layout, name.removeprefix("dcae_"), dtype)
     if name == "vocoder":
-        vocoder = load_vocoder(layout)
+        vocoder = load_vocoder(layout, dtype)
         vocoder.fold_weight_norm()  # what export traces too: plain weights, same function
         return vocoder
     raise KeyError(f"unknown component {name!r}; known: {', '.join(COMPONENTS)}")
+
+
+def _fuse_variant(layout: CheckpointLayout, transformer: nn.Module, lora_path: str | Path, weight: float,
+                  scaling: str) -> None:
+    """Fuse a LoRA variant's adapter into the served half of the transformer, in place. The
+    adapter is checked against the whole transformer (built on the meta device, no memory), so
+    a key for the other half is fine and a key for no module at all is still an error."""
+    from ..lora import fuse_in_place, load_lora
+
+    adapter = load_lora(lora_path, meta_transformer(layout.root), scaling=scaling)
+    fuse_in_place(transformer, adapter, weight)
 
 
 @dataclass(frozen=True)
@@ -208,13 +255,21 @@ class ComponentRunner:
 
     With ``loras`` (transformer components only), the optional inputs ``lora_index`` /
     ``lora_scale`` select a runtime adapter and strength per batch row
-    (:class:`~acestep_triton.lora.runtime.AdapterBank`). Batches where a row uses one run the
-    DiT outside its CUDA graphs and compiled blocks (eager; the graphs were captured without the
-    low-rank terms); batches without any adapter row run exactly as without ``loras``.
+    (:class:`~acestep_triton.lora.runtime.AdapterBank`). On a compiled or graphed DiT decoder
+    the adapters live in the bank's static :class:`~acestep_triton.lora.runtime.AdapterStack`:
+    a batch with adapter rows, mixed with base rows or not, runs the same compiled blocks, and
+    replays a CUDA graph per shape captured with the adapter term (the per-row ``slot`` and
+    ``scale`` are two more graph inputs). Batches without any adapter row run exactly as without
+    ``loras``. Elsewhere (CPU, eager) and with ``lora_fast_path`` off, adapter rows are grouped
+    per adapter by per-call hooks, the compiled blocks bypassed (:func:`_eager_blocks`).
+
+    ``graph_backend`` replaces the CUDA-graph capture (tests pass a stand-in that replays
+    eagerly, which runs the graph path on the CPU); with it ``cuda_graphs`` acts on any device.
+    ``options.warmup`` shapes are run before the constructor returns (:meth:`warm_up`).
     """
 
     def __init__(self, spec: ComponentSpec, module: nn.Module, options: RuntimeOptions,
-                 loras: RuntimeLoraOptions | None = None) -> None:
+                 loras: RuntimeLoraOptions | None = None, *, graph_backend: GraphBackend | None = None) -> None:
         self.spec = spec
         self.options = options
         self.device = options.device
@@ -224,9 +279,12 @@ class ComponentRunner:
         self.compiled = False
         self.cuda_graphs = False
         self.loras: AdapterBank | None = None
+        self.stack: AdapterStack | None = None
+        self._graph_generation = 0
+        self.warmup_seconds: float | None = None
         if loras is not None:
             self.loras = self._adapter_bank(module, loras)
-        if spec.name == "dit_decoder" and self.device.type == "cuda":
+        if spec.name == "dit_decoder":
             transformer = self.graph.transformer
             if options.compile:
                 import torch._dynamo
@@ -236,13 +294,23 @@ class ComponentRunner:
                 # instead of compiling one program per shape.
                 torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
                 for block in transformer.transformer_blocks:
-                    block.compile()  # one compilation serves every block (same code, weights as inputs)
+                    # one compilation serves every block (same code, weights as inputs)
+                    block.compile(backend=options.compile_backend)
                 self.compiled = True
-            if options.cuda_graphs:
+            if options.cuda_graphs and (self.device.type == "cuda" or graph_backend is not None):
                 from ..gpu import CUDAGraphDecoder
 
-                self.forward = CUDAGraphDecoder(transformer, max_graphs=options.max_graphs)
+                # max_graphs counts shapes: with runtime adapters on the fast path a shape has two
+                # graphs (base rows only / with adapter rows), so the graph limit doubles
+                per_shape = 2 if loras is not None and options.lora_fast_path else 1
+                self.forward = CUDAGraphDecoder(transformer, max_graphs=per_shape * options.max_graphs,
+                                                backend=graph_backend, decode=self._decode)
                 self.cuda_graphs = True
+        if self.loras is not None and options.lora_fast_path and (self.compiled or self.cuda_graphs):
+            self.stack = self.loras.use_stack(options.lora_slots)
+            self._graph_generation = self.stack.generation
+        if options.warmup:
+            self.warm_up(options.warmup)
 
     def _adapter_bank(self, module: nn.Module, loras: RuntimeLoraOptions) -> AdapterBank:
         """The instance's adapter cache; probes which projections the forward really calls (once,
@@ -261,16 +329,45 @@ class ComponentRunner:
         bank.write_status()
         return bank
 
+    def _decode(self, *inputs: Tensor) -> Tensor:
+        """What a CUDA graph captures: ``decode``'s six inputs, plus the adapter stack's per-row
+        ``slot`` and ``scale`` when a batch has adapter rows."""
+        transformer = self.graph.transformer
+        if len(inputs) == 6:
+            return transformer.decode(*inputs)
+        assert self.stack is not None
+        *decode_inputs, slot, scale = inputs
+        with self.stack.rows.use(slot, scale):
+            return transformer.decode(*decode_inputs)
+
     @property
     def description(self) -> str:
         parts = [f"{self.spec.name} on {self.device} ({self.options.precision})"]
         if self.compiled:
-            parts.append("TorchInductor blocks")
+            parts.append("TorchInductor blocks" if self.options.compile_backend == "inductor"
+                         else f"compiled blocks ({self.options.compile_backend})")
         if self.cuda_graphs:
             parts.append("CUDA graphs per shape")
         if self.loras is not None:
-            parts.append(f"runtime LoRA adapters (budget {self.loras.budget_bytes / 2**20:.0f} MiB)")
+            where = "; on the compiled path" if self.stack is not None else ""
+            parts.append(f"runtime LoRA adapters (budget {self.loras.budget_bytes / 2**20:.0f} MiB{where})")
+        if self.warmup_seconds is not None:
+            parts.append(f"{len(self.options.warmup)} shape(s) warmed up in {self.warmup_seconds:.1f} s")
         return ", ".join(parts)
+
+    def _stacked(self, args: list[Tensor], slot: Tensor, scale: Tensor) -> Any:
+        """A batch with adapter rows on the fast path: compiled blocks and/or a CUDA graph with the
+        stack's term, ``slot``/``scale`` as inputs."""
+        assert self.stack is not None
+        if self.cuda_graphs:
+            if self.stack.generation != self._graph_generation:
+                # a re-layout replaced the stacked tensors: graphs that read the old ones must go
+                # before anything is replayed
+                self.forward.drop(lambda key: len(key) > len(args))
+                self._graph_generation = self.stack.generation
+            return self.forward(*args, slot, scale)
+        with self.stack.rows.use(slot, scale):
+            return self.forward(*args)
 
     @torch.inference_mode()
     def __call__(self, inputs: Mapping[str, Tensor]) -> list[Tensor]:
@@ -280,6 +377,9 @@ class ComponentRunner:
         args = [inputs[n].to(self.device) for n in self.spec.input_names]
         if self.loras is None:
             result = self.forward(*args)
+        elif self.stack is not None:
+            selection = self.loras.selection(inputs.get("lora_index"), inputs.get("lora_scale"))
+            result = self.forward(*args) if selection is None else self._stacked(args, *selection)
         else:
             with self.loras.apply(inputs.get("lora_index"), inputs.get("lora_scale")) as active:
                 if active and (self.compiled or self.cuda_graphs):
@@ -290,10 +390,86 @@ class ComponentRunner:
         outputs = list(result) if isinstance(result, tuple | list) else [result]
         return [o.float().contiguous() for o in outputs]
 
+    # ---------------------------------------------------------------------------- warm-up
+    def warmup_inputs(self, shape: WarmupShape, *, seed: int = 0) -> dict[str, Tensor]:
+        """Contract inputs (on the CPU) for one warm-up ``shape``.
+
+        The DiT decoder gets exactly ``batch`` x ``frames`` x ``tokens`` (B, W, S). The other
+        components read the shape as the request it stands for: the text encoder ``batch``
+        prompts of ``tokens`` tokens (at most 256), the condition encoder ``batch`` rows of about
+        ``tokens`` condition tokens; the audio components one song of ``frames`` latent frames
+        (the DCAE; the vocoder its mel, both channels), whatever ``batch`` is: the DiT's batch
+        counts guidance branches, which never reach them.
+        """
+        graph = self.graph
+        name = self.spec.name
+        if name == "dit_decoder":
+            sizes = {"B": shape.batch, "W": shape.frames, "S": shape.tokens}
+        elif name == "text_encoder":
+            sizes = graph.dynamic_sizes(shape.batch, min(shape.tokens, PROMPT_MAX_TOKENS))
+        elif name == "condition_encoder":
+            sizes = graph.dynamic_sizes(shape.batch, max(1, (shape.tokens - 2) // 3))
+        elif name == "vocoder":
+            frames_per_latent = int(COMPONENTS["dcae_decoder"].outputs[0].shape[2]) // int(
+                COMPONENTS["dcae_decoder"].inputs[0].shape[2])
+            sizes = graph.dynamic_sizes(2, shape.frames * frames_per_latent)
+        else:
+            sizes = graph.dynamic_sizes(1, shape.frames)
+        sizes = {**graph.checkpoint_sizes(), **sizes}
+        generator = torch.Generator().manual_seed(seed)
+        return {t.name: graph.fill(t, t.resolve(sizes), generator) for t in self.spec.inputs}
+
+    def _warmup_adapters(self) -> list[int]:
+        """Indices of the loaded runtime adapters to make resident at warm-up (at most the stack's
+        slots on the fast path, one otherwise), so no first request reads an adapter file or
+        re-lays the stack out; the first is used for the adapter variant of each warm-up shape."""
+        if self.loras is None:
+            return []
+        loaded = sorted(self.loras.state.current().loaded.values(), key=lambda a: a.index)
+        wanted = self.options.lora_slots if self.stack is not None else 1
+        return [a.index for a in loaded if self.spec.name in a.components][:wanted]
+
+    def warm_up(self, shapes: Sequence[WarmupShape]) -> float:
+        """Run each shape once (and, with runtime adapters loaded, once more with an adapter row
+        mixed into base rows), so TorchInductor compiles, each CUDA graph is captured, and the
+        one-time costs of the first calls (allocator growth, kernel selection, adapter files) are
+        paid before the model reports ready (Triton calls ``initialize``, which builds this
+        runner, before readiness). Returns the seconds it took (also ``warmup_seconds``)."""
+        started = time.perf_counter()
+        from acestep_client.params import ParamError
+
+        adapters = self._warmup_adapters()
+        try:
+            for index in adapters:
+                self.loras.adapter(index, keep=set(adapters))  # type: ignore[union-attr]
+        except ParamError:
+            adapters = []  # an adapter that cannot be served is refused on the request that names it
+        done: set[tuple[tuple[int, ...], ...]] = set()
+        for shape in shapes:
+            inputs = self.warmup_inputs(shape)
+            key = tuple(tuple(t.shape) for t in inputs.values())
+            if key in done:  # e.g. the audio components: one song per frame count
+                continue
+            done.add(key)
+            try:
+                self(inputs)
+                if adapters and self.spec.name in ("condition_encoder", "dit_decoder"):
+                    index = torch.full((shape.batch,), -1, dtype=torch.int32)
+                    index[0] = adapters[0]
+                    self({**inputs, "lora_index": index, "lora_scale": torch.ones(shape.batch)})
+            except Exception as e:
+                raise RuntimeError(f"{self.spec.name}: warm-up shape {shape} (batch:frames:tokens) failed: "
+                                   f"{e}") from e
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.warmup_seconds = time.perf_counter() - started
+        return self.warmup_seconds
+
 
 def load_runner(name: str, ckpt_dir: str | Path, options: RuntimeOptions, **lora: Any) -> ComponentRunner:
     """:func:`load_component_module` + :class:`ComponentRunner` (``lora``: its LoRA keywords)."""
-    return ComponentRunner(COMPONENTS[name], load_component_module(name, ckpt_dir, **lora), options)
+    return ComponentRunner(COMPONENTS[name], load_component_module(name, ckpt_dir, dtype=options.dtype, **lora),
+                           options)
 
 
 def load_runners(ckpt_dir: str | Path, device: torch.device | str = "cpu",

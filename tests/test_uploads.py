@@ -1,0 +1,130 @@
+"""Uploads are bounded before they cost memory (issue 19 item 4).
+
+Through a real tritonserver serving the tiny checkpoint's ``audio2audio`` endpoint (one instance)
+with its six ONNX components, started with an upload limit of :data:`LIMIT_MB`. Facts pinned down
+(tritonserver 2.51.0, which has no request size option for gRPC or HTTP, so the endpoint refuses):
+
+* an upload over the limit is refused naming ``ref_audio`` and the limit, and tritonserver keeps
+  almost none of it afterwards (its gRPC request pool used to keep the largest message: +426 MiB
+  of heap after one 300 MiB upload);
+* a small compressed file whose header says more than two channels (8 × 192 kHz decoded to
+  1.4 GiB) is refused from its header, before anything is decoded, naming ``ref_audio``;
+* the server keeps serving after both.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from fixtures_onnx import single_thread
+from triton_harness import require_tritonserver
+
+from acestep_client.client import AceStepClient, InvalidRequest
+from acestep_client.params import GenerationParams, ParamError
+from acestep_client.retry import NO_RETRY
+from acestep_triton.audio import decode_audio_bytes
+from acestep_triton.checkpoint import Components
+from acestep_triton.export.render import load_endpoints, render_repository
+from acestep_triton.serving.deploy import build_deployment
+from acestep_triton.serving.memory import proc_field_bytes
+from acestep_triton.serving.server import TritonServer
+
+LIMIT_MB = 64
+OVERSIZED_MB = 300
+KEPT_BOUND_MIB = 150
+"""What tritonserver's heap may keep after a refused 300 MiB upload (measured +64 MiB with the
+request pool off, +426 MiB with Triton's default pool)."""
+
+
+def params() -> GenerationParams:
+    return GenerationParams(task="audio2audio", prompt="pop", lyrics="[verse]\nla", audio_duration=2.0,
+                            infer_step=2, manual_seeds="7")
+
+
+def audio_file(channels: int, rate: int, seconds: float, fmt: str = "WAV") -> bytes:
+    rng = np.random.default_rng(0)
+    buffer = io.BytesIO()
+    data = (0.01 * rng.standard_normal((int(rate * seconds), channels))).astype(np.float32)
+    sf.write(buffer, data, rate, format=fmt, subtype="PCM_16")
+    return buffer.getvalue()
+
+
+def silent_flac(channels: int, rate: int, seconds: float) -> bytes:
+    """A FLAC of silence: a few hundred KiB whatever its decoded size (written in blocks)."""
+    buffer = io.BytesIO()
+    block = np.zeros((rate, channels), np.int16)
+    with sf.SoundFile(buffer, "w", rate, channels, format="FLAC", subtype="PCM_16") as f:
+        for _ in range(int(seconds)):
+            f.write(block)
+    return buffer.getvalue()
+
+
+def anon_mib(pid: int) -> float:
+    return proc_field_bytes(f"/proc/{pid}/status", "RssAnon") / 2**20
+
+
+@pytest.fixture(scope="module")
+def server(tiny_onnx_ckpt: Path, tiny_onnx_dir: Path, tiny_onnx_components: Components,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+    require_tritonserver()
+    workdir = tmp_path_factory.mktemp("uploads")
+    with single_thread():
+        deployment = build_deployment(tiny_onnx_ckpt, workdir, onnx_dir=tiny_onnx_dir,
+                                      components=tiny_onnx_components, endpoints=["audio2audio"],
+                                      intra_op_threads=1)
+    endpoint = replace(load_endpoints(["audio2audio"])[0], instance_count=1)
+    repository = render_repository(workdir / "one_instance", "cpu", deployment.onnx_dir, [endpoint],
+                                   assets=deployment.assets, intra_op_threads=1)
+    server = TritonServer(repository, log_path=workdir / "tritonserver.log", startup_timeout=300,
+                          stop_timeout=20, max_upload_mb=LIMIT_MB)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_more_than_two_channels_is_refused_from_the_header() -> None:
+    with pytest.raises(ParamError, match=r"^ref_audio: 8 channels; mono or stereo"):
+        decode_audio_bytes(silent_flac(8, 192_000, 3), "ref_audio")
+    wave, rate = decode_audio_bytes(audio_file(2, 44_100, 1.0), "ref_audio")
+    assert wave.shape == (2, 44_100) and rate == 44_100
+
+
+@pytest.mark.triton
+def test_an_eight_channel_flac_is_refused_through_triton(server: TritonServer) -> None:
+    """8 channels × 192 kHz × 239 s of silence: ~400 KiB of FLAC, 1.4 GiB decoded."""
+    bomb = silent_flac(8, 192_000, 239)
+    assert len(bomb) < 2 * 2**20
+    client = AceStepClient(server.grpc_url, retry=NO_RETRY)
+    with pytest.raises(InvalidRequest, match="8 channels") as refused:
+        client.generate(params(), ref_audio=bomb, timeout_s=120)
+    assert refused.value.field == "ref_audio"
+    assert client.generate(params(), ref_audio=audio_file(2, 44_100, 2.0), timeout_s=120).audio.shape[1] == 2
+
+
+@pytest.mark.triton
+def test_an_oversized_upload_is_refused_and_tritonserver_keeps_little_of_it(server: TritonServer) -> None:
+    assert server.pid is not None
+    client = AceStepClient(server.grpc_url, retry=NO_RETRY)
+    small = audio_file(2, 44_100, 2.0)
+    for _ in range(2):  # warm: the request objects and buffers of ordinary requests exist
+        client.generate(params(), ref_audio=small, timeout_s=120)
+    before = anon_mib(server.pid)
+    big = np.array([b"RIFF" + os.urandom(2**20) * OVERSIZED_MB], dtype=object)
+    with pytest.raises(InvalidRequest, match=rf"this server accepts at most {LIMIT_MB} MiB") as refused:
+        client.generate(params(), validate=False, extra_inputs={"ref_audio": big}, timeout_s=120)
+    del big
+    assert refused.value.field == "ref_audio"
+    for _ in range(3):
+        client.generate(params(), ref_audio=small, timeout_s=120)
+    kept = anon_mib(server.pid) - before
+    print(f"tritonserver heap after a refused {OVERSIZED_MB} MiB upload: {kept:+.0f} MiB")
+    assert kept < KEPT_BOUND_MIB, f"tritonserver kept {kept:.0f} MiB of a refused {OVERSIZED_MB} MiB upload"
