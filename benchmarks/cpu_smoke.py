@@ -79,7 +79,7 @@ def onnx_vs_torch(components: Any, onnx_paths: Mapping[str, Path], *, batch: int
     """Time every component in torch and in onnxruntime on the same inputs (median of ``repeats``)."""
     import onnxruntime as ort
 
-    from acestep_triton.export.adapters import component_sources, export_graph
+    from acestep_triton.component_graphs import component_sources, export_graph
 
     sources = component_sources(components)
     options = ort.SessionOptions()

@@ -35,16 +35,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from acestep_client.params import GenerationParams
 from acestep_triton.serving import admission as adm
+from acestep_triton.serving.memory import proc_field_bytes
 
 MiB = 2**20
 
 
 def _status(key: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
+    return proc_field_bytes("/proc/self/status", key)
 
 
 def measure(fn: Callable[[], object]) -> tuple[int, float]:

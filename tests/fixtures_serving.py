@@ -35,7 +35,7 @@ def local_generator_for(components: Components) -> MusicGenerator:
                           components.vocoder.mel_transform)
 
 
-def _serve(deployment: Deployment, log: Path) -> Iterator[TritonServer]:
+def serve_deployment(deployment: Deployment, log: Path) -> Iterator[TritonServer]:
     require_tritonserver()
     server = TritonServer(deployment.repository, log_path=log, startup_timeout=300)
     server.start()
@@ -72,7 +72,7 @@ def tiny_deployment(tiny_onnx_ckpt: Path, tiny_onnx_dir: Path, tiny_onnx_compone
 @pytest.fixture(scope="session")
 def tiny_server(tiny_deployment: Deployment,
                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
-    yield from _serve(tiny_deployment, tmp_path_factory.mktemp("tiny_log") / "tritonserver.log")
+    yield from serve_deployment(tiny_deployment, tmp_path_factory.mktemp("tiny_log") / "tritonserver.log")
 
 
 @pytest.fixture(scope="session")
@@ -103,7 +103,7 @@ def golden_deployment(golden_ckpt: Path, golden_dir: Path, golden_models: Compon
 @pytest.fixture(scope="session")
 def golden_server(golden_deployment: Deployment,
                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
-    yield from _serve(golden_deployment, tmp_path_factory.mktemp("golden_log") / "tritonserver.log")
+    yield from serve_deployment(golden_deployment, tmp_path_factory.mktemp("golden_log") / "tritonserver.log")
 
 
 # ----------------------------------------------------------------------------------- torch runtime
@@ -129,7 +129,7 @@ def torch_deployment(tiny_onnx_ckpt: Path, tiny_onnx_components: Components, tor
 @pytest.fixture(scope="session")
 def torch_server(torch_deployment: Deployment,
                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
-    yield from _serve(torch_deployment, tmp_path_factory.mktemp("torch_log") / "tritonserver.log")
+    yield from serve_deployment(torch_deployment, tmp_path_factory.mktemp("torch_log") / "tritonserver.log")
 
 
 @pytest.fixture(scope="session")
@@ -139,4 +139,4 @@ def golden_torch_server(golden_ckpt: Path, golden_dir: Path,
     deployment = build_deployment(golden_ckpt, tmp_path_factory.mktemp("golden_torch_deploy"),
                                   vocab_path=golden_dir / "lyrics_vocab.json", runtime="torch",
                                   endpoints=["text2music", "repaint"], intra_op_threads=1)
-    yield from _serve(deployment, tmp_path_factory.mktemp("golden_torch_log") / "tritonserver.log")
+    yield from serve_deployment(deployment, tmp_path_factory.mktemp("golden_torch_log") / "tritonserver.log")

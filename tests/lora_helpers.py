@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from acestep_triton.export.adapters import component_graph
+from acestep_triton.component_graphs import component_graph
 from acestep_triton.lora import (
     ADAPTER_CONFIG_FILE,
     LORA_WEIGHTS_FILE,

@@ -47,9 +47,6 @@ def test_default_ladders_are_geometric_and_end_at_the_maxima() -> None:
     ratios = [b / a for a, b in itertools.pairwise(DEFAULT_FRAME_BUCKETS)]
     assert max(ratios) <= 1.5, "a request could be padded by more than 50%"
     assert MAX_ENCODER_TOKENS == 1 + PROMPT_MAX_TOKENS + MAX_LYRIC_TOKENS == DEFAULT_TOKEN_BUCKETS[-1]
-    from acestep_triton.models.text_encoder import TEXT_MAX_LENGTH
-
-    assert PROMPT_MAX_TOKENS == TEXT_MAX_LENGTH
     assert ShapeBuckets.default().enabled and not ShapeBuckets().enabled
     assert ShapeBuckets(frames=(64,)).enabled and ShapeBuckets(tokens=(64,)).enabled
 

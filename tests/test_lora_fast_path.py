@@ -28,10 +28,11 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounter
 
-from acestep_triton.export.adapters import component_graph
+from acestep_triton.checkpoint import meta_transformer
+from acestep_triton.component_graphs import component_graph
 from acestep_triton.export.specs import COMPONENTS
 from acestep_triton.lora import NO_ADAPTER, write_tiny_lora
-from acestep_triton.lora.control import RuntimeRegistry, meta_transformer
+from acestep_triton.lora.control import RuntimeRegistry
 from acestep_triton.sampling.buckets import DEFAULT_WARMUP, WarmupShape, parse_warmup
 from acestep_triton.serving import torch_runtime
 from acestep_triton.serving.torch_runtime import (

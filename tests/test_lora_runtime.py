@@ -21,7 +21,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from acestep_client.params import ParamError
-from acestep_triton.export.adapters import component_graph
+from acestep_triton.checkpoint import meta_transformer
+from acestep_triton.component_graphs import component_graph
 from acestep_triton.export.specs import COMPONENTS, LORA_ROW_INPUTS, with_lora_rows
 from acestep_triton.lora import (
     LORA_WEIGHTS_FILE,
@@ -36,7 +37,7 @@ from acestep_triton.lora import (
     served_scope,
     write_tiny_lora,
 )
-from acestep_triton.lora.control import RuntimeRegistry, meta_transformer
+from acestep_triton.lora.control import RuntimeRegistry
 from acestep_triton.lora.runtime import AdapterBank, called_modules, group_rows
 from acestep_triton.lora.state import write_runtime_pointer
 from acestep_triton.serving.torch_runtime import (

@@ -26,8 +26,8 @@ from acestep_triton.checkpoint import (
     load_transformer,
     load_vocoder,
 )
+from acestep_triton.component_graphs import component_graph, component_sources
 from acestep_triton.export import onnx_export, specs
-from acestep_triton.export.adapters import component_graph, component_sources
 from acestep_triton.export.onnx_export import (
     EXPORT_EXAMPLE,
     ParityError,

@@ -33,9 +33,9 @@ from acestep_triton.checkpoint import (
     tiny_transformer_config,
     tiny_vocoder_config,
 )
+from acestep_triton.component_graphs import component_sources, export_graph
 from acestep_triton.export import specs
 from acestep_triton.export import tensorrt as trt_export
-from acestep_triton.export.adapters import component_sources, export_graph
 from acestep_triton.export.full_random import (
     DCAE_CONFIG,
     TEXT_ENCODER_CONFIG,
@@ -91,16 +91,9 @@ def test_decoder_profiles_stop_at_the_overlap_window() -> None:
     assert dynamic_ranges(specs.VOCODER, max_items=3)["B"] == (1, 2, 6)
 
 
-def test_profile_constants_match_their_sources() -> None:
-    from acestep_triton.codec import OVERLAP_MIN_DURATION_S, OverlapWindows
-    from acestep_triton.lyrics.tokenizer import MAX_LYRIC_TOKENS
-    from acestep_triton.models.text_encoder import TEXT_MAX_LENGTH
+def test_profile_frame_counts_are_the_sampler_s() -> None:
     from acestep_triton.sampling import latent_frames
 
-    assert trt_export.TEXT_MAX_TOKENS == TEXT_MAX_LENGTH
-    assert trt_export.LYRIC_MAX_TOKENS == MAX_LYRIC_TOKENS
-    assert trt_export.OVERLAP_MIN_DURATION_S == OVERLAP_MIN_DURATION_S
-    assert OverlapWindows().dcae_window == trt_export.DCAE_WINDOW_FRAMES
     assert latent_frames(240.0) == trt_export.DEFAULT_MAX_FRAMES
     assert latent_frames(60.0) == trt_export.OPT_FRAMES
 

@@ -26,7 +26,7 @@ from test_tasks import source as source  # the 3 s upload fixture
 from acestep_client.client import AceStepClient, GenerationResult, ServerError
 from acestep_client.params import GenerationParams
 from acestep_triton.checkpoint import Components
-from acestep_triton.export.adapters import component_graph, component_sources
+from acestep_triton.component_graphs import component_graph, component_sources
 from acestep_triton.export.render import (
     DynamicBatching,
     check_config,
@@ -248,7 +248,7 @@ def dit_stats(url: str) -> tuple[int, int, int]:
 @pytest.fixture(scope="module")
 def batching_server(tiny_onnx_ckpt: Path, tmp_path_factory: pytest.TempPathFactory):
     """text2music over the torch runtime, the DiT batcher waiting for two requests' rows."""
-    from fixtures_serving import _serve
+    from fixtures_serving import serve_deployment
 
     deployment = build_deployment(
         tiny_onnx_ckpt, tmp_path_factory.mktemp("batch_deploy"), runtime="torch", endpoints=["text2music"],
@@ -256,7 +256,7 @@ def batching_server(tiny_onnx_ckpt: Path, tmp_path_factory: pytest.TempPathFacto
         # one batch = both requests' rows; the delay only bounds the wait when they drift apart
         batching={"dit_decoder": DynamicBatching(max_queue_delay_us=5_000_000,
                                                  preferred_batch_sizes=(2 * ROWS,))})
-    yield from _serve(deployment, tmp_path_factory.mktemp("batch_log") / "tritonserver.log")
+    yield from serve_deployment(deployment, tmp_path_factory.mktemp("batch_log") / "tritonserver.log")
 
 
 def test_concurrent_requests_in_one_bucket_share_dit_calls(batching_server: TritonServer,

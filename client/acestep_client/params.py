@@ -17,10 +17,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-MAX_DURATION_S = 240.0
-"""Upstream's longest generation: 2583 latent frames (``int(240 * 44100 / 512 / 8)``)."""
-LATENT_FRAME_S = 512 * 8 / 44100
-"""One latent frame (0.0929 s): a generation has ``int(duration·44100/512/8)`` of them."""
+from acestep_client.limits import (  # noqa: F401 (re-exported: the schema's limits)
+    EDIT_PRESETS,
+    LATENT_FRAME_S,
+    MAX_DURATION_S,
+    OUTPUT_SAMPLE_RATE,
+)
 
 MAX_STEPS = 1000
 MAX_BATCH = 16
@@ -31,8 +33,6 @@ CFG_TYPES = ("apg", "cfg", "cfg_star")
 AUDIO_FORMATS = ("wav", "flac", "ogg", "mp3")
 TASKS = ("text2music", "retake", "repaint", "edit", "extend", "audio2audio")
 EDIT_TYPES = ("only_lyrics", "remix")
-EDIT_PRESETS = {"only_lyrics": (0.6, 1.0), "remix": (0.2, 0.4)}
-"""Upstream UI presets (edit_n_min, edit_n_max) per edit type."""
 AUDIO_INPUTS = ("src_audio", "ref_audio")
 """Audio travels as the bytes of an audio file (wav/flac/ogg/mp3), one BYTES [1] tensor each:
 ``src_audio`` is the source of repaint/edit/extend, ``ref_audio`` the reference of audio2audio."""
@@ -42,7 +42,6 @@ MIN_AUDIO_SAMPLE_RATE = 8000
 MAX_AUDIO_SAMPLE_RATE = 192000
 """Sample rates accepted for ``src_audio``/``ref_audio`` (telephone to high-resolution studio
 audio); anything else is refused naming the field rather than resampled at a cost for nothing."""
-OUTPUT_SAMPLE_RATE = 48000
 MAX_LORA_NAME_CHARS = 256
 """Longest ``lora_name_or_path`` accepted (served adapter names are shorter still: see
 ``acestep_triton.lora.registry``); a longer value is refused without being echoed back."""

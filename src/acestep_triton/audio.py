@@ -38,10 +38,8 @@ import soundfile as sf
 import torch
 from torch import Tensor
 
+from acestep_client.limits import MODEL_SAMPLE_RATE
 from acestep_client.params import MAX_AUDIO_SAMPLE_RATE, MIN_AUDIO_SAMPLE_RATE, ParamError
-
-MODEL_SAMPLE_RATE = 44100
-OUTPUT_SAMPLE_RATE = 48000
 
 _LOWPASS_FILTER_WIDTH = 6
 _ROLLOFF = 0.99

@@ -41,16 +41,20 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from .audio import MODEL_SAMPLE_RATE, OUTPUT_SAMPLE_RATE, resample
+from acestep_client.limits import (
+    DCAE_WINDOW_FRAMES,
+    MODEL_SAMPLE_RATE,
+    OUTPUT_SAMPLE_RATE,
+    OVERLAP_MIN_DURATION_S,
+    CancelFn,
+)
+
+from .audio import resample
 from .models.mel import LogMelSpectrogram
 from .models.vocoder import Vocoder
 from .sampling.loop import SamplingCancelled
 
 TensorFn = Callable[[Tensor], Tensor]
-CancelFn = Callable[[], bool]
-
-#: Upstream uses overlapped decoding (when enabled) only for requests longer than this.
-OVERLAP_MIN_DURATION_S = 48.0
 
 
 class DecodeCancelled(SamplingCancelled):
@@ -88,7 +92,7 @@ def _never(stage: str) -> None:
 class OverlapWindows:
     """Window sizes of the overlapped decode (upstream's values)."""
 
-    dcae_window: int = 512  # latent frames per DCAE decoder call
+    dcae_window: int = DCAE_WINDOW_FRAMES  # latent frames per DCAE decoder call
     vocoder_window: int = 512 * 512  # samples per vocoder call (512 mel frames)
     vocoder_overlap: int = 1024  # samples dropped at each inner vocoder window edge
     crossfade: int = 128  # samples cross-faded across a vocoder seam

@@ -1,4 +1,7 @@
-"""Thin ``nn.Module`` adapters that give each served component exactly its contract signature.
+"""The component graphs: thin ``nn.Module`` wrappers that give each served component exactly its
+contract signature. What ONNX export traces and what the ``torch`` runtime serves
+(``serving/torch_runtime.py``) are the same graphs, so they live beside the models, not in
+``export/``.
 
 The torch models have Python-friendly signatures (optional query scales, one transformer with
 ``encode`` and ``decode``, a vocoder that still carries weight-norm pairs). ONNX export traces a
@@ -21,8 +24,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from . import specs
-from .specs import ComponentSpec, TensorSpec
+from .export import specs
+from .export.specs import ComponentSpec, TensorSpec
 
 _TORCH_DTYPES: dict[str, torch.dtype] = {
     "FP32": torch.float32, "FP16": torch.float16, "BF16": torch.bfloat16, "FP64": torch.float64,
@@ -255,7 +258,7 @@ SOURCE_ATTRIBUTES: dict[str, str] = {
 """Which attribute of ``checkpoint.Components`` each served component is cut from."""
 
 if set(GRAPHS) != set(specs.COMPONENTS) or set(SOURCE_ATTRIBUTES) != set(specs.COMPONENTS):
-    raise ImportError("export.adapters is out of date with export.specs.COMPONENTS")
+    raise ImportError("component_graphs is out of date with export.specs.COMPONENTS")
 
 
 def component_graph(name: str, module: nn.Module) -> ComponentGraph:

@@ -23,9 +23,10 @@ from typing import Any
 
 import torch
 
-from acestep_client.params import OUTPUT_SAMPLE_RATE, GenerationParams, ParamError
+from acestep_client.limits import MODEL_SAMPLE_RATE, OUTPUT_SAMPLE_RATE, CancelFn
+from acestep_client.params import GenerationParams, ParamError
 
-from .audio import MODEL_SAMPLE_RATE, decode_audio_bytes, to_stereo_44k
+from .audio import decode_audio_bytes, to_stereo_44k
 from .codec import AudioCodec
 from .lora import InProcessLoras, LoraRegistry, LoraScope, no_lora
 from .lyrics import MAX_LYRIC_TOKENS
@@ -45,7 +46,6 @@ from .sampling.noise import MAX_FRAMES, resolve_duration
 from .sampling.tasks import RepaintWindow, encode_edit_conditions, sample_edit, sample_extend, sample_repaint
 
 ProgressFn = Callable[[int, int], None]
-CancelFn = Callable[[], bool]
 
 @dataclass
 class GenerationOutput:

@@ -22,6 +22,7 @@ layout and LoRA code can all use it without import cycles.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -338,3 +339,12 @@ def _read_as(state: Mapping[str, torch.Tensor], key: str, like: torch.Tensor, dt
         return state.read(key, target)
     return state[key].detach().to(dtype=target, copy=True)
 
+
+def file_sha256(path: str | Path, chunk: int = 1 << 24) -> str:
+    """SHA-256 of a file, read in 16 MiB chunks: the identity of a weights file (an ONNX export
+    an engine was built from, an adapter a registry loaded)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -46,8 +46,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..component_graphs import component_graph, component_sources, export_graph
 from . import specs
-from .adapters import component_graph, component_sources, export_graph
 from .onnx_graph import all_tensors
 
 DEFAULT_OPSET = 17

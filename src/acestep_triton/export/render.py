@@ -35,14 +35,15 @@ from pathlib import Path
 from typing import Any
 
 from acestep_client.params import MAX_BATCH
-from acestep_triton.export.specs import (
+from acestep_triton.export.engine_meta import EngineMeta
+from acestep_triton.export.specs import (  # read_onnx_sizes re-exported: its old home
     COMPONENTS,
-    DYNAMIC_SYMBOLS,
     SAMPLING_DEVICES,
     TRITON_DTYPES,
     ComponentSpec,
     TensorSpec,
     component,
+    read_onnx_sizes,
 )
 
 PROJECT_ROOT = Path(__file__).resolve().parents[3]
@@ -321,40 +322,6 @@ def component_config(spec: ComponentSpec, target: str = "cpu", *, sizes: Mapping
                            default_model_filename="model.plan", **common)
 
 
-def read_onnx_sizes(spec: ComponentSpec, path: Path) -> dict[str, int]:
-    """Check an exported ONNX file against the contract and read its checkpoint-fixed sizes.
-
-    Every contract input and output must exist in the graph with the contract's rank; a fixed
-    ONNX dim under a checkpoint symbol (``Ct``, ``D``, ``Lt``...) gives that symbol's size.
-    Weights are not loaded (``load_external_data=False``).
-    """
-    import onnx
-
-
-    model = onnx.load(str(path), load_external_data=False)
-    graph_io = {v.name: v for v in list(model.graph.input) + list(model.graph.output)}
-    sizes: dict[str, int] = {}
-    for t in spec.inputs + spec.outputs:
-        if t.name not in graph_io:
-            raise ValueError(f"{path.name}: no tensor {t.name!r}, which the {spec.name} contract needs "
-                             f"(graph has {sorted(graph_io)})")
-        dims = graph_io[t.name].type.tensor_type.shape.dim
-        if len(dims) != len(t.shape):
-            raise ValueError(f"{path.name}: {t.name} has rank {len(dims)}, the contract says "
-                             f"{len(t.shape)} {list(t.shape)}")
-        for symbol, dim in zip(t.shape, dims, strict=True):
-            fixed = dim.dim_value if dim.HasField("dim_value") else None
-            if isinstance(symbol, int):
-                if fixed is not None and fixed != symbol:
-                    raise ValueError(f"{path.name}: {t.name} dim is {fixed}, the contract says {symbol}")
-            elif fixed is not None and symbol in DYNAMIC_SYMBOLS:
-                raise ValueError(f"{path.name}: {t.name} was exported with a fixed size {fixed} for the "
-                                 f"dynamic dim {symbol} (export it as a dynamic axis)")
-            elif fixed is not None and sizes.setdefault(symbol, fixed) != fixed:
-                raise ValueError(f"{path.name}: {symbol} is both {sizes[symbol]} and {fixed}")
-    return sizes
-
-
 def checkpoint_sizes(ckpt_dir: str | Path) -> dict[str, int]:
     """The checkpoint-fixed contract sizes (``Ct``, ``D``, ``Lt``, ``Ll``, ``Ld``) from a
     checkpoint's (or an assets folder's) config files: what the torch runtime renders with,
@@ -385,8 +352,6 @@ def _onnx_files(path: Path) -> list[Path]:
 def _check_engine_batch(plan: Path, model: ModelConfigSpec) -> None:
     """Triton refuses a ``max_batch_size`` above the engine profile's: say so at render time,
     naming the engine and both numbers, instead of a model that fails to load."""
-    from .tensorrt import EngineMeta
-
     meta = EngineMeta.read(plan)
     if model.max_batch_size > meta.max_batch:
         raise ValueError(f"{plan}: built for batches up to {meta.max_batch}, but {model.name} is rendered with "

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from acestep_client.params import MAX_BATCH
 
@@ -240,3 +241,35 @@ def with_lora_rows(spec: ComponentSpec) -> ComponentSpec:
         return spec
     return replace(spec, inputs=spec.inputs + LORA_ROW_INPUTS)
 
+
+def read_onnx_sizes(spec: ComponentSpec, path: Path) -> dict[str, int]:
+    """Check an exported ONNX file against the contract and read its checkpoint-fixed sizes.
+
+    Every contract input and output must exist in the graph with the contract's rank; a fixed
+    ONNX dim under a checkpoint symbol (``Ct``, ``D``, ``Lt``...) gives that symbol's size.
+    Weights are not loaded (``load_external_data=False``).
+    """
+    import onnx  # only when an exported file is read: the contract itself needs no onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    graph_io = {v.name: v for v in list(model.graph.input) + list(model.graph.output)}
+    sizes: dict[str, int] = {}
+    for t in spec.inputs + spec.outputs:
+        if t.name not in graph_io:
+            raise ValueError(f"{path.name}: no tensor {t.name!r}, which the {spec.name} contract needs "
+                             f"(graph has {sorted(graph_io)})")
+        dims = graph_io[t.name].type.tensor_type.shape.dim
+        if len(dims) != len(t.shape):
+            raise ValueError(f"{path.name}: {t.name} has rank {len(dims)}, the contract says "
+                             f"{len(t.shape)} {list(t.shape)}")
+        for symbol, dim in zip(t.shape, dims, strict=True):
+            fixed = dim.dim_value if dim.HasField("dim_value") else None
+            if isinstance(symbol, int):
+                if fixed is not None and fixed != symbol:
+                    raise ValueError(f"{path.name}: {t.name} dim is {fixed}, the contract says {symbol}")
+            elif fixed is not None and symbol in DYNAMIC_SYMBOLS:
+                raise ValueError(f"{path.name}: {t.name} was exported with a fixed size {fixed} for the "
+                                 f"dynamic dim {symbol} (export it as a dynamic axis)")
+            elif fixed is not None and sizes.setdefault(symbol, fixed) != fixed:
+                raise ValueError(f"{path.name}: {symbol} is both {sizes[symbol]} and {fixed}")
+    return sizes

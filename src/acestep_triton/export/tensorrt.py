@@ -38,20 +38,31 @@ Command line (``acestep-triton trt ...``)::
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
 import re
 import sys
 import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from acestep_client.limits import DCAE_WINDOW_FRAMES as LIMITS_DCAE_WINDOW_FRAMES
+from acestep_client.limits import LYRIC_MAX_TOKENS as LIMITS_LYRIC_MAX_TOKENS
+from acestep_client.limits import MAX_FRAMES, OVERLAP_MIN_DURATION_S, PROMPT_MAX_TOKENS
+
 from . import specs
-from .specs import ComponentSpec
+from .engine_meta import (  # noqa: F401 (re-exported: the engine API)
+    SIDECAR_SUFFIX,
+    EngineBuildError,
+    EngineMeta,
+    EngineMismatchError,
+    RuntimeInfo,
+    check_engine,
+    import_tensorrt,
+)
+from .specs import ComponentSpec, read_onnx_sizes
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 """Engine precisions: fp32 everywhere, or the heavy ops in fp16 / bf16 (see the module docstring)."""
@@ -74,25 +85,19 @@ FP32_UNDER_FP16 = ("text_encoder",)
 DEFAULT_MAX_ITEMS = 4
 """Songs per request the engines are sized for by default (the DiT profile then goes to 12 rows)."""
 
-DEFAULT_MAX_FRAMES = 2583
+DEFAULT_MAX_FRAMES = MAX_FRAMES
 """Latent frames of 240 s (``int(240 · 44100 / 4096)``), the longest song served."""
 
 OPT_FRAMES = 645
 """Latent frames of 60 s: where the DiT's profile is tuned."""
 
-TEXT_MAX_TOKENS = 256
-"""``models.text_encoder.TEXT_MAX_LENGTH`` (checked by a test; kept here so building engines does
-not import transformers)."""
-
-LYRIC_MAX_TOKENS = 4096
-"""``lyrics.tokenizer.MAX_LYRIC_TOKENS`` (checked by a test)."""
-
-OVERLAP_MIN_DURATION_S = 48.0
-"""``codec.OVERLAP_MIN_DURATION_S`` (checked by a test): longer songs are decoded in windows of
-512 latent frames, so the DCAE decoder and the vocoder never see more than a 48 s song at once."""
-
-DCAE_WINDOW_FRAMES = 512
-"""``codec.OverlapWindows.dcae_window`` (checked by a test)."""
+TEXT_MAX_TOKENS = PROMPT_MAX_TOKENS
+LYRIC_MAX_TOKENS = LIMITS_LYRIC_MAX_TOKENS
+DCAE_WINDOW_FRAMES = LIMITS_DCAE_WINDOW_FRAMES
+"""Engine profiles follow the served limits (``acestep_client.limits``, torch-free, so building
+engines does not import transformers): songs past ``OVERLAP_MIN_DURATION_S`` decode in windows
+of ``DCAE_WINDOW_FRAMES`` latent frames, so the DCAE decoder and the vocoder never see more
+than a 48 s song at once."""
 
 MEL_PER_LATENT = 8
 """Mel frames per latent frame (the DCAE's time compression)."""
@@ -100,30 +105,11 @@ MEL_PER_LATENT = 8
 OPT_ROWS = {"dit_decoder": 2, "condition_encoder": 2, "text_encoder": 2}
 """Typical batch of one request: conditional + unconditional branch (text-only is rare)."""
 
-SIDECAR_SUFFIX = ".json"
 TIMING_CACHE = "timing.cache"
 
 _HALF_ONNX = {"fp16": 10, "bf16": 16}  # onnx.TensorProto.FLOAT16 / BFLOAT16
 _FLOAT_ONNX = 1
 
-
-class EngineBuildError(RuntimeError):
-    """TensorRT could not parse or build a component (the message carries the parser's errors)."""
-
-
-class EngineMismatchError(RuntimeError):
-    """A plan was built by another TensorRT version, for another GPU, or lacks its sidecar."""
-
-
-def import_tensorrt() -> Any:
-    """``import tensorrt`` with an error that says how to get it."""
-    try:
-        import tensorrt
-    except ImportError as exc:  # pragma: no cover - depends on the machine
-        raise EngineBuildError(
-            "TensorRT is not installed: pip install 'acestep-triton[gpu]' on a machine with an NVIDIA "
-            "GPU, or build inside the NGC TensorRT / Triton image") from exc
-    return tensorrt
 
 
 # ------------------------------------------------------------------------------- profiles
@@ -397,106 +383,6 @@ def write_mixed_precision(onnx_path: str | Path, out_path: str | Path, precision
     return report
 
 
-# ------------------------------------------------------------------------------- sidecar
-@dataclass(frozen=True)
-class RuntimeInfo:
-    """What a plan is tied to: the TensorRT version and the GPU."""
-
-    tensorrt: str
-    gpu: str
-    compute_capability: str
-
-    @classmethod
-    def current(cls, trt: Any = None, device: int = 0) -> RuntimeInfo:
-        """This machine's TensorRT and GPU ``device`` (needs CUDA)."""
-        import torch
-
-        trt = trt or import_tensorrt()
-        if not torch.cuda.is_available():
-            raise EngineMismatchError("TensorRT engines need an NVIDIA GPU; torch sees none")
-        major, minor = torch.cuda.get_device_capability(device)
-        return cls(tensorrt=str(trt.__version__), gpu=torch.cuda.get_device_name(device),
-                   compute_capability=f"{major}.{minor}")
-
-
-@dataclass
-class EngineMeta:
-    """The JSON sidecar written next to every plan (``<component>.plan.json``)."""
-
-    component: str
-    tensorrt: str
-    gpu: str
-    compute_capability: str
-    precision: str
-    profile: dict[str, list[list[int]]]
-    max_batch: int
-    onnx: str
-    onnx_sha256: str
-    built_at: str = ""
-    build_s: float = 0.0
-    lora: str | None = None
-    precision_report: dict[str, Any] = field(default_factory=dict)
-    keep_fp32: list[str] = field(default_factory=list)
-
-    @staticmethod
-    def path_for(plan: str | Path) -> Path:
-        plan = Path(plan)
-        return plan.with_name(plan.name + SIDECAR_SUFFIX)
-
-    def write(self, plan: str | Path) -> Path:
-        path = self.path_for(plan)
-        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
-        return path
-
-    @classmethod
-    def read(cls, plan: str | Path) -> EngineMeta:
-        path = cls.path_for(plan)
-        if not path.is_file():
-            raise EngineMismatchError(
-                f"{plan}: no sidecar {path.name}, so its TensorRT version and GPU are unknown; rebuild it "
-                f"with `acestep-triton trt` (or skip the check if you built it yourself)")
-        data = json.loads(path.read_text())
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-    def differences(self, runtime: RuntimeInfo, *, strict_gpu_name: bool = True) -> list[str]:
-        """What differs between the machine the plan was built on and ``runtime``."""
-        diffs = []
-        if self.tensorrt != runtime.tensorrt:
-            diffs.append(f"TensorRT {self.tensorrt} (engine) vs {runtime.tensorrt} (here)")
-        if self.compute_capability != runtime.compute_capability:
-            diffs.append(f"compute capability {self.compute_capability} (engine) vs "
-                         f"{runtime.compute_capability} (here)")
-        if strict_gpu_name and self.gpu != runtime.gpu:
-            diffs.append(f"GPU {self.gpu!r} (engine) vs {runtime.gpu!r} (here)")
-        return diffs
-
-
-def check_engine(plan: str | Path, runtime: RuntimeInfo | None = None, *,
-                 strict_gpu_name: bool = True) -> EngineMeta:
-    """Raise :class:`EngineMismatchError` naming every difference unless ``plan`` was built by this
-    TensorRT for this GPU; return its metadata. A plan built on another model of GPU with the same
-    compute capability deserialises, but its kernels were tuned for the other chip, so that is an
-    error too unless ``strict_gpu_name=False``."""
-    meta = EngineMeta.read(plan)
-    runtime = runtime or RuntimeInfo.current()
-    diffs = meta.differences(runtime, strict_gpu_name=strict_gpu_name)
-    if diffs:
-        raise EngineMismatchError(
-            f"{plan} was built by another TensorRT or for another GPU: {'; '.join(diffs)}. "
-            f"Rebuild it on this machine: acestep-triton trt --onnx-dir <onnx> --out {Path(plan).parent} "
-            f"--precision {meta.precision}")
-    return meta
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 # ------------------------------------------------------------------------------- build
 @dataclass(frozen=True)
 class BuildOptions:
@@ -544,7 +430,6 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, component: str | 
     ``runtime`` is recorded in the sidecar (default: this machine). The timing cache in
     ``options.timing_cache`` is read when present and written back after the build.
     """
-    from acestep_triton.export.render import read_onnx_sizes
 
     trt = trt or import_tensorrt()
     spec = specs.component(component) if isinstance(component, str) else component
@@ -597,12 +482,14 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, component: str | 
         if cache_path is not None:
             cache_path.parent.mkdir(parents=True, exist_ok=True)
             cache_path.write_bytes(bytes(memoryview(config.get_timing_cache().serialize())))
+    from ..weights import file_sha256  # imports torch: this module stays importable without it
+
     meta = EngineMeta(
         component=spec.name, tensorrt=runtime.tensorrt, gpu=runtime.gpu,
         compute_capability=runtime.compute_capability, precision=precision,
         profile={k: [list(s) for s in v] for k, v in shapes.items()},
         max_batch=max(v[2][0] for v in shapes.values()) if spec.batchable else 0,
-        onnx=onnx_path.name, onnx_sha256=_sha256(onnx_path),
+        onnx=onnx_path.name, onnx_sha256=file_sha256(onnx_path),
         built_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         build_s=round(time.monotonic() - started, 1), lora=options.lora,
         precision_report=report.as_dict(), keep_fp32=list(options.keep_fp32))
@@ -619,7 +506,7 @@ def fused_transformer_modules(transformer: Any) -> dict[str, Any]:
 def export_modules(modules: Mapping[str, Any], out_dir: str | Path) -> dict[str, Path]:
     """Export torch modules (e.g. a LoRA-fused transformer) to ``out_dir/<component>.onnx``,
     tracing on the module's own device."""
-    from .adapters import export_graph
+    from ..component_graphs import export_graph
     from .onnx_export import EXPORT_EXAMPLE, export_component
 
     paths = {}

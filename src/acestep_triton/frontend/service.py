@@ -23,7 +23,7 @@ import soundfile as sf
 
 from acestep_client.client import AceStepClient
 from acestep_client.params import MAX_DURATION_S, GenerationParams, ParamError
-from acestep_client.retry import RetryCallback
+from acestep_client.retry import RetryCallback, RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,12 @@ class Output:
     params: dict[str, Any]
 
 
+FRONTEND_RETRY = RetryPolicy(max_elapsed_s=30.0)
+"""A person waits at the page: resend for 30 s after the first failure (an endpoint's recovery on
+the CPU takes 15–25 s, a restarted tritonserver a few), then say that the model server is
+unavailable, instead of the client's default 120 s meant for unattended scripts."""
+
+
 @dataclass
 class FrontendService:
     """Runs requests through the client and writes their results into ``output_dir``."""
@@ -89,6 +95,7 @@ class FrontendService:
     keep_seconds: float = 24 * 3600.0
     timeout_s: float | None = None
     rng: random.Random = field(default_factory=random.Random)
+    retry: RetryPolicy = field(default_factory=lambda: FRONTEND_RETRY)
 
     def __post_init__(self) -> None:
         self.output_dir = Path(self.output_dir)
@@ -104,7 +111,7 @@ class FrontendService:
         self._apply_policy(params, src_audio, ref_audio)
         result = self.client.generate(params, on_progress=on_progress, timeout_s=self.timeout_s,
                                       src_audio=src_audio, ref_audio=ref_audio, should_cancel=should_cancel,
-                                      on_retry=on_retry)
+                                      retry=self.retry, on_retry=on_retry)
         stem = f"{OUTPUT_PREFIX}{params.task}_{time.strftime('%Y%m%d_%H%M%S')}_{uuid.uuid4().hex[:8]}"
         path = result.save(self.output_dir, params.format, stem=stem)[0]
         self.prune()

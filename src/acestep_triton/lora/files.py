@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import re
@@ -274,14 +273,6 @@ def _strip_prefix(key: str) -> str:
     return key
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def load_lora(path_or_dir: str | Path, transformer: nn.Module | None = None, *,
               scaling: str = "upstream", name: str | None = None) -> LoraAdapter:
     """Read a peft/diffusers LoRA (a folder with ``pytorch_lora_weights.safetensors`` [+
@@ -300,7 +291,7 @@ def load_lora(path_or_dir: str | Path, transformer: nn.Module | None = None, *,
     allocation of what a corrupt length field says.
     """
     from ..models.transformer import unused_key
-    from ..weights import CheckpointError, SafetensorsFile
+    from ..weights import CheckpointError, SafetensorsFile, file_sha256
 
     if scaling not in SCALING_MODES:
         raise ValueError(f"scaling must be one of {SCALING_MODES}, got {scaling!r}")
@@ -369,7 +360,7 @@ def load_lora(path_or_dir: str | Path, transformer: nn.Module | None = None, *,
     folder_name = file.parent.name if file.name in (LORA_WEIGHTS_FILE, PEFT_WEIGHTS_FILE) else file.stem
     adapter = LoraAdapter(name=name or folder_name, path=file, layers=dict(sorted(layers.items())),
                           settings=settings, scaling_mode=scaling, ignored=tuple(ignored),
-                          sha256=_file_sha256(file))
+                          sha256=file_sha256(file))
     if transformer is not None:
         adapter.check(transformer)
     return adapter

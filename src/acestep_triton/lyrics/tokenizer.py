@@ -22,6 +22,8 @@ import re
 import threading
 from pathlib import Path
 
+from acestep_client.limits import LYRIC_MAX_TOKENS
+
 from .language import classify, detect_line_language
 from .normalize import clean_line
 from .romanize import hangul_to_latin, japanese_to_romaji, pinyin_with_tones
@@ -40,7 +42,7 @@ log = logging.getLogger(__name__)
 # Conformer, whose relative position table grows on demand). We refuse longer lyrics instead:
 # 4096 ids is far above a full song (a dense 4-minute song is ~1-2k ids) and keeps the
 # quadratic Conformer attention and the cross-attention length bounded in the server.
-MAX_LYRIC_TOKENS = 4096
+MAX_LYRIC_TOKENS = LYRIC_MAX_TOKENS  # one home: acestep_client.limits
 
 # Languages the vocabulary has a tag for (detector codes; Chinese is tagged "[zh-cn]").
 SUPPORTED_LANGUAGES = frozenset(["zh", *(code for code in LANGUAGE_TOKEN_IDS if code != "zh-cn")])

@@ -19,9 +19,11 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
+from acestep_client.limits import PROMPT_MAX_TOKENS
+
 from ..weights import materialize, read_safetensors
 
-TEXT_MAX_LENGTH = 256
+TEXT_MAX_LENGTH = PROMPT_MAX_TOKENS
 """Upstream truncates prompts to 256 tokens (padding to the longest prompt of the batch)."""
 
 UNUSED_KEYS: tuple[str, ...] = (r"^decoder\.", r"^lm_head\.")

@@ -27,13 +27,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from acestep_client.limits import PROMPT_MAX_TOKENS
+
 from ..lyrics import MAX_LYRIC_TOKENS
 from .denoiser import DenoiserWrapper
 from .noise import MAX_FRAMES
-
-PROMPT_MAX_TOKENS = 256
-"""Longest prompt the text encoder's tokenizer emits (``models.text_encoder.TEXT_MAX_LENGTH``,
-repeated here so this module does not import ``transformers``; a test checks they agree)."""
 
 MAX_ENCODER_TOKENS = 1 + PROMPT_MAX_TOKENS + MAX_LYRIC_TOKENS
 """Longest condition sequence: speaker token + prompt tokens + lyric tokens (4353)."""

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from acestep_client.limits import CancelFn
+
 from .conditions import EncodedConditions
 from .config import SamplerConfig
 from .denoiser import Denoiser
@@ -36,7 +38,6 @@ from .schedule import Schedule
 from .schedulers import Scheduler, make_scheduler
 
 ProgressFn = Callable[[int, int], None]
-CancelFn = Callable[[], bool]
 #: ``(latents, global step index, DiT timestep) -> guided velocity`` (``GuidedVelocity`` is one).
 VelocityFn = Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
 

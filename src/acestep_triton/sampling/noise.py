@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
+from acestep_client.limits import MAX_FRAMES as LIMITS_MAX_FRAMES
+
 from .schedule import Schedule
 
 #: Latent layout of the DCAE: [B, 8 channels, 16 height, W frames].
@@ -36,8 +38,8 @@ LATENT_CHANNELS = 8
 LATENT_HEIGHT = 16
 #: Latent frames per second of audio: 44100 Hz / 512 hop / 8 (DCAE downsampling).
 FRAMES_PER_SECOND = 44100 / 512 / 8
-#: Longest generation upstream supports (240 s → 2583 frames).
-MAX_FRAMES = int(240 * FRAMES_PER_SECOND)
+#: Longest generation upstream supports (240 s → 2583 frames): ``acestep_client.limits``.
+MAX_FRAMES = LIMITS_MAX_FRAMES
 
 SeedSpec = int | str | Sequence[int] | None
 

@@ -74,12 +74,14 @@ from pathlib import Path
 from typing import Any
 
 from acestep_client.errors import UnavailableError
+from acestep_client.limits import MODEL_SAMPLE_RATE as MODEL_RATE
+from acestep_client.limits import OUTPUT_SAMPLE_RATE as OUTPUT_RATE
+from acestep_client.limits import OVERLAP_MIN_DURATION_S
 from acestep_client.params import MAX_DURATION_S, GenerationParams, ParamError
 
-from ..audio import MODEL_SAMPLE_RATE as MODEL_RATE
-from ..audio import OUTPUT_SAMPLE_RATE as OUTPUT_RATE
-from ..codec import OVERLAP_MIN_DURATION_S, OverlapWindows
+from ..codec import OverlapWindows
 from ..sampling.noise import FRAMES_PER_SECOND, latent_frames
+from .config_params import parse_flag
 from .memory import proc_field_bytes
 
 MiB = 2**20
@@ -389,14 +391,6 @@ def available_ram() -> int:
     return proc_field_bytes("/proc/meminfo", "MemAvailable")
 
 
-def _flag(value: str, name: str) -> bool:
-    if value.lower() in ("1", "true", "yes", "on"):
-        return True
-    if value.lower() in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError(f"config parameter {name} must be true or false, got {value!r}")
-
-
 class Admission:
     """An endpoint's admission control: shape → estimate → refuse, wait or admit.
 
@@ -456,7 +450,7 @@ class Admission:
         value = parameters.get("memory_budget_mb", "auto").strip().lower()
         margin = int(float(parameters.get("memory_margin_mb", "2048")) * MiB)
         wait = float(parameters.get("memory_wait_s", "30"))
-        check_free = _flag(parameters.get("memory_check_free", "false"), "memory_check_free")
+        check_free = parse_flag(parameters.get("memory_check_free", "false"), False, "memory_check_free")
         if wait < 0 or margin < 0:
             raise ValueError("config parameters memory_wait_s and memory_margin_mb must be >= 0")
 

@@ -19,17 +19,13 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
+from .config_params import model_parameters
 from .memory import MemoryReleaser
 
 try:
     import triton_python_backend_utils as pb_utils
 except ImportError:  # outside the Python-backend stub: importable for docs and linters, unusable
     pb_utils = None
-
-
-def model_parameters(config: dict[str, Any]) -> dict[str, str]:
-    """The config's ``parameters`` block as a plain ``{key: string_value}`` dict."""
-    return {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
 
 
 class BatchedComponentModel:

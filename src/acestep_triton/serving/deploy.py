@@ -116,8 +116,9 @@ def runtime_lora_parameters(ckpt_dir: str | Path, lora_dir: str | Path, workdir:
     adapter fails the build, as with fused variants), into a fresh state file
     ``workdir/lora_runtime/lora_state.json``; the assets get the pointer the endpoints read.
     """
+    from ..checkpoint import meta_transformer
     from ..lora import LoraError
-    from ..lora.control import RuntimeRegistry, meta_transformer
+    from ..lora.control import RuntimeRegistry
     from ..lora.runtime import parse_budget_mb
     from ..lora.state import STATE_FILE, write_runtime_pointer
 

@@ -56,6 +56,7 @@ from ..sampling import SamplingCancelled
 from ..sampling.buckets import BucketedDenoiser, ShapeBuckets
 from .admission import Admission, ModelDims, token_counter
 from .assets import ServingAssets, load_assets
+from .config_params import model_parameters
 from .drain import DrainGate
 from .memory import MemoryReleaser
 from .metrics import TaskMetrics
@@ -283,7 +284,7 @@ class TritonPythonModel:
 
         self.pb = pb_utils
         config = json.loads(args["model_config"])
-        parameters = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        parameters = model_parameters(config)
         self.model_name = config["name"]
         self.task = parameters.get("task", "text2music")
         if self.task not in TASKS:

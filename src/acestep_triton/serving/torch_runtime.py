@@ -38,6 +38,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from acestep_client.limits import PROMPT_MAX_TOKENS
+
 from ..checkpoint import (
     CheckpointLayout,
     load_dcae_half,
@@ -46,9 +48,10 @@ from ..checkpoint import (
     load_vocoder,
     meta_transformer,
 )
-from ..export.adapters import ComponentGraph, component_graph
+from ..component_graphs import ComponentGraph, component_graph
 from ..export.specs import COMPONENTS, ComponentSpec
-from ..sampling.buckets import PROMPT_MAX_TOKENS, WarmupShape, parse_warmup
+from ..sampling.buckets import WarmupShape, parse_warmup
+from .config_params import parse_flag
 from .memory import malloc_trim
 
 if TYPE_CHECKING:
@@ -70,20 +73,6 @@ DECODE_ONLY = ("timestep_embedder", "t_block", "proj_in", "transformer_blocks", 
 instance drops the other half after loading, so condition encoder and DiT decoder together hold
 one transformer's weights, not two. (``speaker_embedder``, 512 x D, stays in both: the model
 reads its dtype from it.)"""
-
-
-def parse_flag(value: str | bool | None, default: bool, name: str) -> bool:
-    """A boolean config parameter (``true``/``false``/``1``/``0``/``auto`` or empty = default)."""
-    if isinstance(value, bool):
-        return value
-    text = (value or "auto").strip().lower()
-    if text in ("auto", ""):
-        return default
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"config parameter {name}: expected true, false or auto, got {value!r}")
 
 
 @dataclass(frozen=True)

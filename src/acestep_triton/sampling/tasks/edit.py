@@ -44,17 +44,16 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from acestep_client.limits import EDIT_PRESETS, CancelFn
+
 from ..conditions import SPEAKER_DIM, EncodedConditions, encode_prompt
 from ..config import SamplerConfig
 from ..denoiser import Denoiser
 from ..erg import lyric_query_scale
-from ..loop import CancelFn, GuidedVelocity, ProgressFn, StepTrace, integrate
+from ..loop import GuidedVelocity, ProgressFn, StepTrace, integrate
 from ..noise import SeededNoise
 from ..schedule import flow_match_schedule
 from .steps import TimestepEuler, euler_update, pingpong_update
-
-#: upstream's UI presets: (edit_n_min, edit_n_max).
-EDIT_PRESETS: dict[str, tuple[float, float]] = {"only_lyrics": (0.6, 1.0), "remix": (0.2, 0.4)}
 
 
 @dataclass(frozen=True)

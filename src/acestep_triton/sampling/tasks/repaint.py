@@ -54,10 +54,12 @@ from dataclasses import dataclass
 
 import torch
 
+from acestep_client.limits import CancelFn
+
 from ..conditions import EncodedConditions
 from ..config import SamplerConfig
 from ..denoiser import Denoiser
-from ..loop import CancelFn, GuidedVelocity, ProgressFn, StepTrace, integrate
+from ..loop import GuidedVelocity, ProgressFn, StepTrace, integrate
 from ..noise import FRAMES_PER_SECOND, MAX_FRAMES, latent_frames, mix_retake_noise
 from .retake import sample_retake
 from .steps import TimestepEuler, euler_update, noised

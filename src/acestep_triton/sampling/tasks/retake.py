@@ -13,10 +13,12 @@ from collections.abc import Callable
 
 import torch
 
+from acestep_client.limits import CancelFn
+
 from ..conditions import EncodedConditions
 from ..config import SamplerConfig
 from ..denoiser import Denoiser
-from ..loop import CancelFn, ProgressFn, StepTrace, run_sampling
+from ..loop import ProgressFn, StepTrace, run_sampling
 from ..noise import mix_retake_noise, noise_reference
 from ..schedule import audio2audio_schedule
 
