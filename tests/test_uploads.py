@@ -9,13 +9,17 @@ with its six ONNX components, started with an upload limit of :data:`LIMIT_MB`. 
   of heap after one 300 MiB upload);
 * a small compressed file whose header says more than two channels (8 × 192 kHz decoded to
   1.4 GiB) is refused from its header, before anything is decoded, naming ``ref_audio``;
-* the server keeps serving after both.
+* the server keeps serving after both;
+* the ``/dev/shm`` region the upload grew in the endpoint's stub comes back: the watchdog
+  replaces the stub (a model reload) while a generation in flight on it finishes.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -33,11 +37,14 @@ from acestep_triton.audio import decode_audio_bytes
 from acestep_triton.checkpoint import Components
 from acestep_triton.export.render import load_endpoints, render_repository
 from acestep_triton.serving.deploy import build_deployment
+from acestep_triton.serving.health import region_bytes, stub_processes
 from acestep_triton.serving.memory import proc_field_bytes
 from acestep_triton.serving.server import TritonServer
 
 LIMIT_MB = 64
 OVERSIZED_MB = 300
+LONG_STEPS = 300
+"""Steps of the generation kept in flight while the endpoint is recycled (tiny model)."""
 KEPT_BOUND_MIB = 150
 """What tritonserver's heap may keep after a refused 300 MiB upload (measured +64 MiB with the
 request pool off, +426 MiB with Triton's default pool)."""
@@ -66,6 +73,17 @@ def silent_flac(channels: int, rate: int, seconds: float) -> bytes:
     return buffer.getvalue()
 
 
+def oversized_upload() -> np.ndarray:
+    return np.array([b"RIFF" + os.urandom(2**20) * OVERSIZED_MB], dtype=object)
+
+
+def endpoint_region_mib(server: TritonServer) -> float:
+    """The largest ``/dev/shm`` region of the endpoint's live stubs."""
+    assert server.pid is not None
+    return max((region_bytes(s.shm_region) / 2**20 for s in stub_processes(server.pid)
+                if s.model == "audio2audio"), default=0.0)
+
+
 def anon_mib(pid: int) -> float:
     return proc_field_bytes(f"/proc/{pid}/status", "RssAnon") / 2**20
 
@@ -83,7 +101,7 @@ def server(tiny_onnx_ckpt: Path, tiny_onnx_dir: Path, tiny_onnx_components: Comp
     repository = render_repository(workdir / "one_instance", "cpu", deployment.onnx_dir, [endpoint],
                                    assets=deployment.assets, intra_op_threads=1)
     server = TritonServer(repository, log_path=workdir / "tritonserver.log", startup_timeout=300,
-                          stop_timeout=20, max_upload_mb=LIMIT_MB)
+                          stop_timeout=20, max_upload_mb=LIMIT_MB, recover=True)
     server.start()
     try:
         yield server
@@ -118,7 +136,7 @@ def test_an_oversized_upload_is_refused_and_tritonserver_keeps_little_of_it(serv
     for _ in range(2):  # warm: the request objects and buffers of ordinary requests exist
         client.generate(params(), ref_audio=small, timeout_s=120)
     before = anon_mib(server.pid)
-    big = np.array([b"RIFF" + os.urandom(2**20) * OVERSIZED_MB], dtype=object)
+    big = oversized_upload()
     with pytest.raises(InvalidRequest, match=rf"this server accepts at most {LIMIT_MB} MiB") as refused:
         client.generate(params(), validate=False, extra_inputs={"ref_audio": big}, timeout_s=120)
     del big
@@ -128,3 +146,65 @@ def test_an_oversized_upload_is_refused_and_tritonserver_keeps_little_of_it(serv
     kept = anon_mib(server.pid) - before
     print(f"tritonserver heap after a refused {OVERSIZED_MB} MiB upload: {kept:+.0f} MiB")
     assert kept < KEPT_BOUND_MIB, f"tritonserver kept {kept:.0f} MiB of a refused {OVERSIZED_MB} MiB upload"
+
+
+def wait_until_one_small_stub(server: TritonServer, timeout_s: float = 90.0) -> None:
+    """Until the endpoint runs one stub (no recycle under way) with a region under the limit."""
+    assert server.pid is not None
+    deadline = time.monotonic() + timeout_s
+    while (len([s for s in stub_processes(server.pid) if s.model == "audio2audio"]) != 1
+           or endpoint_region_mib(server) > LIMIT_MB):
+        assert time.monotonic() < deadline, f"{endpoint_region_mib(server):.0f} MiB kept"
+        time.sleep(0.2)
+
+
+def marked_pids(server: TritonServer) -> set[int]:
+    """Stub pids with a request in flight (the drain gate's ``inflight-<pid>-<n>`` markers)."""
+    return {int(p.name.split("-")[1]) for p in server.drain_dir.glob("inflight-*")}
+
+
+@pytest.mark.triton
+def test_the_shared_memory_of_a_refused_upload_comes_back_while_work_in_flight_finishes(
+        server: TritonServer) -> None:
+    """One endpoint instance serves one request at a time, so the generation kept in flight is
+    the one sent right after the refused upload: the old stub serves it while the new loads."""
+    watchdog = server.watchdog
+    assert watchdog is not None and server.pid is not None
+    assert server.region_limit_bytes == (2 * LIMIT_MB + 64) * 2**20
+    watchdog.recycle_interval_s = 0.0  # the test above may have recycled it a moment ago
+    wait_until_one_small_stub(server)  # and its recycle may still be under way
+    recycles = watchdog.status.recycles
+    small = audio_file(2, 44_100, 2.0)
+    generating = threading.Event()
+    outcome: dict[str, object] = {}
+
+    def long_generation() -> None:
+        try:
+            outcome["result"] = AceStepClient(server.grpc_url, retry=NO_RETRY).generate(
+                replace(params(), infer_step=LONG_STEPS, audio_duration=30.0), ref_audio=small,
+                on_progress=lambda step, total: generating.set(), timeout_s=600)
+        except Exception as exc:  # reported below
+            outcome["error"] = exc
+        finally:
+            generating.set()
+
+    old_stubs = {s.pid for s in stub_processes(server.pid) if s.model == "audio2audio"}
+    with pytest.raises(InvalidRequest, match="this server accepts at most"):
+        AceStepClient(server.grpc_url, retry=NO_RETRY).generate(
+            params(), validate=False, extra_inputs={"ref_audio": oversized_upload()}, timeout_s=120)
+    in_flight = threading.Thread(target=long_generation)
+    in_flight.start()
+    assert generating.wait(120)
+    served_by = marked_pids(server)
+    deadline = time.monotonic() + 60
+    while not ({s.pid for s in stub_processes(server.pid) if s.model == "audio2audio"} - old_stubs):
+        assert time.monotonic() < deadline, "the endpoint was not recycled"
+        time.sleep(0.1)
+    in_flight.join(600)
+    assert "error" not in outcome, outcome.get("error")
+    assert served_by and served_by <= old_stubs, "the generation did not run on the stub being replaced"
+    wait_until_one_small_stub(server)
+    assert watchdog.status.recycles == recycles + 1
+    assert not old_stubs & {s.pid for s in stub_processes(server.pid)}, "the replaced stub still runs"
+    client = AceStepClient(server.grpc_url, retry=NO_RETRY)
+    assert client.generate(params(), ref_audio=small, timeout_s=120).audio.shape[1] == 2

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import tempfile
@@ -56,6 +57,9 @@ STATUS_STALE_S = 15.0
 """A watchdog status older than this means the watchdog itself stopped: not healthy."""
 
 OK, RECOVERING, FAILED = "ok", "recovering", "failed"
+RECYCLE_INTERVAL_S = 60.0
+"""The fewest seconds between two recycles of one model's instances (see :class:`Watchdog`):
+a client that keeps sending oversized uploads costs at most one model load a minute."""
 RELOAD_PARAMETER = "acestep_reload"
 """Config parameter the watchdog adds (a counter) to force a real reload; models ignore it."""
 
@@ -133,6 +137,14 @@ def stub_processes(server_pid: int | None = None, *, region_prefix: str | None =
         found.append(StubProcess(pid=pid, instance=argv[8], model=model_of_instance(argv[8]),
                                  shm_region=argv[2], server_pid=parent))
     return sorted(found, key=lambda s: (s.instance, s.pid))
+
+
+def region_bytes(region: str) -> int:
+    """The size of a stub's shared-memory region (0 when it is gone)."""
+    try:
+        return (SHM_DIR / region).stat().st_size
+    except OSError:
+        return 0
 
 
 def dead_stub_children(server_pid: int) -> list[int]:
@@ -264,6 +276,18 @@ def repository_models(repository: Path) -> list[str]:
     return sorted(p.name for p in Path(repository).iterdir() if (p / "config.pbtxt").is_file())
 
 
+def upload_models(repository: Path) -> set[str]:
+    """Models a client sends free-form bytes to: those whose config declares a ``TYPE_STRING``
+    input (the task endpoints and the LoRA registry). Only their stubs' regions can be grown by a
+    request from outside; a component's inputs are bounded by the pipeline."""
+    found = set()
+    for model in repository_models(repository):
+        with contextlib.suppress(OSError):
+            if "TYPE_STRING" in (repository / model / "config.pbtxt").read_text():
+                found.add(model)
+    return found
+
+
 def server_repository(server_pid: int) -> Path | None:
     for arg in _cmdline(server_pid):
         if arg.startswith("--model-repository="):
@@ -292,6 +316,8 @@ class Status:
     failed: list[str] = field(default_factory=list)
     recoveries: int = 0
     last_recovery_s: float | None = None
+    recycles: int = 0
+    """Models reloaded because a stub's shared-memory region outgrew the limit (a refused upload)."""
     message: str = ""
     draining: bool = False
     """``serve`` is draining before a stop (:mod:`acestep_triton.serving.drain`): not ready, still live."""
@@ -390,12 +416,20 @@ class Watchdog(threading.Thread):
     old one). A failed reload is retried ``attempts`` times; when that or ``recovery_timeout``
     runs out the state becomes ``failed`` and ``on_give_up`` is called (``acestep-triton serve``
     then stops the server and exits non-zero, so Docker/Kubernetes restart the container).
+
+    It also gives back the shared memory of refused uploads. The Python backend copies every
+    input into the instance's ``/dev/shm`` region before the model sees it, grows the region to
+    fit and never shrinks it (2.51): one refused 500 MiB upload kept 506 MiB of ``/dev/shm`` for
+    good. With ``region_limit`` set, a stub of an :func:`upload_models` model whose region is
+    larger is recycled: the same reload, so the new version takes new requests at once while the
+    old one finishes those in flight and then exits with its region. At most once per
+    :data:`RECYCLE_INTERVAL_S` per model.
     """
 
     def __init__(self, *, server_pid: int, http_port: int, repository: Path, admin_token: str,
                  status_file: Path, poll_s: float = 0.5, recovery_timeout: float = 600.0,
                  attempts: int = 3, on_give_up: Callable[[str], None] | None = None,
-                 log: Callable[[str], None] | None = None) -> None:
+                 log: Callable[[str], None] | None = None, region_limit: int | None = None) -> None:
         super().__init__(name=f"acestep-watchdog-{server_pid}", daemon=True)
         self.server_pid = server_pid
         self.base = f"http://127.0.0.1:{http_port}"
@@ -412,6 +446,10 @@ class Watchdog(threading.Thread):
         self._expected: dict[str, list[str]] = {}
         self._known: dict[str, int] = {}  # instance -> pid of the stub serving it
         self._generation = 0
+        self.region_limit = region_limit
+        self._upload_models = upload_models(self.repository) if region_limit is not None else set()
+        self._recycled: dict[str, float] = {}  # model -> monotonic time of its last recycle
+        self.recycle_interval_s = RECYCLE_INTERVAL_S
         self.stale_pids: set[int] = set()
         """Stubs of replaced model versions that never exit: when one instance of a model with
         several died, the reload replaces the version, but the old version's unload hangs on
@@ -425,19 +463,23 @@ class Watchdog(threading.Thread):
         with contextlib.suppress(OSError):
             self.status_file.unlink()
 
-    def _refresh_expected(self) -> None:
+    def _refresh_expected(self, replaced: set[int] | frozenset[int] = frozenset()) -> None:
+        """What should run now; ``replaced``: stubs of versions a reload replaced, which may still
+        finish requests under the same instance names."""
         self._expected = python_instances(self.base, repository_models(self.repository))
-        live = {s.instance: s.pid for s in stub_processes(self.server_pid)}
+        live = {s.instance: s.pid for s in stub_processes(self.server_pid) if s.pid not in replaced}
         self._known = {i: live[i] for names in self._expected.values() for i in names if i in live}
 
     def broken_models(self) -> list[str]:
         """Models with an instance whose stub is gone (died, or never seen alive)."""
-        live = {s.instance: s.pid for s in stub_processes(self.server_pid)}
+        live: dict[str, set[int]] = {}
+        for stub in stub_processes(self.server_pid):  # a replaced version may share instance names
+            live.setdefault(stub.instance, set()).add(stub.pid)
         broken = []
         for model, names in self._expected.items():
             for name in names:
                 known = self._known.get(name)
-                if known is None or not process_alive(known) or live.get(name) != known:
+                if known is None or not process_alive(known) or known not in live.get(name, ()):
                     broken.append(model)
                     break
         return broken
@@ -474,6 +516,8 @@ class Watchdog(threading.Thread):
                     self._recover(broken)
                     if self.status.state == FAILED:
                         return
+                else:
+                    self._recycle(self.oversized_models())
                 self.status.write(self.status_file)
         except Exception as exc:  # a broken watchdog must show in the probes, not vanish silently
             self.status.state, self.status.message = FAILED, f"watchdog crashed: {type(exc).__name__}: {exc}"
@@ -482,6 +526,34 @@ class Watchdog(threading.Thread):
             self.log(f"acestep watchdog: {self.status.message}")
             if self.on_give_up is not None:
                 self.on_give_up(self.status.message)
+
+    def oversized_models(self) -> list[str]:
+        """Upload-taking models with a serving stub whose region outgrew ``region_limit`` and that
+        were not recycled in the last ``recycle_interval_s`` (:data:`RECYCLE_INTERVAL_S`)."""
+        if self.region_limit is None:
+            return []
+        now = time.monotonic()
+        serving = set(self._known.values())
+        return sorted({s.model for s in stub_processes(self.server_pid)
+                       if s.model in self._upload_models and s.pid in serving
+                       and now - self._recycled.get(s.model, -math.inf) >= self.recycle_interval_s
+                       and region_bytes(s.shm_region) > self.region_limit})
+
+    def _recycle(self, models: list[str]) -> None:
+        if not models:
+            return
+        before = {s.pid for s in stub_processes(self.server_pid) if s.model in models}
+        for model in models:
+            self._recycled[model] = time.monotonic()
+            started = time.monotonic()
+            ok, error = self.reload(model)
+            if ok:
+                self.status.recycles += 1
+                self.log(f"acestep watchdog: {model}'s shared memory outgrew {self.region_limit / 2**20:.0f} MiB "
+                         f"(a refused upload); replaced it in {time.monotonic() - started:.1f} s")
+            else:  # the old version still serves; the next interval tries again
+                self.log(f"acestep watchdog: could not recycle {model}: {error}")
+        self._refresh_expected(replaced=before)
 
     def _recover(self, models: list[str]) -> None:
         started = time.monotonic()

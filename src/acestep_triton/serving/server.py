@@ -57,6 +57,7 @@ from acestep_client.auth import (
     check_key,
     env_key,
 )
+from acestep_client.params import MAX_AUDIO_BYTES
 
 from . import drain as drain_files
 from .health import (
@@ -93,6 +94,9 @@ REQUEST_POOL_ARGS = ("--grpc-infer-allocation-pool-size=0",)
 with the capacity of the largest message it ever held: after one 300 MiB upload (refused by the
 endpoint) tritonserver kept +426 MiB of heap for good; with no pool, +64 MiB (measured on 2.51,
 benchmarks/RESULTS.md). Allocating them per request costs nothing next to a generation."""
+REGION_HEADROOM_BYTES = 64 * 2**20
+"""Room in an endpoint stub's ``/dev/shm`` region beyond two uploads: responses (a 240 s stereo
+float32 response is 92 MB) and the small inputs."""
 MAX_UPLOAD_ENV = "ACESTEP_MAX_UPLOAD_MB"
 """The endpoints' upload limit in MiB (:func:`acestep_triton.serving.orchestrator.upload_limit_bytes`)."""
 NO_STUBS_GRACE_S = 3.0
@@ -499,9 +503,17 @@ class TritonServer:
         self.watchdog = Watchdog(server_pid=self._process.pid, http_port=self.http_port,
                                  repository=self.repository, admin_token=self._admin_token,
                                  status_file=self.status_file, recovery_timeout=self.recovery_timeout,
-                                 on_give_up=self.on_give_up,
+                                 on_give_up=self.on_give_up, region_limit=self.region_limit_bytes,
                                  log=lambda message: print(message, file=sys.stderr, flush=True))
         self.watchdog.start()
+
+    @property
+    def region_limit_bytes(self) -> int:
+        """The largest ``/dev/shm`` region an upload-taking endpoint stub keeps (the watchdog
+        recycles a larger one): room for two uploads at the limit (one being refused while an
+        accepted one is served) plus the responses."""
+        upload = int(self.max_upload_mb * 2**20) if self.max_upload_mb else MAX_AUDIO_BYTES
+        return 2 * upload + REGION_HEADROOM_BYTES
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout
