@@ -163,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from acestep_triton.checkpoint import load_components, write_tiny_checkpoint
     from acestep_triton.export.onnx_export import export_cached
-    from acestep_triton.pipeline import MusicGenerator, TorchDenoiser
+    from acestep_triton.pipeline import MusicGenerator, TorchBackend
     from acestep_triton.serving.deploy import build_deployment
     from acestep_triton.serving.server import TritonServer
 
@@ -172,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ckpt = args.checkpoint or write_tiny_checkpoint(workdir / "ckpt")
         components = load_components(ckpt)
         onnx_paths = export_cached(ckpt, workdir / "onnx", components=components)
-        local = MusicGenerator(TorchDenoiser(components), components.text_tokenizer, components.lyric_tokenizer,
+        local = MusicGenerator(TorchBackend(components), components.text_tokenizer, components.lyric_tokenizer,
                                components.vocoder.mel_transform)
         kwargs = {"duration": args.duration, "steps": args.steps, "requests": args.requests,
                   "repeats": args.repeats, "threads": args.threads}

@@ -64,7 +64,7 @@ TEXT_LAYERS = 12
 DecodeFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
 
 
-# ------------------------------------------------------------------------------- the denoiser
+# ------------------------------------------------------------------------------- the backend
 class CallCounter:
     """Counts DiT calls (one per decode invocation) around any decode function."""
 
@@ -99,8 +99,8 @@ class SequentialBranches:
         return torch.cat(outs)
 
 
-class BenchDenoiser:
-    """The :class:`~acestep_triton.sampling.Denoiser` of the benchmark: random-weight modules in
+class BenchBackend:
+    """The :class:`~acestep_triton.sampling.ComponentBackend` of the benchmark: random-weight modules in
     ``dtype`` on one device, a fixed stand-in for the text encoder, a pluggable DiT decode."""
 
     def __init__(self, transformer: nn.Module, dcae_decoder: nn.Module, vocoder: nn.Module, dtype: torch.dtype,
@@ -124,7 +124,7 @@ class BenchDenoiser:
     def dit_layers(self) -> int:
         return int(self.transformer.num_layers)
 
-    def with_decode(self, decode: DecodeFn) -> BenchDenoiser:
+    def with_decode(self, decode: DecodeFn) -> BenchBackend:
         other = copy.copy(self)
         other.decode = decode
         return other
@@ -157,7 +157,7 @@ class BenchDenoiser:
 @dataclass
 class Variant:
     name: str
-    denoiser: BenchDenoiser
+    backend: BenchBackend
     row_query_scale: bool
     counter: CallCounter
     note: str = ""
@@ -195,7 +195,7 @@ def generate(variant: Variant, conditions: EncodedConditions, noise: Tensor, con
     with torch.inference_mode():
         synchronize(device)
         started = time.perf_counter()
-        latents = sample_text2music(variant.denoiser, conditions, noise, config,
+        latents = sample_text2music(variant.backend, conditions, noise, config,
                                     row_query_scale=variant.row_query_scale)
         synchronize(device)
         looped = time.perf_counter()
@@ -393,7 +393,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     input_ids, text_mask, lyric_ids, lyric_mask, text_states = fixed_inputs(
         transformer, args.text_tokens, args.lyric_tokens, device, args.seed)
-    base = BenchDenoiser(transformer, models.dcae_decoder, models.vocoder, dtype, text_states)
+    base = BenchBackend(transformer, models.dcae_decoder, models.vocoder, dtype, text_states)
     codec = AudioCodec(base.encode_mel, base.decode_latents, base.vocode, models.vocoder.mel_transform,
                        overlapped_decode=True)
     frames = latent_frames(args.seconds)

@@ -25,13 +25,13 @@ from triton_harness import require_tritonserver
 
 from acestep_triton.checkpoint import Components, load_components
 from acestep_triton.lora import SERVING_FILE, write_tiny_lora
-from acestep_triton.pipeline import MusicGenerator, TorchDenoiser
+from acestep_triton.pipeline import MusicGenerator, TorchBackend
 from acestep_triton.serving.deploy import Deployment, build_deployment
 from acestep_triton.serving.server import TritonServer
 
 
 def local_generator_for(components: Components) -> MusicGenerator:
-    return MusicGenerator(TorchDenoiser(components), components.text_tokenizer, components.lyric_tokenizer,
+    return MusicGenerator(TorchBackend(components), components.text_tokenizer, components.lyric_tokenizer,
                           components.vocoder.mel_transform)
 
 

@@ -162,9 +162,9 @@ def test_graph_self_check_compares_replay_with_eager() -> None:
     models = gpu.build_random_models("cpu", torch.float32, configs=gpu.tiny_configs(), parts=("transformer",))
     transformer = models.transformer
     ids, mask, lyric_ids, lyric_mask, states = gpu.fixed_inputs(transformer, 8, 10, torch.device("cpu"), 0)
-    denoiser = gpu.BenchDenoiser(transformer, None, None, torch.float32, states)
+    backend = gpu.BenchBackend(transformer, None, None, torch.float32, states)
     with torch.inference_mode():
-        conditions = gpu.build_conditions(denoiser, ids, mask, lyric_ids, lyric_mask, gpu.SamplerConfig())
+        conditions = gpu.build_conditions(backend, ids, mask, lyric_ids, lyric_mask, gpu.SamplerConfig())
     noise = torch.randn(1, 8, 16, 9)
     good = gpu.graph_self_check(CUDAGraphDecoder(transformer, backend=EagerGraphs()), transformer, conditions, noise)
     assert good == {"max_rel_diff": 0.0, "follows_inputs": True}

@@ -21,14 +21,14 @@ from acestep_client.params import GenerationParams
 from acestep_triton.checkpoint import Components
 from acestep_triton.lyrics import MAX_LYRIC_TOKENS
 from acestep_triton.models.transformer import ACEStepTransformer, masked_group_norm
-from acestep_triton.pipeline import MusicGenerator, TorchDenoiser
-from acestep_triton.sampling import Denoiser
+from acestep_triton.pipeline import MusicGenerator, TorchBackend
+from acestep_triton.sampling import ComponentBackend
 from acestep_triton.sampling.buckets import (
     DEFAULT_FRAME_BUCKETS,
     DEFAULT_TOKEN_BUCKETS,
     MAX_ENCODER_TOKENS,
     PROMPT_MAX_TOKENS,
-    BucketedDenoiser,
+    BucketedBackend,
     ShapeBuckets,
 )
 from acestep_triton.sampling.noise import MAX_FRAMES
@@ -103,9 +103,9 @@ def test_parameters_round_trip() -> None:
         ShapeBuckets.from_parameters({"token_buckets": "many"})
 
 
-# ------------------------------------------------------------------------------ BucketedDenoiser unit
+# ------------------------------------------------------------------------------ BucketedBackend unit
 
-class _RecordingDenoiser:
+class _RecordingBackend:
     """Returns a velocity that encodes each frame's index, and keeps the inputs it was given."""
 
     text_layers, lyric_layers, dit_layers = 3, 4, 5
@@ -128,10 +128,10 @@ def _decoder_inputs(b: int, w: int, s: int, d: int, dtype: torch.dtype = torch.f
             torch.ones(b, s, dtype=dtype), torch.rand(b) * 1000, torch.ones(b, 5))
 
 
-def test_bucketed_denoiser_pads_slices_and_delegates() -> None:
-    inner = _RecordingDenoiser()
-    bucketed = BucketedDenoiser(inner, ShapeBuckets((16, 32), (8, 16)))
-    assert isinstance(bucketed, Denoiser)
+def test_bucketed_backend_pads_slices_and_delegates() -> None:
+    inner = _RecordingBackend()
+    bucketed = BucketedBackend(inner, ShapeBuckets((16, 32), (8, 16)))
+    assert isinstance(bucketed, ComponentBackend)
     assert (bucketed.text_layers, bucketed.lyric_layers, bucketed.dit_layers) == (3, 4, 5)
     assert bucketed.extra == "inner attribute" and torch.equal(bucketed.encode_mel(torch.zeros(1)), torch.ones(1))
 
@@ -303,14 +303,14 @@ class _ShapeSpy:
         return self.inner.predict_velocity(latents, *rest)
 
 
-def _generator(denoiser: Any, c: Components) -> MusicGenerator:
-    return MusicGenerator(denoiser, c.text_tokenizer, c.lyric_tokenizer, c.vocoder.mel_transform)
+def _generator(backend: Any, c: Components) -> MusicGenerator:
+    return MusicGenerator(backend, c.text_tokenizer, c.lyric_tokenizer, c.vocoder.mel_transform)
 
 
 @pytest.fixture(scope="module")
 def source_wav(tiny_onnx_components: Components) -> bytes:
     """A 2.5 s song of the tiny model as a float WAV (W is then no bucket size)."""
-    out = _generator(TorchDenoiser(tiny_onnx_components), tiny_onnx_components).generate(
+    out = _generator(TorchBackend(tiny_onnx_components), tiny_onnx_components).generate(
         GenerationParams(**{**BASE, "batch_size": 1, "manual_seeds": "7"}, audio_duration=2.5))
     buffer = io.BytesIO()
     sf.write(buffer, np.ascontiguousarray(out.audio[0].numpy().T), out.sample_rate, format="WAV", subtype="FLOAT")
@@ -322,9 +322,9 @@ def test_bucketed_generation_gives_the_same_audio(task: str, tiny_onnx_component
                                                   source_wav: bytes) -> None:
     fields, audio_input = TASKS[task]
     kwargs = {} if audio_input is None else {audio_input: source_wav}
-    plain = _generator(TorchDenoiser(tiny_onnx_components), tiny_onnx_components)
+    plain = _generator(TorchBackend(tiny_onnx_components), tiny_onnx_components)
     buckets = ShapeBuckets.default()
-    bucketed = BucketedDenoiser(TorchDenoiser(tiny_onnx_components), buckets)
+    bucketed = BucketedBackend(TorchBackend(tiny_onnx_components), buckets)
     spy = _ShapeSpy(bucketed)
     want = plain.generate(GenerationParams(**{**BASE, **fields}), **kwargs)
     got = _generator(spy, tiny_onnx_components).generate(GenerationParams(**{**BASE, **fields}), **kwargs)

@@ -62,10 +62,10 @@ def test_decode_without_cancel_is_unchanged() -> None:
 def test_pipeline_cancels_during_decode(tiny_onnx_components) -> None:
     """In-process, a 1-step batch: the cancel arrives after the only denoising step, i.e. during
     the decode, and ends the request with ``SamplingCancelled`` (not audio)."""
-    from acestep_triton.pipeline import MusicGenerator, TorchDenoiser
+    from acestep_triton.pipeline import MusicGenerator, TorchBackend
 
     c = tiny_onnx_components
-    generator = MusicGenerator(TorchDenoiser(c), c.text_tokenizer, c.lyric_tokenizer, c.vocoder.mel_transform)
+    generator = MusicGenerator(TorchBackend(c), c.text_tokenizer, c.lyric_tokenizer, c.vocoder.mel_transform)
     steps: list[int] = []
     calls = {"vocoder": 0}
     vocode = generator.codec.vocode

@@ -39,7 +39,7 @@ from acestep_client.params import GenerationParams
 from acestep_triton.checkpoint import Components
 from acestep_triton.export.render import DynamicBatching
 from acestep_triton.lora import LORA_WEIGHTS_FILE, InProcessLoras, LoraRegistry, write_tiny_lora
-from acestep_triton.pipeline import MusicGenerator, TorchDenoiser
+from acestep_triton.pipeline import MusicGenerator, TorchBackend
 from acestep_triton.serving.deploy import build_deployment
 from acestep_triton.serving.server import TritonServer
 
@@ -74,7 +74,7 @@ def server(tiny_onnx_ckpt: Path, registry: Path, tmp_path_factory: pytest.TempPa
 
 def _local(components: Components, registry: Path) -> MusicGenerator:
     c = components
-    return MusicGenerator(TorchDenoiser(c), c.text_tokenizer, c.lyric_tokenizer, c.vocoder.mel_transform,
+    return MusicGenerator(TorchBackend(c), c.text_tokenizer, c.lyric_tokenizer, c.vocoder.mel_transform,
                           lora_scope=InProcessLoras(c.transformer, LoraRegistry.from_dir(registry)))
 
 

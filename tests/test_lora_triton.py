@@ -15,7 +15,7 @@ from acestep_client.client import AceStepClient, ServerError
 from acestep_client.params import GenerationParams
 from acestep_triton.checkpoint import Components
 from acestep_triton.lora import InProcessLoras, LoraRegistry
-from acestep_triton.pipeline import MusicGenerator, TorchDenoiser
+from acestep_triton.pipeline import MusicGenerator, TorchBackend
 from acestep_triton.serving.server import TritonServer
 
 TOL = 1e-4
@@ -27,7 +27,7 @@ def test_served_lora_matches_in_process_and_checks_the_request(tiny_server: Trit
                                                                tiny_onnx_components: Components,
                                                                tiny_lora_dir: Path) -> None:
     c = tiny_onnx_components
-    local = MusicGenerator(TorchDenoiser(c), c.text_tokenizer, c.lyric_tokenizer, c.vocoder.mel_transform,
+    local = MusicGenerator(TorchBackend(c), c.text_tokenizer, c.lyric_tokenizer, c.vocoder.mel_transform,
                            lora_scope=InProcessLoras(c.transformer, LoraRegistry.from_dir(tiny_lora_dir)))
     lora = {"lora_name_or_path": TINY_LORA, "lora_weight": TINY_LORA_WEIGHT}
     client = AceStepClient(tiny_server.grpc_url)

@@ -2,7 +2,7 @@
 
 Each golden trace records every DiT decode call upstream made (timestep, input latents, output
 velocity, and the L2 norm of the encoder states, which tells the guidance branches apart) and
-every scheduler step (input sample, guided velocity, next sample). ``ReplayDenoiser`` answers
+every scheduler step (input sample, guided velocity, next sample). ``ReplayBackend`` answers
 our batched ``predict_velocity`` calls with the recorded velocities of the matching upstream
 calls and checks that we ask with the same latents, timesteps, branches and query scales. The
 encoders are stand-ins that check their inputs are exactly the branch inputs upstream builds
@@ -48,8 +48,8 @@ def _erg_vector(layers: int, weakened: range) -> torch.Tensor:
     return v
 
 
-class ReplayDenoiser:
-    """A Denoiser that replays one upstream trace (see the module docstring)."""
+class ReplayBackend:
+    """A ComponentBackend that replays one upstream trace (see the module docstring)."""
 
     text_layers = TEXT_LAYERS
     lyric_layers = LYRIC_LAYERS
@@ -204,8 +204,8 @@ def _run_case(golden_dir, golden_cases, name, row_query_scale=False, progress=No
     noise_err = float(np.abs(noise.numpy() - case["init_noise"]).max())
     assert noise_err == 0.0, f"initial noise differs from upstream by {noise_err}"
 
-    denoiser = ReplayDenoiser(trace, items, erg_diffusion=config.use_erg_diffusion)
-    conditions = build_conditions(denoiser, PROMPT_IDS, PROMPT_MASK, LYRIC_IDS, LYRIC_MASK, config)
+    backend = ReplayBackend(trace, items, erg_diffusion=config.use_erg_diffusion)
+    conditions = build_conditions(backend, PROMPT_IDS, PROMPT_MASK, LYRIC_IDS, LYRIC_MASK, config)
     checker = StepChecker(trace)
     common = dict(generator=seeds.step_generator, progress=progress, row_query_scale=row_query_scale)
     if kwargs["task"] == "retake":
@@ -214,30 +214,30 @@ def _run_case(golden_dir, golden_cases, name, row_query_scale=False, progress=No
         r_err = float(np.abs(retake_noise.numpy() - case["retake_noise"]).max())
         assert r_err == 0.0, f"retake noise differs from upstream by {r_err}"
         final = _retake_with_observer(
-            denoiser, conditions, noise, retake_noise, kwargs, config, checker, common
+            backend, conditions, noise, retake_noise, kwargs, config, checker, common
         )
     else:
-        final = sample_text2music(denoiser, conditions, noise, config, on_step=checker, **common)
-    assert denoiser.pos == len(trace["dit_v_out"]), (
-        f"made {denoiser.pos} of upstream's {len(trace['dit_v_out'])} DiT evaluations"
+        final = sample_text2music(backend, conditions, noise, config, on_step=checker, **common)
+    assert backend.pos == len(trace["dit_v_out"]), (
+        f"made {backend.pos} of upstream's {len(trace['dit_v_out'])} DiT evaluations"
     )
     assert checker.steps == len(trace["sched_timestep"])
     final_err = float(np.abs(final.numpy() - case["final_latents"]).max())
-    return checker.errors, final_err, denoiser
+    return checker.errors, final_err, backend
 
 
-def _retake_with_observer(denoiser, conditions, noise, retake_noise, kwargs, config, checker, common):
+def _retake_with_observer(backend, conditions, noise, retake_noise, kwargs, config, checker, common):
     # sample_retake has no observer hook; check its start point and its result, and the
     # per-step trace through run_sampling from the same start (identical by construction).
     from acestep_triton.sampling import mix_retake_noise, run_sampling
 
     final = sample_retake(
-        denoiser, conditions, noise, retake_noise, kwargs["retake_variance"], config, **common
+        backend, conditions, noise, retake_noise, kwargs["retake_variance"], config, **common
     )
-    denoiser.pos = 0
+    backend.pos = 0
     start = mix_retake_noise(noise, retake_noise, kwargs["retake_variance"])
     replayed = run_sampling(
-        denoiser, conditions, start, config.schedule(), config, on_step=checker, **common
+        backend, conditions, start, config.schedule(), config, on_step=checker, **common
     )
     assert torch.equal(final, replayed)
     return final
@@ -257,15 +257,15 @@ def test_loop_reproduces_upstream_trace(golden_dir, golden_cases, name):
 
 def test_branches_share_one_call_per_query_scale(golden_dir, golden_cases):
     """With ERG diffusion the uncond rows need another query scale: 2 calls per guided step."""
-    _, _, denoiser = _run_case(golden_dir, golden_cases, "j_batch2")
+    _, _, backend = _run_case(golden_dir, golden_cases, "j_batch2")
     guided_steps = 5  # N = 10, guidance interval 0.5 → steps 2..6
-    assert denoiser.dit_calls == 10 + guided_steps
+    assert backend.dit_calls == 10 + guided_steps
 
 
 def test_row_query_scale_merges_all_branches(golden_dir, golden_cases):
     """A backend with a per-row query scale gets exactly one DiT call per step, same numbers."""
-    errors, final_err, denoiser = _run_case(golden_dir, golden_cases, "j_batch2", row_query_scale=True)
-    assert denoiser.dit_calls == 10
+    errors, final_err, backend = _run_case(golden_dir, golden_cases, "j_batch2", row_query_scale=True)
+    assert backend.dit_calls == 10
     assert max(errors.values()) <= TOL and final_err <= TOL, f"{errors}, final {final_err:.2e}"
 
 
@@ -278,14 +278,14 @@ def test_progress_reports_each_step(golden_dir, golden_cases):
 def test_cancel_between_steps(golden_dir, golden_cases):
     _, trace = _load(golden_dir, "a_text2music_apg")
     config = _config(golden_cases["a_text2music_apg"]["call_kwargs"])
-    denoiser = ReplayDenoiser(trace, 1)
-    conditions = build_conditions(denoiser, PROMPT_IDS, PROMPT_MASK, LYRIC_IDS, LYRIC_MASK, config)
+    backend = ReplayBackend(trace, 1)
+    conditions = build_conditions(backend, PROMPT_IDS, PROMPT_MASK, LYRIC_IDS, LYRIC_MASK, config)
     noise = SeededNoise.from_seeds([12345]).draw_latents(32)
     done: list[int] = []
     with pytest.raises(SamplingCancelled) as info:
         sample_text2music(
-            denoiser, conditions, noise, config,
+            backend, conditions, noise, config,
             progress=lambda i, n: done.append(i), should_cancel=lambda: len(done) >= 3,
         )
     assert (info.value.step, info.value.total) == (3, 10)
-    assert done == [1, 2, 3] and denoiser.pos == 4  # steps 0, 1: one eval each; step 2 guided: two
+    assert done == [1, 2, 3] and backend.pos == 4  # steps 0, 1: one eval each; step 2 guided: two

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from acestep_triton.sampling import SamplerConfig, build_conditions, lyric_inputs
+from acestep_triton.sampling.backend import ComponentBackend
 from acestep_triton.sampling.conditions import EncodedConditions
-from acestep_triton.sampling.denoiser import Denoiser
 from acestep_triton.sampling.erg import dit_query_scale, lyric_query_scale, query_scale, text_query_scale
 
 IDS = torch.tensor([[3, 4, 1]])
@@ -15,7 +15,7 @@ MASK = torch.ones_like(IDS)
 LYRICS, LYRIC_MASK = lyric_inputs([261, 259, 2])
 
 
-class RecordingDenoiser:
+class RecordingBackend:
     """Records encoder calls; text states are 1 (normal) or 2 (ERG), encoder states = call number."""
 
     text_layers, lyric_layers, dit_layers = 12, 6, 24
@@ -67,13 +67,13 @@ def _describe(call) -> tuple:
     return _text_value(call), lyrics, erg
 
 
-def _build(**overrides) -> tuple[RecordingDenoiser, EncodedConditions]:
-    d = RecordingDenoiser()
+def _build(**overrides) -> tuple[RecordingBackend, EncodedConditions]:
+    d = RecordingBackend()
     return d, build_conditions(d, IDS, MASK, LYRICS, LYRIC_MASK, SamplerConfig(**overrides))
 
 
-def test_recording_denoiser_satisfies_protocol():
-    assert isinstance(RecordingDenoiser(), Denoiser)
+def test_recording_backend_satisfies_protocol():
+    assert isinstance(RecordingBackend(), ComponentBackend)
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,6 @@
 """The orchestrator's side of the serving loop, run in-process on each available device.
 
-:class:`TritonDenoiser` (what the endpoints sample with) is driven here by a component call
+:class:`TritonBackend` (what the endpoints sample with) is driven here by a component call
 that runs the tiny torch models instead of issuing BLS requests, and that checks every tensor
 handed to a component: it must already be on the sampling device. On the ``gpu`` target that is
 the property that matters (the loop never copies latents to the host between steps; see
@@ -27,8 +27,8 @@ import torch
 
 from acestep_client.params import GenerationParams
 from acestep_triton.checkpoint import Components, load_components, write_tiny_checkpoint
-from acestep_triton.pipeline import MusicGenerator, TorchDenoiser
-from acestep_triton.serving.orchestrator import TritonDenoiser
+from acestep_triton.pipeline import MusicGenerator, TorchBackend
+from acestep_triton.serving.orchestrator import TritonBackend
 
 DEVICES = [
     "cpu",
@@ -39,7 +39,7 @@ TOLERANCE = {"cpu": 1e-5, "cuda": 2e-3}
 fp32 kernels (TF32 off) whose rounding differences grow over the sampling steps."""
 
 
-def component_call(models: TorchDenoiser, device: torch.device, seen: list[str]):
+def component_call(models: TorchBackend, device: torch.device, seen: list[str]):
     """A ``ComponentCall`` over torch models on ``device`` that insists on device-resident inputs."""
     methods = {
         "text_encoder": (models.encode_text, ["input_ids", "attention_mask", "query_scale"]),
@@ -78,7 +78,7 @@ def components(checkpoint: Path) -> Components:
 @pytest.fixture(scope="module")
 def reference(components: Components) -> MusicGenerator:
     """The in-process reference pipeline, on the CPU."""
-    return MusicGenerator(TorchDenoiser(components), components.text_tokenizer, components.lyric_tokenizer,
+    return MusicGenerator(TorchBackend(components), components.text_tokenizer, components.lyric_tokenizer,
                           components.vocoder.mel_transform)
 
 
@@ -93,10 +93,10 @@ def served_generator(request: pytest.FixtureRequest, checkpoint: Path, component
     for module in components.modules().values():
         module.to(device)
     seen: list[str] = []
-    denoiser = TritonDenoiser(component_call(TorchDenoiser(components), device, seen),
+    backend = TritonBackend(component_call(TorchBackend(components), device, seen),
                               components.text_encoder.num_layers, components.transformer.lyric_layers,
                               components.transformer.num_layers)
-    generator = MusicGenerator(denoiser, components.text_tokenizer, components.lyric_tokenizer,
+    generator = MusicGenerator(backend, components.text_tokenizer, components.lyric_tokenizer,
                                components.vocoder.mel_transform, device=device)
     return generator, device, seen
 

@@ -1,4 +1,4 @@
-"""Loop behaviour the upstream traces do not cover, with analytic stand-in denoisers."""
+"""Loop behaviour the upstream traces do not cover, with analytic stand-in backends."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ TOL = 1e-5
 SHAPE = (2, 8, 16, 5)
 
 
-class FlowDenoiser:
+class FlowBackend:
     """The exact velocity field of a straight path from ``x0`` to ``eps``: v = eps − x0.
 
     Euler with ω' = 1 integrates it exactly, so final latents are known in closed form.
@@ -36,7 +36,7 @@ class FlowDenoiser:
         return self.v.repeat(latents.shape[0] // self.v.shape[0], 1, 1, 1)
 
 
-class PointMassDenoiser(FlowDenoiser):
+class PointMassBackend(FlowBackend):
     """The exact field towards a single data point: v(x, σ) = (x − x0)/σ, so x − σ·v = x0.
 
     Every scheduler (pingpong's re-noising included) lands exactly on x0.
@@ -52,7 +52,7 @@ class PointMassDenoiser(FlowDenoiser):
         return (latents - self.x0.repeat(latents.shape[0] // self.x0.shape[0], 1, 1, 1)) / sigma
 
 
-class BranchDenoiser:
+class BranchBackend:
     """Velocity = the row's encoder-state value (1 cond, 2 uncond, 3 text-only) + 10·(query ERG)."""
 
     text_layers, lyric_layers, dit_layers = 12, 6, 24
@@ -77,7 +77,7 @@ def _conditions(items: int = 1) -> EncodedConditions:
 def test_exact_flow_text2music_recovers_x0():
     torch.manual_seed(0)
     x0, eps = torch.randn(SHAPE), torch.randn(SHAPE)
-    d = FlowDenoiser(x0, eps)
+    d = FlowBackend(x0, eps)
     config = SamplerConfig(infer_step=7, guidance_scale=1.0, omega_scale=0.0)
     out = sample_text2music(d, _conditions(2), eps, config)
     err = float((out - x0).abs().max())
@@ -91,7 +91,7 @@ def test_point_mass_field_lands_on_x0(scheduler):
     x0, eps = torch.randn(SHAPE), torch.randn(SHAPE)
     config = SamplerConfig(infer_step=6, guidance_scale=1.0, omega_scale=0.0, scheduler_type=scheduler)
     gen = torch.Generator().manual_seed(3)
-    out = sample_text2music(PointMassDenoiser(x0), _conditions(2), eps, config, generator=gen)
+    out = sample_text2music(PointMassBackend(x0), _conditions(2), eps, config, generator=gen)
     err = float((out - x0).abs().max())
     assert err <= TOL, f"{scheduler}: max abs error {err:.2e}"
 
@@ -100,7 +100,7 @@ def test_heun_with_oss_steps_runs():
     """Upstream crashes on heun + oss_steps; we run heun over the oss sigmas."""
     torch.manual_seed(2)
     x0, eps = torch.randn(SHAPE), torch.randn(SHAPE)
-    d = FlowDenoiser(x0, eps)
+    d = FlowBackend(x0, eps)
     config = SamplerConfig(oss_steps="1,3,5,8", guidance_scale=1.0, omega_scale=0.0, scheduler_type="heun")
     out = sample_text2music(d, _conditions(2), eps, config)
     assert len(d.timesteps) == 2 * 4 - 1
@@ -112,7 +112,7 @@ def test_audio2audio_starts_at_shifted_levels():
     x = 0.25·ref + 0.75·ε, then − 0.9·(ε − ref) → 1.15·ref − 0.15·ε."""
     torch.manual_seed(3)
     ref, eps = torch.randn(SHAPE), torch.randn(SHAPE)
-    d = FlowDenoiser(ref, eps)
+    d = FlowBackend(ref, eps)
     config = SamplerConfig(infer_step=10, guidance_scale=1.0, omega_scale=0.0)
     out = sample_audio2audio(d, _conditions(2), ref, eps, 0.5, config)
     assert len(d.timesteps) == 5 and abs(d.timesteps[0] - 900.0) < 1e-3
@@ -121,7 +121,7 @@ def test_audio2audio_starts_at_shifted_levels():
 
 
 def test_double_condition_guidance_and_call_grouping():
-    d = BranchDenoiser()
+    d = BranchBackend()
     config = SamplerConfig(
         infer_step=4, guidance_interval=1.0, guidance_scale_text=5.0, guidance_scale_lyric=2.0
     )
@@ -134,7 +134,7 @@ def test_double_condition_guidance_and_call_grouping():
 
 
 def test_without_erg_diffusion_all_branches_share_one_call():
-    d = BranchDenoiser()
+    d = BranchBackend()
     config = SamplerConfig(infer_step=4, guidance_interval=1.0, cfg_type="cfg", use_erg_diffusion=False)
     guided = GuidedVelocity(d, _conditions(3), config, 4, 3, torch.ones(3, 5))
     v = guided(torch.zeros(3, 8, 16, 5), 1, torch.tensor(1000.0))
@@ -145,14 +145,14 @@ def test_without_erg_diffusion_all_branches_share_one_call():
 def test_row_query_scale_gives_per_row_vectors():
     seen = []
 
-    class RowDenoiser(BranchDenoiser):
+    class RowBackend(BranchBackend):
         def predict_velocity(self, latents, latent_mask, encoder_states, encoder_mask, timestep, query_scale):
             seen.append(query_scale)
             return torch.zeros_like(latents)
 
     config = SamplerConfig(infer_step=4, guidance_interval=1.0)
     guided = GuidedVelocity(
-        RowDenoiser(), _conditions(2), config, 4, 2, torch.ones(2, 5), row_query_scale=True
+        RowBackend(), _conditions(2), config, 4, 2, torch.ones(2, 5), row_query_scale=True
     )
     guided(torch.zeros(2, 8, 16, 5), 0, torch.tensor(1000.0))
     assert len(seen) == 1 and seen[0].shape == (4, 24)
@@ -161,7 +161,7 @@ def test_row_query_scale_gives_per_row_vectors():
 
 
 def test_guided_steps_outside_interval_use_one_branch():
-    d = BranchDenoiser()
+    d = BranchBackend()
     config = SamplerConfig(infer_step=10)  # interval [2, 7)
     guided = GuidedVelocity(d, _conditions(), config, 10, 1, torch.ones(1, 5))
     assert [len(guided.branches(i)) for i in range(10)] == [1, 1, 2, 2, 2, 2, 2, 1, 1, 1]

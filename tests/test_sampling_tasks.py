@@ -3,7 +3,7 @@
 The golden cases m_repaint and o_edit are replayed like the text2music cases in
 ``test_sampling_cases.py``: the DiT answers with upstream's recorded velocities and checks that
 it is asked with upstream's latents, timesteps, branches and query scales. The property tests
-use a small deterministic toy denoiser instead (velocity = a smooth function of the latents,
+use a small deterministic toy backend instead (velocity = a smooth function of the latents,
 the timestep and the encoder states), which is enough to tell every branch and step apart.
 """
 
@@ -21,7 +21,7 @@ from test_sampling_cases import (
     PROMPT_MASK,
     STATE_DIM,
     TOL,
-    ReplayDenoiser,
+    ReplayBackend,
     _config,
     _load,
 )
@@ -64,16 +64,16 @@ def test_repaint_reproduces_upstream(golden_dir, golden_cases):
                     float(np.abs(retake_noise.numpy() - case["retake_noise"]).max()))
     assert noise_err == 0.0, f"noise differs from upstream by {noise_err}"
 
-    denoiser = ReplayDenoiser(trace, 1)
-    conditions = build_conditions(denoiser, PROMPT_IDS, PROMPT_MASK, LYRIC_IDS, LYRIC_MASK, config)
+    backend = ReplayBackend(trace, 1)
+    conditions = build_conditions(backend, PROMPT_IDS, PROMPT_MASK, LYRIC_IDS, LYRIC_MASK, config)
     final = sample_repaint(
-        denoiser, conditions, source, noise, retake_noise,
+        backend, conditions, source, noise, retake_noise,
         kwargs["repaint_start"], kwargs["repaint_end"], kwargs["retake_variance"], config,
     )
-    assert denoiser.pos == len(trace["dit_v_out"]) == 7, f"made {denoiser.pos} DiT evaluations"
+    assert backend.pos == len(trace["dit_v_out"]) == 7, f"made {backend.pos} DiT evaluations"
     final_err = float(np.abs(final.numpy() - case["final_latents"]).max())
     assert final_err <= TOL, (
-        f"final latents max abs error {final_err:.2e} (DiT inputs {denoiser.max_hidden_err:.2e})"
+        f"final latents max abs error {final_err:.2e} (DiT inputs {backend.max_hidden_err:.2e})"
     )
     start, end = latent_frames(kwargs["repaint_start"]), latent_frames(kwargs["repaint_end"])
     outside = torch.ones(frames, dtype=torch.bool)
@@ -88,7 +88,7 @@ TARGET_MASK = torch.ones_like(TARGET_IDS)
 TARGET_LYRIC_IDS, TARGET_LYRIC_MASK = lyric_inputs([261, 911, 77, 2])
 
 
-class EditReplayDenoiser:
+class EditReplayBackend:
     """Replays upstream's edit trace: one DiT call per side and step, rows [cond; uncond].
 
     The stand-in encoders check they get upstream's edit inputs (normal text encoder; null
@@ -191,13 +191,13 @@ def test_edit_reproduces_upstream(golden_dir, golden_cases):
     noise = RecordingNoise.from_seeds(retake.seeds)
     source = torch.from_numpy(case["src_or_ref_latents"])
 
-    denoiser = EditReplayDenoiser(trace)
-    src = encode_edit_conditions(denoiser, PROMPT_IDS, PROMPT_MASK, LYRIC_IDS, LYRIC_MASK, config)
+    backend = EditReplayBackend(trace)
+    src = encode_edit_conditions(backend, PROMPT_IDS, PROMPT_MASK, LYRIC_IDS, LYRIC_MASK, config)
     tar = encode_edit_conditions(
-        denoiser, TARGET_IDS, TARGET_MASK, TARGET_LYRIC_IDS, TARGET_LYRIC_MASK, config
+        backend, TARGET_IDS, TARGET_MASK, TARGET_LYRIC_IDS, TARGET_LYRIC_MASK, config
     )
     final = sample_edit(
-        denoiser, src, tar, source, noise, config,
+        backend, src, tar, source, noise, config,
         edit_n_min=kwargs["edit_n_min"], edit_n_max=kwargs["edit_n_max"], edit_n_avg=kwargs["edit_n_avg"],
     )
     expected_draws = sorted(k for k in case if k.startswith("edit_fwd_noise_"))
@@ -205,18 +205,18 @@ def test_edit_reproduces_upstream(golden_dir, golden_cases):
     for k, drawn in enumerate(noise.draws):
         err = float(np.abs(drawn.numpy() - case[f"edit_fwd_noise_{k}"]).max())
         assert err == 0.0, f"noise draw {k} differs from upstream by {err}"
-    assert denoiser.pos == len(trace["dit_v_out"]) == 10
-    assert denoiser.sides == ["source", "target"] * 2 + ["target"] * 6
+    assert backend.pos == len(trace["dit_v_out"]) == 10
+    assert backend.sides == ["source", "target"] * 2 + ["target"] * 6
     final_err = float(np.abs(final.numpy() - case["final_latents"]).max())
     assert final_err <= TOL, (
-        f"final latents max abs error {final_err:.2e} (DiT inputs {denoiser.max_hidden_err:.2e})"
+        f"final latents max abs error {final_err:.2e} (DiT inputs {backend.max_hidden_err:.2e})"
     )
 
 
-# --- a toy denoiser for the properties --------------------------------------------------------
+# --- a toy backend for the properties --------------------------------------------------------
 
 
-class ToyDenoiser:
+class ToyBackend:
     """Deterministic stand-in: velocity depends smoothly on latents, timestep and conditions."""
 
     text_layers, lyric_layers, dit_layers = 12, 6, 24
@@ -253,7 +253,7 @@ class ToyDenoiser:
 
 
 def _toy_setup(config: SamplerConfig, frames: int = 40, items: int = 1, seed: int = 3):
-    toy = ToyDenoiser()
+    toy = ToyBackend()
     ids, mask = lyric_inputs([5, 17, 33])
     conds = build_conditions(toy, PROMPT_IDS, PROMPT_MASK, ids, mask, config)
     source = torch.randn(1, 8, 16, frames, generator=torch.Generator().manual_seed(seed))
@@ -283,7 +283,7 @@ def test_repaint_keeps_outside_exactly_and_ignores_the_scheduler(scheduler_type)
     inside_change = float((out[..., ~keep] - source[..., ~keep]).abs().min())
     assert inside_change > 0, "the window was not regenerated"
     # plain Euler on the N-point grid whatever the scheduler: euler gives the same numbers
-    reference = sample_repaint(ToyDenoiser(), conds, source, noise, rnoise, 1.0, 2.5, 0.4,
+    reference = sample_repaint(ToyBackend(), conds, source, noise, rnoise, 1.0, 2.5, 0.4,
                                SamplerConfig(infer_step=12))
     assert torch.equal(out, reference)
     n_min = int(12 * (1 - 0.4))
@@ -317,7 +317,7 @@ def test_repaint_of_the_whole_clip_is_a_retake():
     frames = source.shape[-1]
     noise, rnoise = seeds.draw_latents(frames), retake.draw_latents(frames)
     out = sample_repaint(toy, conds, source, noise, rnoise, 0.0, 3.0, 0.3, config)
-    assert torch.equal(out, sample_retake(ToyDenoiser(), conds, noise, rnoise, 0.3, config))
+    assert torch.equal(out, sample_retake(ToyBackend(), conds, noise, rnoise, 0.3, config))
 
 
 @pytest.mark.parametrize(
@@ -372,7 +372,7 @@ def test_extend_is_repaint_with_upstreams_window():
     toy, conds, source, seeds, retake = _toy_setup(config, frames=33)
     noise, rnoise = seeds.draw_latents(33), retake.draw_latents(33)
     a = sample_extend(toy, conds, source, noise, rnoise, 0.0, 2.0, 3.0, config, retake_variance=0.7)
-    b = sample_repaint(ToyDenoiser(), conds, source, noise, rnoise, 0.0, 5.0, 0.7, config)
+    b = sample_repaint(ToyBackend(), conds, source, noise, rnoise, 0.0, 5.0, 0.7, config)
     assert torch.equal(a, b)
 
 
@@ -402,7 +402,7 @@ def test_extend_up_to_the_cap_is_allowed():
 
 
 def _edit_setup(config: SamplerConfig, items: int = 1):
-    toy = ToyDenoiser()
+    toy = ToyBackend()
     src = encode_edit_conditions(toy, PROMPT_IDS, PROMPT_MASK, LYRIC_IDS, LYRIC_MASK, config)
     tar = encode_edit_conditions(toy, TARGET_IDS, TARGET_MASK, TARGET_LYRIC_IDS, TARGET_LYRIC_MASK, config)
     source = torch.randn(1, 8, 16, 24, generator=torch.Generator().manual_seed(5))
@@ -459,7 +459,7 @@ def test_edit_pingpong_still_edits():
     a = sample_edit(toy, src, tar, source, noise, euler, edit_n_min=0.6, edit_n_max=1.0)
     _, _, _, _, noise2 = _edit_setup(euler)
     pingpong = SamplerConfig(infer_step=10, scheduler_type="pingpong")
-    b = sample_edit(ToyDenoiser(), src, tar, source, noise2, pingpong, edit_n_min=0.6, edit_n_max=1.0)
+    b = sample_edit(ToyBackend(), src, tar, source, noise2, pingpong, edit_n_min=0.6, edit_n_max=1.0)
     assert torch.equal(a, b)
     assert float((a - source).abs().max()) > 1e-3
 
@@ -501,7 +501,7 @@ def test_edit_presets_and_step_indices():
 
 def test_uncond_mask_reaches_the_unconditional_rows():
     """GuidedVelocity batches [cond; uncond] with each branch's own encoder mask."""
-    toy = ToyDenoiser()
+    toy = ToyBackend()
     states = torch.ones(1, 5, 4)
     conds = EncodedConditions(cond=states, mask=torch.ones(1, 5), uncond=-states,
                               uncond_mask=torch.tensor([[1.0, 1, 1, 0, 0]]))

@@ -476,7 +476,7 @@ def test_onnx_component_concurrent_requests_each_get_their_rows(served, triton_c
 
 @pytest.mark.triton
 def test_contract_component_accepts_contract_shaped_requests(served, triton_client) -> None:
-    """A dit_decoder call shaped as the Triton denoiser will send it (timestep as [B, 1])."""
+    """A dit_decoder call shaped as the Triton backend will send it (timestep as [B, 1])."""
     import tritonclient.grpc as grpcclient
 
     spec, batch, frames, tokens = COMPONENTS["dit_decoder"], 3, 5, 7

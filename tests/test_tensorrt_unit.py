@@ -63,7 +63,7 @@ from acestep_triton.export.tensorrt import (
     profile_shapes,
     write_mixed_precision,
 )
-from acestep_triton.gpu import CUDAGraphDecoder, CUDAGraphDenoiser, static_rope
+from acestep_triton.gpu import CUDAGraphDecoder, GraphedBackend, static_rope
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -649,19 +649,19 @@ def test_graph_decoder_falls_back_to_eager_beyond_max_graphs(tiny_onnx_component
     assert len(decoder.captured_shapes) == 1 and decoder.eager_calls == 1
 
 
-def test_graph_denoiser_routes_only_predict_velocity(tiny_onnx_components: Components) -> None:
-    from acestep_triton.pipeline import TorchDenoiser
+def test_graph_backend_routes_only_predict_velocity(tiny_onnx_components: Components) -> None:
+    from acestep_triton.pipeline import TorchBackend
 
-    inner = TorchDenoiser(tiny_onnx_components)
-    denoiser = CUDAGraphDenoiser(inner, decoder=CUDAGraphDecoder(inner.c.transformer, backend=EagerGraphs()))
-    assert (denoiser.dit_layers, denoiser.text_layers) == (inner.dit_layers, inner.text_layers)
+    inner = TorchBackend(tiny_onnx_components)
+    backend = GraphedBackend(inner, decoder=CUDAGraphDecoder(inner.c.transformer, backend=EagerGraphs()))
+    assert (backend.dit_layers, backend.text_layers) == (inner.dit_layers, inner.text_layers)
     inputs = export_graph("dit_decoder", inner.c.transformer).example_inputs(2, 3, seed=0)
     mel = export_graph("vocoder", inner.c.vocoder).example_inputs(1, 5, seed=0)["mel"]
     with torch.inference_mode():
-        assert torch.equal(denoiser.vocode(mel), inner.vocode(mel))  # passed through, no graph
-        assert not denoiser.decoder.captured_shapes
-        assert torch.equal(denoiser.predict_velocity(*inputs.values()), inner.predict_velocity(*inputs.values()))
-    assert len(denoiser.decoder.captured_shapes) == 1
+        assert torch.equal(backend.vocode(mel), inner.vocode(mel))  # passed through, no graph
+        assert not backend.decoder.captured_shapes
+        assert torch.equal(backend.predict_velocity(*inputs.values()), inner.predict_velocity(*inputs.values()))
+    assert len(backend.decoder.captured_shapes) == 1
 
 
 # ------------------------------------------------------------------------------- full-size random

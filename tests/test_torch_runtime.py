@@ -38,7 +38,7 @@ from acestep_triton.export.render import (
 )
 from acestep_triton.export.specs import COMPONENTS
 from acestep_triton.lora import InProcessLoras, LoraRegistry
-from acestep_triton.pipeline import MusicGenerator, TorchDenoiser
+from acestep_triton.pipeline import MusicGenerator, TorchBackend
 from acestep_triton.sampling import latent_frames
 from acestep_triton.sampling.buckets import ShapeBuckets
 from acestep_triton.serving.deploy import build_deployment
@@ -190,7 +190,7 @@ def test_runtime_lora_served_at_any_strength_by_the_torch_runtime(torch_client: 
     serving.json names, which fused variants are limited to), equal to the in-process pipeline
     with the adapter fused at that strength; strength 0 is the base model exactly."""
     c = tiny_onnx_components
-    local = MusicGenerator(TorchDenoiser(c), c.text_tokenizer, c.lyric_tokenizer, c.vocoder.mel_transform,
+    local = MusicGenerator(TorchBackend(c), c.text_tokenizer, c.lyric_tokenizer, c.vocoder.mel_transform,
                            lora_scope=InProcessLoras(c.transformer, LoraRegistry.from_dir(torch_lora_dir)))
     request = {"audio_duration": 2.0, "lora_name_or_path": TINY_LORA, "lora_weight": 0.8}
     assert request["lora_weight"] != TINY_LORA_WEIGHT

@@ -77,7 +77,7 @@ class InProcess:
         peaks.weights["in-process"] = peaks.allocated() - before
 
     def dit_calls(self) -> int:
-        return int(getattr(self.generator.denoiser, "calls", -1))
+        return int(getattr(self.generator.backend, "calls", -1))
 
     def generate(self, params: Any) -> tuple[Any, float, int]:
         """(audio [B, 2, N] numpy, seconds, DiT calls); the audio is on the host when timed, as
@@ -104,7 +104,7 @@ class InProcess:
 class EagerBaseline:
     """Upstream's way on the same device: eager PyTorch, one DiT call per CFG branch.
 
-    This is ``gpu_eager_vs_optimized.py``'s eager-sequential variant (its denoiser, branch
+    This is ``gpu_eager_vs_optimized.py``'s eager-sequential variant (its backend, branch
     splitter, call counter and timed ``generate``, imported), on random weights of the served
     checkpoint's architecture built directly on the device, conditioned with the served request's
     token counts and sampler settings. As there, prompt encoding is not timed and the DCAE and
@@ -137,7 +137,7 @@ class EagerBaseline:
         self.layers = int(models.transformer.num_layers)
         ids, mask, lyric_ids, lyric_mask, states = self.gpu.fixed_inputs(models.transformer, text_tokens,
                                                                          lyric_tokens, self.device, seed)
-        base = self.gpu.BenchDenoiser(models.transformer, models.dcae_decoder, models.vocoder, self.dtype, states)
+        base = self.gpu.BenchBackend(models.transformer, models.dcae_decoder, models.vocoder, self.dtype, states)
         self.codec = AudioCodec(base.encode_mel, base.decode_latents, base.vocode, models.vocoder.mel_transform,
                                 overlapped_decode=True)
         self.counter = self.gpu.CallCounter(models.transformer.decode)

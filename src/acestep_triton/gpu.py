@@ -7,8 +7,8 @@ call for fixed input shapes once and replays them with a single launch every ste
 
 :class:`CUDAGraphDecoder` has ``decode``'s signature and keeps one graph per distinct input
 shape (a guided step with all CFG branches batched, and a conditional-only step outside the
-guidance interval, are two shapes). :class:`CUDAGraphDenoiser` wraps an in-process denoiser
-(e.g. :class:`~acestep_triton.pipeline.TorchDenoiser` on CUDA) and routes ``predict_velocity``
+guidance interval, are two shapes). :class:`GraphedBackend` wraps an in-process backend
+(e.g. :class:`~acestep_triton.pipeline.TorchBackend` on CUDA) and routes ``predict_velocity``
 through it.
 
 Capture needs everything in ``decode`` to be device work for fixed shapes. The one exception
@@ -31,7 +31,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from .sampling.denoiser import DenoiserWrapper
+from .sampling.backend import BackendWrapper
 
 #: ``decode``'s argument order.
 DECODE_INPUTS = ("latents", "latent_mask", "encoder_states", "encoder_mask", "timestep", "query_scale")
@@ -199,11 +199,11 @@ class CUDAGraphDecoder:
             return captured.replay().clone()
 
 
-class CUDAGraphDenoiser(DenoiserWrapper):
-    """A :class:`~acestep_triton.sampling.Denoiser` whose ``predict_velocity`` replays CUDA graphs;
-    every other method and attribute is the wrapped denoiser's.
+class GraphedBackend(BackendWrapper):
+    """A :class:`~acestep_triton.sampling.ComponentBackend` whose ``predict_velocity`` replays CUDA graphs;
+    every other method and attribute is the wrapped backend's.
 
-    ``inner`` is an in-process denoiser on a CUDA device (``pipeline.TorchDenoiser``);
+    ``inner`` is an in-process backend on a CUDA device (``pipeline.TorchBackend``);
     ``transformer`` defaults to ``inner.c.transformer``. Drive the sampling loop with
     ``row_query_scale=True`` so that every guided step is one shape and one replay.
     """

@@ -3,11 +3,11 @@
 ``MusicGenerator`` turns one validated :class:`~acestep_client.params.GenerationParams` into
 audio: tokenise, resolve duration and seeds, encode the conditions, run the sampling loop,
 decode to 48 kHz, and record the parameters JSON (with the actual seeds). It talks to the
-networks only through a :class:`~acestep_triton.sampling.Denoiser`, so the same code runs
+networks only through a :class:`~acestep_triton.sampling.ComponentBackend`, so the same code runs
 
-* in-process, with :class:`TorchDenoiser` over the torch modules (the reference pipeline and
+* in-process, with :class:`TorchBackend` over the torch modules (the reference pipeline and
   the CLI's ``--local`` mode), and
-* inside Triton, with the BLS denoiser of ``serving/`` calling the served components.
+* inside Triton, with the BLS backend of ``serving/`` calling the served components.
 
 Same seed and parameters → the same numbers from both (tested).
 """
@@ -32,7 +32,7 @@ from .lora import InProcessLoras, LoraRegistry, LoraScope, no_lora
 from .lyrics import MAX_LYRIC_TOKENS
 from .models.mel import LogMelSpectrogram
 from .sampling import (
-    Denoiser,
+    ComponentBackend,
     SamplerConfig,
     build_conditions,
     latent_frames,
@@ -112,9 +112,9 @@ def _on_device(module: torch.nn.Module, device: torch.device) -> torch.nn.Module
 
 
 class MusicGenerator:
-    """Runs whole requests of every task against any :class:`Denoiser`."""
+    """Runs whole requests of every task against any :class:`ComponentBackend`."""
 
-    def __init__(self, denoiser: Denoiser, prompt_tokenizer: Any, lyric_tokenizer: Any,
+    def __init__(self, backend: ComponentBackend, prompt_tokenizer: Any, lyric_tokenizer: Any,
                  mel: LogMelSpectrogram, *, overlapped_decode: bool = True,
                  lora_scope: LoraScope | None = None, device: torch.device | str = "cpu") -> None:
         """``overlapped_decode``: decode songs longer than 48 s in bounded windows (upstream's
@@ -122,15 +122,15 @@ class MusicGenerator:
         size, which a server with fixed engine profiles and shared memory needs.
 
         ``device``: where the sampling loop's tensors live (the mel front end moves there too).
-        The denoiser's outputs must come back on it: on a GPU the loop then never copies latents
+        The backend's outputs must come back on it: on a GPU the loop then never copies latents
         to the host between steps. Noise is still drawn on the CPU (see ``sampling.noise``).
         """
         self.device = torch_device(device)
-        self.denoiser = denoiser
+        self.backend = backend
         self.lora_scope: LoraScope = lora_scope or no_lora
         self.prompt_tokenizer = prompt_tokenizer
         self.lyric_tokenizer = lyric_tokenizer
-        self.codec = AudioCodec(denoiser.encode_mel, denoiser.decode_latents, denoiser.vocode,
+        self.codec = AudioCodec(backend.encode_mel, backend.decode_latents, backend.vocode,
                                 _on_device(mel, self.device), overlapped_decode=overlapped_decode)
 
     def tokenize_lyrics(self, lyrics: str, field_name: str = "lyrics") -> list[int]:
@@ -202,13 +202,13 @@ class MusicGenerator:
             n_min, n_max = params.edit_range()
             target = self._prompt(params.edit_target_prompt, params.edit_target_lyrics, "edit_target_lyrics")
             latents = sample_edit(
-                self.denoiser, encode_edit_conditions(self.denoiser, ids, mask, lyric_ids, lyric_mask, config),
-                encode_edit_conditions(self.denoiser, *target, config), source, retake, config,
+                self.backend, encode_edit_conditions(self.backend, ids, mask, lyric_ids, lyric_mask, config),
+                encode_edit_conditions(self.backend, *target, config), source, retake, config,
                 edit_n_min=n_min, edit_n_max=n_max, edit_n_avg=params.edit_n_avg,
                 progress=progress, should_cancel=should_cancel, row_query_scale=True)
             record.update(edit_n_min=n_min, edit_n_max=n_max)
         else:
-            conditions = build_conditions(self.denoiser, ids, mask, lyric_ids, lyric_mask, config)
+            conditions = build_conditions(self.backend, ids, mask, lyric_ids, lyric_mask, config)
             if task == "repaint":
                 assert source is not None
                 frames = source.shape[-1]
@@ -216,7 +216,7 @@ class MusicGenerator:
                 # window's frame count (the source's whenever upstream works), as for extend.
                 window = RepaintWindow.from_seconds(params.repaint_start, params.repaint_end, frames)
                 latents = sample_repaint(
-                    self.denoiser, conditions, source, noise.draw_latents(frames, dev),
+                    self.backend, conditions, source, noise.draw_latents(frames, dev),
                     retake.draw_latents(window.retake_noise_frames, dev), params.repaint_start, params.repaint_end,
                     params.retake_variance, config,
                     generator=noise.step_generator, **common)
@@ -225,14 +225,14 @@ class MusicGenerator:
                 window = RepaintWindow.for_extension(params.left_extend_length, params.right_extend_length,
                                                      duration, source.shape[-1])
                 latents = sample_extend(
-                    self.denoiser, conditions, source, noise.draw_latents(source.shape[-1], dev),
+                    self.backend, conditions, source, noise.draw_latents(source.shape[-1], dev),
                     retake.draw_latents(window.retake_noise_frames, dev), params.left_extend_length,
                     params.right_extend_length, duration, config, retake_variance=params.retake_variance,
                     **common)  # upstream's pipeline: the loop starts at int(N·(1 − retake_variance))
             elif task == "audio2audio":
                 reference, _ = self.encode_audio(ref_audio, "ref_audio")
                 latents = sample_audio2audio(
-                    self.denoiser, conditions, reference.expand(params.batch_size, -1, -1, -1),
+                    self.backend, conditions, reference.expand(params.batch_size, -1, -1, -1),
                     noise.draw_latents(reference.shape[-1], dev), params.ref_audio_strength, config,
                     generator=noise.step_generator, **common)
             else:  # text2music, retake
@@ -240,10 +240,10 @@ class MusicGenerator:
                 frames = latent_frames(duration)
                 if task == "retake":
                     latents = sample_retake(
-                        self.denoiser, conditions, noise.draw_latents(frames, dev), retake.draw_latents(frames, dev),
+                        self.backend, conditions, noise.draw_latents(frames, dev), retake.draw_latents(frames, dev),
                         params.retake_variance, config, generator=noise.step_generator, **common)
                 else:
-                    latents = sample_text2music(self.denoiser, conditions, noise.draw_latents(frames, dev), config,
+                    latents = sample_text2music(self.backend, conditions, noise.draw_latents(frames, dev), config,
                                                 generator=noise.step_generator, **common)
         if task not in ("text2music", "retake"):  # the length follows the source/reference audio
             duration = latents.shape[-1] * self.codec.samples_per_latent / MODEL_SAMPLE_RATE
@@ -255,8 +255,8 @@ class MusicGenerator:
         return GenerationOutput(audio=audio, sample_rate=OUTPUT_SAMPLE_RATE, record=record, latents=latents)
 
 
-class TorchDenoiser:
-    """The :class:`Denoiser` over in-process torch modules (the reference backend)."""
+class TorchBackend:
+    """The :class:`ComponentBackend` over in-process torch modules (the reference backend)."""
 
     def __init__(self, components: Any) -> None:
         self.c = components
@@ -312,6 +312,6 @@ def local_generator(ckpt_dir: str | Path, vocab_path: str | Path | None = None,
     for module in components.modules().values():
         module.to(device)
     registry = LoraRegistry.from_dir(lora_dir) if lora_dir is not None else None
-    return MusicGenerator(TorchDenoiser(components), components.text_tokenizer,
+    return MusicGenerator(TorchBackend(components), components.text_tokenizer,
                           components.lyric_tokenizer, components.vocoder.mel_transform,
                           lora_scope=InProcessLoras(components.transformer, registry), device=device)

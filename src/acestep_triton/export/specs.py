@@ -2,7 +2,7 @@
 
 Tensor names, dtypes and shapes written here are what the ONNX exporter names its graph inputs
 and outputs, what the repository renderer writes into every ``config.pbtxt`` (CPU and GPU alike),
-and what the Triton denoiser sends. Shapes are written with symbols so that one table serves the
+and what the Triton backend sends. Shapes are written with symbols so that one table serves the
 tiny test checkpoint and the real 3.5B one:
 
 * ``B`` - the batch (always the leading dim when present);

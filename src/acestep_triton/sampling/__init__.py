@@ -1,6 +1,6 @@
 """The one sampling implementation (schedules, schedulers, guidance, tasks, loop).
 
-It knows nothing of Triton: it sees a denoiser (see ``denoiser.py``). Modules:
+It knows nothing of Triton: it sees a backend (see ``backend.py``). Modules:
 
 - ``schedule``: sigma schedules (plain, oss_steps, audio2audio)
 - ``schedulers``: euler / heun / pingpong steppers with the omega mean shift
@@ -13,9 +13,9 @@ It knows nothing of Triton: it sees a denoiser (see ``denoiser.py``). Modules:
 - ``tasks``: retake, audio2audio, repaint, extend, edit (FlowEdit)
 """
 
+from .backend import ComponentBackend
 from .conditions import EncodedConditions, build_conditions, encode_branches, encode_prompt, lyric_inputs
 from .config import SamplerConfig
-from .denoiser import Denoiser
 from .loop import GuidedVelocity, SamplingCancelled, StepTrace, integrate, run_sampling, sample_text2music
 from .noise import SeededNoise, latent_frames, mix_retake_noise, resolve_request_seeds, resolve_seeds
 from .schedule import Schedule, audio2audio_schedule, flow_match_schedule, oss_schedule
@@ -34,7 +34,7 @@ from .tasks import (
 
 __all__ = [
     "EDIT_PRESETS",
-    "Denoiser",
+    "ComponentBackend",
     "EditSteps",
     "EncodedConditions",
     "GuidedVelocity",

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from acestep_client.limits import PROMPT_MAX_TOKENS
 
 from ..lyrics import MAX_LYRIC_TOKENS
-from .denoiser import DenoiserWrapper
+from .backend import BackendWrapper
 from .noise import MAX_FRAMES
 
 MAX_ENCODER_TOKENS = 1 + PROMPT_MAX_TOKENS + MAX_LYRIC_TOKENS
@@ -133,7 +133,7 @@ class ShapeBuckets:
 
     @property
     def enabled(self) -> bool:
-        """Whether either axis is bucketed (otherwise wrapping a denoiser changes nothing)."""
+        """Whether either axis is bucketed (otherwise wrapping a backend changes nothing)."""
         return bool(self.frames or self.tokens)
 
     @classmethod
@@ -174,8 +174,8 @@ class ShapeBuckets:
         return {FRAME_PARAMETER: text(self.frames), TOKEN_PARAMETER: text(self.tokens)}
 
 
-class BucketedDenoiser(DenoiserWrapper):
-    """A :class:`~acestep_triton.sampling.Denoiser` whose decoder calls are padded to buckets.
+class BucketedBackend(BackendWrapper):
+    """A :class:`~acestep_triton.sampling.ComponentBackend` whose decoder calls are padded to buckets.
 
     ``predict_velocity`` pads ``latents`` / ``latent_mask`` on the right of W to
     ``buckets.frame_bucket(W)`` and ``encoder_states`` / ``encoder_mask`` on the right of S to

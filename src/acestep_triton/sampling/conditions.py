@@ -23,8 +23,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .backend import ComponentBackend
 from .config import SamplerConfig
-from .denoiser import Denoiser
 from .erg import lyric_query_scale, text_query_scale
 
 #: Width of the speaker embedding input of the condition encoder.
@@ -92,22 +92,22 @@ def lyric_inputs(token_ids: Sequence[int], batch_size: int = 1) -> tuple[torch.T
 
 
 def encode_prompt(
-    denoiser: Denoiser,
+    backend: ComponentBackend,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     with_erg: bool,
 ) -> PromptStates:
     """Run the text encoder normally and, if ``with_erg``, with UMT5 blocks 8–9 weakened."""
-    layers, device = denoiser.text_layers, input_ids.device
-    states = denoiser.encode_text(input_ids, attention_mask, text_query_scale(layers, False, device))
+    layers, device = backend.text_layers, input_ids.device
+    states = backend.encode_text(input_ids, attention_mask, text_query_scale(layers, False, device))
     erg = None
     if with_erg:
-        erg = denoiser.encode_text(input_ids, attention_mask, text_query_scale(layers, True, device))
+        erg = backend.encode_text(input_ids, attention_mask, text_query_scale(layers, True, device))
     return PromptStates(states=states, mask=attention_mask, erg_states=erg)
 
 
 def encode_branches(
-    denoiser: Denoiser,
+    backend: ComponentBackend,
     prompt: PromptStates,
     lyric_ids: torch.Tensor,
     lyric_mask: torch.Tensor,
@@ -125,10 +125,10 @@ def encode_branches(
         speaker = torch.zeros(batch, SPEAKER_DIM, dtype=torch.float32, device=text.device)
     zero_speaker = torch.zeros_like(speaker)
     zero_lyrics = torch.zeros_like(lyric_ids)
-    normal = lyric_query_scale(denoiser.lyric_layers, False, text.device)
-    weakened = lyric_query_scale(denoiser.lyric_layers, True, text.device)
+    normal = lyric_query_scale(backend.lyric_layers, False, text.device)
+    weakened = lyric_query_scale(backend.lyric_layers, True, text.device)
 
-    cond, mask = denoiser.encode_conditions(text, text_mask, speaker, lyric_ids, lyric_mask, normal)
+    cond, mask = backend.encode_conditions(text, text_mask, speaker, lyric_ids, lyric_mask, normal)
 
     uncond = None
     if need_uncond:
@@ -136,29 +136,29 @@ def encode_branches(
             if use_erg_tag and prompt.erg_states is None:
                 raise ValueError("use_erg_tag needs the ERG text states (encode_prompt(with_erg=True))")
             null_text = prompt.erg_states if use_erg_tag else torch.zeros_like(text)
-            uncond, _ = denoiser.encode_conditions(
+            uncond, _ = backend.encode_conditions(
                 null_text, text_mask, zero_speaker, lyric_ids, lyric_mask, weakened
             )
         else:
-            uncond, _ = denoiser.encode_conditions(
+            uncond, _ = backend.encode_conditions(
                 torch.zeros_like(text), text_mask, zero_speaker, zero_lyrics, lyric_mask, normal
             )
 
     text_only = None
     if need_text_only:
         if use_erg_lyric:
-            text_only, _ = denoiser.encode_conditions(
+            text_only, _ = backend.encode_conditions(
                 text, text_mask, zero_speaker, lyric_ids, lyric_mask, weakened
             )
         else:
-            text_only, _ = denoiser.encode_conditions(
+            text_only, _ = backend.encode_conditions(
                 text, text_mask, zero_speaker, zero_lyrics, lyric_mask, normal
             )
     return EncodedConditions(cond=cond, mask=mask, uncond=uncond, text_only=text_only)
 
 
 def build_conditions(
-    denoiser: Denoiser,
+    backend: ComponentBackend,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     lyric_ids: torch.Tensor,
@@ -170,9 +170,9 @@ def build_conditions(
     need_uncond = config.do_guidance
     need_text_only = config.do_guidance and config.double_condition
     with_erg_text = need_uncond and config.use_erg_tag and config.use_erg_lyric
-    prompt = encode_prompt(denoiser, input_ids, attention_mask, with_erg=with_erg_text)
+    prompt = encode_prompt(backend, input_ids, attention_mask, with_erg=with_erg_text)
     return encode_branches(
-        denoiser,
+        backend,
         prompt,
         lyric_ids,
         lyric_mask,

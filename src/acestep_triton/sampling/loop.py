@@ -29,9 +29,9 @@ import torch
 
 from acestep_client.limits import CancelFn
 
+from .backend import ComponentBackend
 from .conditions import EncodedConditions
 from .config import SamplerConfig
-from .denoiser import Denoiser
 from .erg import dit_query_scale
 from .guidance import GuidanceInterval, MomentumBuffer, apg, cfg, cfg_star, double_condition, scale_at
 from .schedule import Schedule
@@ -79,7 +79,7 @@ class GuidedVelocity:
 
     def __init__(
         self,
-        denoiser: Denoiser,
+        backend: ComponentBackend,
         conditions: EncodedConditions,
         config: SamplerConfig,
         num_steps: int,
@@ -87,7 +87,7 @@ class GuidedVelocity:
         latent_mask: torch.Tensor,
         row_query_scale: bool = False,
     ) -> None:
-        self.denoiser = denoiser
+        self.backend = backend
         self.config = config
         self.items = items
         self.interval = GuidanceInterval.from_fraction(num_steps, config.guidance_interval)
@@ -96,8 +96,8 @@ class GuidedVelocity:
         self.latent_mask = latent_mask
         conditions = conditions.expand(items)
         device = conditions.cond.device
-        normal = dit_query_scale(denoiser.dit_layers, False, device)
-        weakened = dit_query_scale(denoiser.dit_layers, config.use_erg_diffusion, device)
+        normal = dit_query_scale(backend.dit_layers, False, device)
+        weakened = dit_query_scale(backend.dit_layers, config.use_erg_diffusion, device)
         self._states: dict[Branch, torch.Tensor | None] = {
             Branch.COND: conditions.cond.contiguous(),
             Branch.TEXT_ONLY: None if conditions.text_only is None else conditions.text_only.contiguous(),
@@ -146,7 +146,7 @@ class GuidedVelocity:
             scale = torch.cat([self._scales[b].unsqueeze(0).expand(self.items, -1) for b in group])
         else:
             scale = self._scales[group[0]]
-        velocity = self.denoiser.predict_velocity(
+        velocity = self.backend.predict_velocity(
             latents if k == 1 else torch.cat([latents] * k),
             self.latent_mask if k == 1 else torch.cat([self.latent_mask] * k),
             states[0] if k == 1 else torch.cat(states),
@@ -220,7 +220,7 @@ def integrate(
 
 
 def run_sampling(
-    denoiser: Denoiser,
+    backend: ComponentBackend,
     conditions: EncodedConditions,
     latents: torch.Tensor,
     schedule: Schedule,
@@ -245,7 +245,7 @@ def run_sampling(
         latent_mask = torch.ones(items, frames, dtype=torch.float32, device=latents.device)
     scheduler = make_scheduler(config.scheduler_type, schedule, config.omega_scale, generator)
     guided = GuidedVelocity(
-        denoiser, conditions, config, schedule.num_steps, items, latent_mask, row_query_scale
+        backend, conditions, config, schedule.num_steps, items, latent_mask, row_query_scale
     )
     return integrate(
         guided, scheduler, latents, progress=progress, should_cancel=should_cancel, on_step=on_step
@@ -253,7 +253,7 @@ def run_sampling(
 
 
 def sample_text2music(
-    denoiser: Denoiser,
+    backend: ComponentBackend,
     conditions: EncodedConditions,
     noise: torch.Tensor,
     config: SamplerConfig,
@@ -271,7 +271,7 @@ def sample_text2music(
     ``generator=SeededNoise.step_generator`` to reproduce upstream.
     """
     return run_sampling(
-        denoiser,
+        backend,
         conditions,
         noise,
         config.schedule(),

@@ -5,7 +5,7 @@ a two-line shim importing :class:`TritonPythonModel` from here. It
 
 * reads one optional ``[1]`` tensor per request-schema field and validates them with the one
   schema (errors name the field and end only that request);
-* runs :class:`~acestep_triton.pipeline.MusicGenerator` with :class:`TritonDenoiser`, whose six
+* runs :class:`~acestep_triton.pipeline.MusicGenerator` with :class:`TritonBackend`, whose six
   methods are BLS requests to the six component models (tensors cross by DLPack, no copies);
 * pads every DiT call to a shape bucket (config parameters ``frame_buckets`` and
   ``token_buckets``: ``default``, ``none`` or a comma list; see :mod:`acestep_triton.sampling.
@@ -53,7 +53,7 @@ from ..export.specs import SAMPLING_DEVICES
 from ..lora import RoutingCall, base_component, served_scope
 from ..pipeline import MusicGenerator
 from ..sampling import SamplingCancelled
-from ..sampling.buckets import BucketedDenoiser, ShapeBuckets
+from ..sampling.buckets import BucketedBackend, ShapeBuckets
 from .admission import Admission, ModelDims, token_counter
 from .assets import ServingAssets, load_assets
 from .config_params import model_parameters
@@ -75,8 +75,8 @@ def _rows(scale: torch.Tensor, batch: int) -> torch.Tensor:
     return scale.contiguous()
 
 
-class TritonDenoiser:
-    """The :class:`~acestep_triton.sampling.Denoiser` over the served component models."""
+class TritonBackend:
+    """The :class:`~acestep_triton.sampling.ComponentBackend` over the served component models."""
 
     def __init__(self, call: ComponentCall, text_layers: int, lyric_layers: int, dit_layers: int) -> None:
         self._call = call
@@ -300,11 +300,11 @@ class TritonPythonModel:
         assets: ServingAssets = load_assets(assets_dir)
         assets.lyric_tokenizer.warm_up()  # fail at load time, not on the first request
         routing = RoutingCall(bls_call(pb_utils, self.device))
-        denoiser: Any = TritonDenoiser(routing, assets.text_layers, assets.lyric_layers, assets.dit_layers)
+        backend: Any = TritonBackend(routing, assets.text_layers, assets.lyric_layers, assets.dit_layers)
         self.buckets = ShapeBuckets.from_parameters(parameters)
         if self.buckets.enabled:  # DiT calls padded to shared shapes: requests batch in dit_decoder
-            denoiser = BucketedDenoiser(denoiser, self.buckets)
-        self.generator = MusicGenerator(denoiser, assets.prompt_tokenizer, assets.lyric_tokenizer,
+            backend = BucketedBackend(backend, self.buckets)
+        self.generator = MusicGenerator(backend, assets.prompt_tokenizer, assets.lyric_tokenizer,
                                         assets.mel, lora_scope=served_scope(routing, assets_dir),
                                         device=self.device)
         self.admission = Admission.from_parameters(parameters, ModelDims.from_dir(assets_dir), self.device,

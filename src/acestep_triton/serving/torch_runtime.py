@@ -10,7 +10,7 @@ needed, and the numbers are those of the reference pipeline (same modules, same 
 
 This module is plain torch (no ``pb_utils``): :class:`ComponentRunner` is what the Triton
 Python-backend model (:mod:`acestep_triton.serving.torch_component`) calls per batch, and
-:func:`runner_call` plugs the very same runners into the Triton denoiser in-process, so a
+:func:`runner_call` plugs the very same runners into the Triton backend in-process, so a
 benchmark can compare "through Triton" with "the same compiled components called directly".
 
 Runtime LoRA adapters (:class:`RuntimeLoraOptions`, :mod:`acestep_triton.lora.runtime`): the
@@ -488,23 +488,23 @@ def runtime_generator(ckpt_dir: str | Path, vocab_path: str | Path | None = None
                       device: torch.device | str = "cpu",
                       parameters: Mapping[str, Mapping[str, str]] | None = None,
                       buckets: Any = None) -> Any:
-    """The in-process twin of a torch-runtime deployment: a ``MusicGenerator`` whose denoiser
+    """The in-process twin of a torch-runtime deployment: a ``MusicGenerator`` whose backend
     calls the same :class:`ComponentRunner` objects the served models run (compiled DiT and
     CUDA graphs on a GPU), padded to the same shape ``buckets`` (default: the endpoints'
     default ladder; ``ShapeBuckets()`` for none). Only the Triton layer is missing, which is
     what a "Triton vs in-process" benchmark needs to isolate."""
     from ..pipeline import MusicGenerator
-    from ..sampling.buckets import BucketedDenoiser, ShapeBuckets
+    from ..sampling.buckets import BucketedBackend, ShapeBuckets
     from .assets import load_assets, write_assets
-    from .orchestrator import TritonDenoiser
+    from .orchestrator import TritonBackend
 
     device = torch.device(device)
     runners = load_runners(ckpt_dir, device, parameters)
     with tempfile.TemporaryDirectory() as tmp:
         assets = load_assets(write_assets(ckpt_dir, Path(tmp) / "assets", vocab_path))
-    denoiser: Any = TritonDenoiser(runner_call(runners), assets.text_layers, assets.lyric_layers,
+    backend: Any = TritonBackend(runner_call(runners), assets.text_layers, assets.lyric_layers,
                                    assets.dit_layers)
     buckets = ShapeBuckets.default() if buckets is None else buckets
     if buckets.enabled:
-        denoiser = BucketedDenoiser(denoiser, buckets)
-    return MusicGenerator(denoiser, assets.prompt_tokenizer, assets.lyric_tokenizer, assets.mel, device=device)
+        backend = BucketedBackend(backend, buckets)
+    return MusicGenerator(backend, assets.prompt_tokenizer, assets.lyric_tokenizer, assets.mel, device=device)

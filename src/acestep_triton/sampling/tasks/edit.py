@@ -46,9 +46,9 @@ import torch
 
 from acestep_client.limits import EDIT_PRESETS, CancelFn
 
+from ..backend import ComponentBackend
 from ..conditions import SPEAKER_DIM, EncodedConditions, encode_prompt
 from ..config import SamplerConfig
-from ..denoiser import Denoiser
 from ..erg import lyric_query_scale
 from ..loop import GuidedVelocity, ProgressFn, StepTrace, integrate
 from ..noise import SeededNoise
@@ -110,7 +110,7 @@ def edit_guidance_config(config: SamplerConfig) -> SamplerConfig:
 
 
 def encode_edit_conditions(
-    denoiser: Denoiser,
+    backend: ComponentBackend,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     lyric_ids: torch.Tensor,
@@ -125,15 +125,15 @@ def encode_edit_conditions(
     states with the prompt's mask, zero speaker, zero lyric ids with a zero lyric mask; its
     encoder mask therefore differs and travels as ``uncond_mask``.
     """
-    prompt = encode_prompt(denoiser, input_ids, attention_mask, with_erg=False)
+    prompt = encode_prompt(backend, input_ids, attention_mask, with_erg=False)
     text = prompt.states
     if speaker is None:
         speaker = torch.zeros(text.shape[0], SPEAKER_DIM, dtype=torch.float32, device=text.device)
-    normal = lyric_query_scale(denoiser.lyric_layers, False, text.device)
-    cond, mask = denoiser.encode_conditions(text, attention_mask, speaker, lyric_ids, lyric_mask, normal)
+    normal = lyric_query_scale(backend.lyric_layers, False, text.device)
+    cond, mask = backend.encode_conditions(text, attention_mask, speaker, lyric_ids, lyric_mask, normal)
     if not config.do_guidance:
         return EncodedConditions(cond=cond, mask=mask)
-    uncond, uncond_mask = denoiser.encode_conditions(
+    uncond, uncond_mask = backend.encode_conditions(
         torch.zeros_like(text),
         attention_mask,
         torch.zeros_like(speaker),
@@ -208,7 +208,7 @@ class _FlowEditStepper(TimestepEuler):
 
 
 def sample_edit(
-    denoiser: Denoiser,
+    backend: ComponentBackend,
     source_conditions: EncodedConditions,
     target_conditions: EncodedConditions,
     source: torch.Tensor,
@@ -243,7 +243,7 @@ def sample_edit(
 
     def guided(conditions: EncodedConditions, momentum: bool) -> GuidedVelocity:
         conf = guide if momentum else replace(guide, apg_momentum=0.0)  # 0: no running average
-        return GuidedVelocity(denoiser, conditions, conf, steps.num_steps, items, latent_mask,
+        return GuidedVelocity(backend, conditions, conf, steps.num_steps, items, latent_mask,
                               row_query_scale)
 
     def enter_sampling(z_edit: torch.Tensor) -> torch.Tensor:

@@ -56,9 +56,9 @@ import torch
 
 from acestep_client.limits import CancelFn
 
+from ..backend import ComponentBackend
 from ..conditions import EncodedConditions
 from ..config import SamplerConfig
-from ..denoiser import Denoiser
 from ..loop import GuidedVelocity, ProgressFn, StepTrace, integrate
 from ..noise import FRAMES_PER_SECOND, MAX_FRAMES, latent_frames, mix_retake_noise
 from .retake import sample_retake
@@ -226,7 +226,7 @@ def _check_latents(name: str, tensor: torch.Tensor, items: int, frames: int, bat
 
 
 def sample_window(
-    denoiser: Denoiser,
+    backend: ComponentBackend,
     conditions: EncodedConditions,
     window: RepaintWindow,
     source: torch.Tensor,
@@ -256,7 +256,7 @@ def sample_window(
     common = dict(progress=progress, should_cancel=should_cancel, row_query_scale=row_query_scale,
                   on_step=on_step)
     if window.is_whole_clip:
-        return sample_retake(denoiser, conditions, noise, retake_noise, retake_variance, config,
+        return sample_retake(backend, conditions, noise, retake_noise, retake_variance, config,
                              generator=generator, **common)
 
     source = source.to(device=noise.device, dtype=torch.float32).expand(items, -1, -1, -1)
@@ -269,14 +269,14 @@ def sample_window(
     # is not exactly the noised source, so keep its order of operations.
     start = x0 + noised(x0, z0, stepper.sigmas[first]) - x0
     latent_mask = torch.ones(items, window.frames, dtype=torch.float32, device=noise.device)
-    guided = GuidedVelocity(denoiser, conditions, config, schedule.num_steps, items, latent_mask,
+    guided = GuidedVelocity(backend, conditions, config, schedule.num_steps, items, latent_mask,
                             row_query_scale)
     return integrate(guided, stepper, start, first_index=first, progress=progress,
                      should_cancel=should_cancel, on_step=on_step)
 
 
 def sample_repaint(
-    denoiser: Denoiser,
+    backend: ComponentBackend,
     conditions: EncodedConditions,
     source: torch.Tensor,
     noise: torch.Tensor,
@@ -302,14 +302,14 @@ def sample_repaint(
     """
     window = RepaintWindow.from_seconds(repaint_start, repaint_end, source.shape[-1])
     return sample_window(
-        denoiser, conditions, window, source, noise, retake_noise, retake_variance, config,
+        backend, conditions, window, source, noise, retake_noise, retake_variance, config,
         generator=generator, progress=progress, should_cancel=should_cancel,
         row_query_scale=row_query_scale, on_step=on_step,
     )
 
 
 def sample_extend(
-    denoiser: Denoiser,
+    backend: ComponentBackend,
     conditions: EncodedConditions,
     source: torch.Tensor,
     noise: torch.Tensor,
@@ -335,7 +335,7 @@ def sample_extend(
     window = RepaintWindow.for_extension(left_extend_length, right_extend_length, source_duration,
                                          source.shape[-1])
     return sample_window(
-        denoiser, conditions, window, source, noise, retake_noise, retake_variance, config,
+        backend, conditions, window, source, noise, retake_noise, retake_variance, config,
         progress=progress, should_cancel=should_cancel, row_query_scale=row_query_scale,
         on_step=on_step,
     )

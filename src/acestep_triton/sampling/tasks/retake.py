@@ -15,16 +15,16 @@ import torch
 
 from acestep_client.limits import CancelFn
 
+from ..backend import ComponentBackend
 from ..conditions import EncodedConditions
 from ..config import SamplerConfig
-from ..denoiser import Denoiser
 from ..loop import ProgressFn, StepTrace, run_sampling
 from ..noise import mix_retake_noise, noise_reference
 from ..schedule import audio2audio_schedule
 
 
 def sample_retake(
-    denoiser: Denoiser,
+    backend: ComponentBackend,
     conditions: EncodedConditions,
     noise: torch.Tensor,
     retake_noise: torch.Tensor,
@@ -43,7 +43,7 @@ def sample_retake(
     """
     start = mix_retake_noise(noise, retake_noise, retake_variance)
     return run_sampling(
-        denoiser,
+        backend,
         conditions,
         start,
         config.schedule(),
@@ -57,7 +57,7 @@ def sample_retake(
 
 
 def sample_audio2audio(
-    denoiser: Denoiser,
+    backend: ComponentBackend,
     conditions: EncodedConditions,
     reference: torch.Tensor,
     noise: torch.Tensor,
@@ -79,7 +79,7 @@ def sample_audio2audio(
     schedule = audio2audio_schedule(ref_audio_strength, config.num_steps)
     start = noise_reference(reference, noise, schedule)
     return run_sampling(
-        denoiser,
+        backend,
         conditions,
         start,
         schedule,

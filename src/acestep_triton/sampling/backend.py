@@ -19,7 +19,7 @@ import torch
 
 
 @runtime_checkable
-class Denoiser(Protocol):
+class ComponentBackend(Protocol):
     """The six served components behind ACE-Step, as seen by the sampling code."""
 
     @property
@@ -86,8 +86,8 @@ class Denoiser(Protocol):
         ...
 
 
-class DenoiserWrapper:
-    """A :class:`Denoiser` that forwards everything to ``inner``: the base of wrappers that change
+class BackendWrapper:
+    """A :class:`ComponentBackend` that forwards everything to ``inner``: the base of wrappers that change
     one method (shape buckets, CUDA-graph replay) and must pass the rest through untouched."""
 
     def __init__(self, inner: Any) -> None:
