@@ -37,7 +37,15 @@ bench.ensure_project_importable()
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from acestep_client.client import AceStepClient  # noqa: E402
 from acestep_client.params import GenerationParams  # noqa: E402
+from acestep_triton.checkpoint import load_components  # noqa: E402
+from acestep_triton.component_graphs import component_sources, export_graph  # noqa: E402
+from acestep_triton.export.onnx_export import export_cached  # noqa: E402
+from acestep_triton.pipeline import MusicGenerator, TorchBackend  # noqa: E402
+from acestep_triton.serving.deploy import build_deployment  # noqa: E402
+from acestep_triton.serving.server import TritonServer  # noqa: E402
+from acestep_triton.synthetic.tiny_checkpoint import write_tiny_checkpoint  # noqa: E402
 
 PROMPT = "pop, upbeat, guitar, 120 BPM"
 LYRICS = "[verse]\nfree as a bird\n[chorus]\nsing along"
@@ -58,8 +66,6 @@ def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
 
 def triton_vs_inprocess(url: str, local: Any, *, duration: float, steps: int, requests: int) -> dict[str, Any]:
     """Send ``requests`` requests (seeds 1..n) through Triton and in-process; time each."""
-    from acestep_client.client import AceStepClient
-
     client = AceStepClient(url)
     client.generate(smoke_params(duration, 1, 0))  # warm-up: first BLS calls load sessions lazily
     local.generate(smoke_params(duration, 1, 0))
@@ -77,9 +83,7 @@ def triton_vs_inprocess(url: str, local: Any, *, duration: float, steps: int, re
 def onnx_vs_torch(components: Any, onnx_paths: Mapping[str, Path], *, batch: int = 2, length: int = 16,
                   repeats: int = 5, threads: int = 1) -> list[dict[str, Any]]:
     """Time every component in torch and in onnxruntime on the same inputs (median of ``repeats``)."""
-    import onnxruntime as ort
-
-    from acestep_triton.component_graphs import component_sources, export_graph
+    import onnxruntime as ort  # optional (the export/serve extras), heavy: only for this comparison
 
     sources = component_sources(components)
     options = ort.SessionOptions()
@@ -160,13 +164,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
-
-    from acestep_triton.checkpoint import load_components, write_tiny_checkpoint
-    from acestep_triton.export.onnx_export import export_cached
-    from acestep_triton.pipeline import MusicGenerator, TorchBackend
-    from acestep_triton.serving.deploy import build_deployment
-    from acestep_triton.serving.server import TritonServer
-
     with tempfile.TemporaryDirectory(prefix="acestep_smoke_") as tmp:
         workdir = args.workdir or Path(tmp)
         ckpt = args.checkpoint or write_tiny_checkpoint(workdir / "ckpt")

@@ -3,7 +3,7 @@
 One command, Markdown tables for RESULTS.md (and ``--json`` for the raw figures):
 
 1. **Checkpoint**: the full-size random checkpoint in the official layout (official configs,
-   DiT 24 x 2560; ``acestep_triton.export.full_random``), written once or reused.
+   DiT 24 x 2560; ``acestep_triton.synthetic.full_size``), written once or reused.
 2. **Reading it**: the seconds to read every weight file once from this disk (page cache
    dropped first where the machine allows it; the table says whether it was cold or warm).
 3. **Loading each component** in a fresh process, as a ``torch``-runtime model does: seconds,
@@ -46,35 +46,41 @@ import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field, replace
+from importlib.metadata import version
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import acestep_bench as bench
+from load_probe import probe_load
 
 bench.ensure_project_importable()
 
 import numpy as np  # noqa: E402
 import soundfile as sf  # noqa: E402
 import torch  # noqa: E402
+from process_memory import reset_peak, status_bytes  # noqa: E402
 
 from acestep_client.client import AceStepClient  # noqa: E402
 from acestep_client.params import GenerationParams  # noqa: E402
-from acestep_triton.checkpoint import (  # noqa: E402
-    OFFICIAL_FILES,
-    CheckpointLayout,
+from acestep_triton.checkpoint import OFFICIAL_FILES, CheckpointLayout  # noqa: E402
+from acestep_triton.export.specs import COMPONENTS  # noqa: E402
+from acestep_triton.serving import admission as adm  # noqa: E402
+from acestep_triton.serving.assets import load_assets  # noqa: E402
+from acestep_triton.serving.deploy import build_deployment  # noqa: E402
+from acestep_triton.serving.health import stub_processes  # noqa: E402
+from acestep_triton.serving.memory import proc_field_bytes, rss_bytes  # noqa: E402
+from acestep_triton.serving.server import TritonServer  # noqa: E402
+from acestep_triton.synthetic.full_size import FullSizeConfigs, write_full_random_checkpoint  # noqa: E402
+from acestep_triton.synthetic.tiny_checkpoint import (  # noqa: E402
     tiny_dcae_config,
     tiny_text_encoder_config,
     tiny_transformer_config,
     tiny_vocoder_config,
     write_tiny_checkpoint,
 )
-from acestep_triton.export.full_random import FullSizeConfigs, write_full_random_checkpoint  # noqa: E402
-from acestep_triton.export.specs import COMPONENTS  # noqa: E402
-from acestep_triton.serving import admission as adm  # noqa: E402
-from acestep_triton.serving.health import stub_processes  # noqa: E402
-from acestep_triton.serving.memory import proc_field_bytes, rss_bytes  # noqa: E402
-from acestep_triton.serving.server import TritonServer  # noqa: E402
+from acestep_triton.synthetic.tiny_lora import write_tiny_lora  # noqa: E402
 
 MiB = 2**20
 GiB = 2**30
@@ -173,35 +179,6 @@ def read_table(ckpt: Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------- 3. loading
-_LOAD_PROBE = """
-import json, sys, time
-sys.path[:0] = [{src!r}, {client!r}]
-import torch
-from acestep_triton.serving.torch_runtime import load_component_module
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-base = status("VmRSS")
-started = time.perf_counter()
-module = load_component_module({name!r}, {ckpt!r})
-seconds = time.perf_counter() - started
-weights = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
-print(json.dumps({{"seconds": seconds, "base_rss": base, "peak_rss": status("VmHWM"),
-                  "steady_rss": status("VmRSS"), "weights": weights}}))
-"""
-
-
-def load_probe(name: str, ckpt: Path, src: Path) -> dict[str, Any]:
-    """Load component ``name`` with the loader of the source tree ``src`` in a fresh process."""
-    code = _LOAD_PROBE.format(src=str(src / "src"), client=str(src / "client"), name=name, ckpt=str(ckpt))
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
-                          env={**os.environ, "PYTHONPATH": ""})
-    if done.returncode != 0:
-        return {"error": (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]}
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 @contextmanager
 def worktree(rev: str) -> Iterator[Path]:
     """A temporary git worktree of ``rev`` (removed afterwards)."""
@@ -218,11 +195,11 @@ def load_table(ckpt: Path, before: str | None) -> dict[str, dict[str, Any]]:
     """``{component: {"after": probe, "before": probe}}`` (``before`` only with a revision)."""
     table: dict[str, dict[str, Any]] = {name: {} for name in COMPONENTS}
     for name in COMPONENTS:
-        table[name]["after"] = load_probe(name, ckpt, bench.REPO)
+        table[name]["after"] = probe_load(name, ckpt, bench.REPO)
     if before:
         with worktree(before) as tree:
             for name in COMPONENTS:
-                table[name]["before"] = load_probe(name, ckpt, tree)
+                table[name]["before"] = probe_load(name, ckpt, tree)
     return table
 
 
@@ -236,15 +213,11 @@ def server_processes(server: TritonServer) -> dict[str, int]:
     return found
 
 
-def proc_bytes(pid: int, key: str) -> int:
-    return proc_field_bytes(f"/proc/{pid}/status", key)
-
-
 def reset_peaks(pids: Mapping[str, int]) -> None:
     """Reset each process's high-water mark (``VmHWM``) to its current RSS."""
     for pid in pids.values():
         with suppress(OSError):
-            Path(f"/proc/{pid}/clear_refs").write_text("5")
+            reset_peak(pid)
 
 
 LOADED = re.compile(r"(?P<model>[\w.-]+): .*loaded in (?P<seconds>[\d.]+) s")
@@ -269,8 +242,6 @@ class Served:
 def start_server(ckpt: Path, workdir: Path, plan: Plan, lora_dir: Path | None, settle_s: float = 5.0) -> Served:
     """Build the torch-runtime CPU repository, start tritonserver, time it to ready and read
     every process's peak (during load) and steady RSS."""
-    from acestep_triton.serving.deploy import build_deployment
-
     deployment = build_deployment(ckpt, workdir, runtime="torch", target="cpu", lora_dir=lora_dir)
     server = TritonServer(deployment.repository, log_path=workdir / "tritonserver.log",
                           startup_timeout=plan.startup_timeout_s)
@@ -279,7 +250,7 @@ def start_server(ckpt: Path, workdir: Path, plan: Plan, lora_dir: Path | None, s
     ready_s = time.perf_counter() - started
     processes = server_processes(server)
     served = Served(server, ready_s, processes)
-    served.load_peak = {k: proc_bytes(pid, "VmHWM") for k, pid in processes.items()}
+    served.load_peak = {k: status_bytes(pid, "VmHWM") for k, pid in processes.items()}
     time.sleep(settle_s)
     served.steady = {k: rss_bytes(pid) for k, pid in processes.items()}
     return served
@@ -389,7 +360,7 @@ def run_request(served: Served, request: Request, dims: adm.ModelDims,
     audio = np.asarray(result.audio)
     measured = peak_total - sum(before.values())
     est = estimate(request, dims, count)
-    per_process = {k: proc_bytes(pid, "VmHWM") - before[k] for k, pid in pids.items()}
+    per_process = {k: status_bytes(pid, "VmHWM") - before[k] for k, pid in pids.items()}
     return {"label": request.label, "seconds": seconds, "dit_executions": calls,
             "s_per_dit_execution": dit_us / 1e6 / calls if calls else float("nan"),
             "estimate": est, "measured_peak": measured, "estimate_over_measured": est / measured if measured > 0
@@ -400,10 +371,6 @@ def run_request(served: Served, request: Request, dims: adm.ModelDims,
 
 def token_count(assets_dir: Path) -> Callable[[GenerationParams], tuple[int, int]]:
     """The endpoints' token counter over the deployment's tokenizers."""
-    from types import SimpleNamespace
-
-    from acestep_triton.serving.assets import load_assets
-
     assets = load_assets(assets_dir)
     def lyric_ids(text: str, _field: str) -> list[int]:
         return assets.lyric_tokenizer.encode(text) if text else []
@@ -496,8 +463,6 @@ def _met(value: Any, bound: str) -> str:
 
 
 def environment() -> str:
-    from importlib.metadata import version
-
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     return (f"machine: {cpu}, {os.cpu_count()} cores, {proc_field_bytes('/proc/meminfo', 'MemTotal') / GiB:.1f} GiB; "
@@ -508,8 +473,6 @@ def environment() -> str:
 # ---------------------------------------------------------------------------------- run
 def serve_and_measure(plan: Plan, ckpt: Path, weights: Mapping[str, int], report: dict[str, Any]) -> str:
     """Sections 4-5: tiny baseline start, full start, one request per task."""
-    from acestep_triton.lora import write_tiny_lora
-
     lora_dir = plan.workdir / "loras"
     if not (lora_dir / LORA_NAME).exists():
         write_tiny_lora(ckpt, lora_dir / LORA_NAME, rank=plan.lora_rank)

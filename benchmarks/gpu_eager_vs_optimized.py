@@ -48,13 +48,22 @@ import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from acestep_triton.codec import AudioCodec  # noqa: E402
-from acestep_triton.export.full_random import FullSizeConfigs, build_random_models  # noqa: E402
+from acestep_triton.gpu import CUDAGraphDecoder  # noqa: E402
 from acestep_triton.sampling import (  # noqa: E402
     EncodedConditions,
+    PromptTokens,
     SamplerConfig,
+    SamplingHooks,
     build_conditions,
     latent_frames,
     sample_text2music,
+)
+from acestep_triton.sampling.erg import dit_query_scale  # noqa: E402
+from acestep_triton.synthetic.full_size import FullSizeConfigs, build_random_models  # noqa: E402
+from acestep_triton.synthetic.tiny_checkpoint import (  # noqa: E402
+    tiny_dcae_config,
+    tiny_transformer_config,
+    tiny_vocoder_config,
 )
 
 OUTPUT_RATE = 48000
@@ -196,7 +205,7 @@ def generate(variant: Variant, conditions: EncodedConditions, noise: Tensor, con
         synchronize(device)
         started = time.perf_counter()
         latents = sample_text2music(variant.backend, conditions, noise, config,
-                                    row_query_scale=variant.row_query_scale)
+                                    hooks=SamplingHooks(row_query_scale=variant.row_query_scale))
         synchronize(device)
         looped = time.perf_counter()
         audio = codec.decode(latents, OUTPUT_RATE, codec.should_overlap(seconds))
@@ -210,8 +219,6 @@ def graph_self_check(decoder: Any, transformer: nn.Module, conditions: EncodedCo
     """One guided step's DiT call (conditional + ERG-weakened unconditional row) through the CUDA
     graph and eagerly, at two timesteps: the replay must equal eager decode and follow its
     inputs (a stale static buffer would return the first result twice)."""
-    from acestep_triton.sampling.erg import dit_query_scale
-
     device = noise.device
     layers = int(transformer.num_layers)
     latents = torch.cat([noise, noise * 0.5])
@@ -242,8 +249,6 @@ def compiled_graph_decoder(transformer: nn.Module, conditions: EncodedConditions
         block.compile(dynamic=False)
     decode: DecodeFn = twin.decode
     if not no_graphs:
-        from acestep_triton.gpu import CUDAGraphDecoder
-
         decode = CUDAGraphDecoder(twin)
     # compile both shapes a step can have (guided rows, conditional-only) before timing
     rows = 2
@@ -271,9 +276,11 @@ def _build_engine_subprocess(onnx_path: Path, plan: Path, precision: str, frames
                              rows: int) -> None:
     """Entry of ``--_build-engine``: build a fixed-length dit_decoder engine (run in a child
     process so a build can be time-boxed and killed)."""
+    # the TensorRT tooling (optional, heavy: tensorrt) only where an engine is built
     from acestep_triton.export import specs
-    from acestep_triton.export.render import read_onnx_sizes
-    from acestep_triton.export.tensorrt import BuildOptions, build_engine, fixed_profile
+    from acestep_triton.export.engine_build import BuildOptions, build_engine
+    from acestep_triton.export.engine_profiles import fixed_profile
+    from acestep_triton.export.specs import read_onnx_sizes
 
     spec = specs.component("dit_decoder")
     shapes = fixed_profile(spec, read_onnx_sizes(spec, onnx_path), batch=(1, rows, rows),
@@ -287,7 +294,9 @@ def tensorrt_decoder(transformer: nn.Module, workdir: Path, precision: str, fram
                      rows: int, timeout_s: float) -> tuple[DecodeFn | None, str]:
     """Export the DiT decoder (fp32 copy, traced on its device) and build its engine in a child
     process with a time limit; return (decode function, note)."""
-    from acestep_triton.export.tensorrt import TensorRTDecoder, TensorRTEngine, export_modules
+    # the TensorRT tooling (optional, heavy: tensorrt) only where an engine is built
+    from acestep_triton.export.engine_build import export_modules
+    from acestep_triton.export.engine_runner import TensorRTDecoder, TensorRTEngine
 
     started = time.monotonic()
     fp32 = copy.deepcopy(transformer).float() if transformer.dtype != torch.float32 else transformer
@@ -338,8 +347,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def tiny_configs() -> FullSizeConfigs:
-    from acestep_triton.checkpoint import tiny_dcae_config, tiny_transformer_config, tiny_vocoder_config
-
     return FullSizeConfigs(tiny_transformer_config(), tiny_dcae_config(), tiny_vocoder_config())
 
 
@@ -362,7 +369,23 @@ def fixed_inputs(transformer: nn.Module, text_tokens: int, lyric_tokens: int, de
             torch.ones(1, lyric_tokens, dtype=torch.int64, device=device), text_states.to(device) * 0.2)
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+@dataclass
+class Workload:
+    """What every variant runs: the random models behind one backend, the fixed inputs and their
+    conditions, the noise."""
+
+    device: torch.device
+    transformer: nn.Module
+    base: BenchBackend
+    codec: AudioCodec
+    conditions: EncodedConditions
+    noise: Tensor
+    frames: int
+    tokens: int
+
+
+def run_info(args: argparse.Namespace) -> tuple[torch.device, torch.dtype, list[int], dict[str, Any]]:
+    """The device, dtype and step counts ``args`` ask for, and the results' header."""
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but torch sees no GPU (use --device cpu --model tiny)")
@@ -379,7 +402,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     print(f"device: {info['device']}; torch {torch.__version__} (CUDA {torch.version.cuda}); {info['dtype']}",
           flush=True)
+    return device, dtype, steps_list, info
 
+
+def build_workload(args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
+                   info: dict[str, Any]) -> Workload:
+    """Random models at the requested size, fixed token ids, their conditions and the noise."""
     started = time.monotonic()
     configs = tiny_configs() if args.model == "tiny" else None
     models = build_random_models(device, dtype, layers=args.layers, seed=args.seed, configs=configs,
@@ -400,19 +428,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     noise = torch.randn(1, 8, 16, frames, generator=torch.Generator().manual_seed(args.seed)).to(device)
 
     with torch.inference_mode():
-        conditions = build_conditions(base, input_ids, text_mask, lyric_ids, lyric_mask, SamplerConfig())
-    tokens = int(conditions.cond.shape[1])
+        conditions = build_conditions(base, PromptTokens(input_ids, text_mask, lyric_ids, lyric_mask), SamplerConfig())
+    return Workload(device, transformer, base, codec, conditions, noise, frames, int(conditions.cond.shape[1]))
 
+
+def torch_variants(args: argparse.Namespace, work: Workload, info: dict[str, Any]) -> tuple[list[Variant], bool]:
+    """Eager sequential CFG, the optimised path (batched CFG, CUDA graphs on a GPU, checked
+    against eager first) and with ``--compile`` the compiled one; and whether graphs are used."""
+    device, transformer, base = work.device, work.transformer, work.base
     variants = []
     eager = CallCounter(transformer.decode)  # counts real DiT calls, inside the branch splitter
     variants.append(Variant("eager-sequential", base.with_decode(SequentialBranches(eager, items=1)), False,
                             eager, "PyTorch, one DiT call per CFG branch"))
     uses_graphs = device.type == "cuda" and not args.no_graphs
     if uses_graphs:
-        from acestep_triton.gpu import CUDAGraphDecoder
-
         graphs = CUDAGraphDecoder(transformer)
-        check = graph_self_check(graphs, transformer, conditions, noise)
+        check = graph_self_check(graphs, transformer, work.conditions, work.noise)
         info["graph_self_check"] = check
         print(f"CUDA graph self-check: replay vs eager decode, max rel diff {check['max_rel_diff']:.3g}; "
               f"replay follows new inputs: {check['follows_inputs']}", flush=True)
@@ -423,57 +454,81 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         note = "PyTorch, CFG branches batched" + (" (no CUDA graphs on CPU)" if device.type != "cuda" else "")
     variants.append(Variant("optimized", base.with_decode(optimized), True, optimized, note))
     if args.compile:
-        compiled_decode, compile_note = compiled_graph_decoder(transformer, conditions, noise,
+        compiled_decode, compile_note = compiled_graph_decoder(transformer, work.conditions, work.noise,
                                                                args.no_graphs or device.type != "cuda")
         print(f"compiled: {compile_note}", flush=True)
         compiled = CallCounter(compiled_decode)
         variants.append(Variant("compiled", base.with_decode(compiled), True, compiled, compile_note))
+    return variants, uses_graphs
 
+
+def tensorrt_variant(args: argparse.Namespace, work: Workload, info: dict[str, Any]) -> Variant | None:
+    """The TensorRT variant when asked for (``--trt on``) or possible (``auto``); its note either way."""
+    device = work.device
     want_trt = args.trt == "on" or (args.trt == "auto" and device.type == "cuda" and tensorrt_available())
     info["tensorrt"] = {"requested": args.trt, "available": tensorrt_available()}
-    if want_trt:
-        if device.type != "cuda" or not tensorrt_available():
-            raise SystemExit("error: --trt on needs a CUDA device and `import tensorrt`")
-        workdir = Path(tempfile.mkdtemp(prefix="acestep_trt_"))
-        decode, trt_note = tensorrt_decoder(transformer, workdir, args.trt_precision, frames, tokens, rows=2,
-                                            timeout_s=args.trt_build_timeout)
-        info["tensorrt"]["note"] = trt_note
-        print(f"TensorRT: {trt_note}", flush=True)
-        if decode is not None:
-            counter = CallCounter(decode)
-            variants.append(Variant("tensorrt", base.with_decode(counter), True, counter,
-                                    f"TensorRT DiT ({args.trt_precision}), CFG branches batched"))
-    else:
+    if not want_trt:
         reason = ("not installed (`import tensorrt` failed)" if not tensorrt_available()
                   else "off" if args.trt == "off" else "needs CUDA")
         info["tensorrt"]["note"] = f"TensorRT variant skipped: {reason}"
         print(f"TensorRT: {info['tensorrt']['note']}", flush=True)
+        return None
+    if device.type != "cuda" or not tensorrt_available():
+        raise SystemExit("error: --trt on needs a CUDA device and `import tensorrt`")
+    workdir = Path(tempfile.mkdtemp(prefix="acestep_trt_"))
+    decode, trt_note = tensorrt_decoder(work.transformer, workdir, args.trt_precision, work.frames, work.tokens,
+                                        rows=2, timeout_s=args.trt_build_timeout)
+    info["tensorrt"]["note"] = trt_note
+    print(f"TensorRT: {trt_note}", flush=True)
+    if decode is None:
+        return None
+    counter = CallCounter(decode)
+    return Variant("tensorrt", work.base.with_decode(counter), True, counter,
+                   f"TensorRT DiT ({args.trt_precision}), CFG branches batched")
+
+
+def measure_steps(steps: int, variants: list[Variant], work: Workload, args: argparse.Namespace,
+                  uses_graphs: bool) -> list[Measurement]:
+    """Every variant at ``steps``: a warm-up, then ``repeats`` interleaved timed runs, each final
+    latent compared with eager sequential CFG's."""
+    config = SamplerConfig(infer_step=steps)
+    # >= 3 warm-up steps when graphs are captured: then the warm-up has both a guided
+    # (2-row) and a conditional-only (1-row) step, so no capture happens while timing.
+    warm = SamplerConfig(infer_step=max(args.warmup_steps, 3 if uses_graphs else 1))
+    for variant in variants:  # warm-up: allocations, cuDNN autotuning, CUDA-graph capture
+        generate(variant, work.conditions, work.noise, warm, work.codec, args.seconds)
+    measured = {v.name: Measurement(v.name, steps) for v in variants}
+    finals: dict[str, Tensor] = {}
+    for _ in range(args.repeats):  # interleaved, so clocks and heat affect every variant alike
+        for variant in variants:
+            variant.counter.calls = 0
+            latents, audio, loop_s, decode_s = generate(variant, work.conditions, work.noise, config, work.codec,
+                                                        args.seconds)
+            measured[variant.name].finite = bool(torch.isfinite(latents).all() and torch.isfinite(audio).all())
+            measured[variant.name].loop_s.append(loop_s)
+            measured[variant.name].decode_s.append(decode_s)
+            measured[variant.name].dit_calls = variant.counter.calls
+            finals[variant.name] = latents.float()
+    reference = finals["eager-sequential"]
+    scale = float(reference.abs().max())
+    for name, m in measured.items():
+        m.max_rel_diff_vs_eager = float((finals[name] - reference).abs().max()) / max(scale, 1e-12)
+    return list(measured.values())
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Every variant at every step count; the results go to stdout, ``--json`` (after each step
+    count, so a run cut short keeps them) and ``--markdown``."""
+    device, dtype, steps_list, info = run_info(args)
+    work = build_workload(args, device, dtype, info)
+    variants, uses_graphs = torch_variants(args, work, info)
+    trt = tensorrt_variant(args, work, info)
+    if trt is not None:
+        variants.append(trt)
 
     results: list[Measurement] = []
     for steps in steps_list:
-        config = SamplerConfig(infer_step=steps)
-        # >= 3 warm-up steps when graphs are captured: then the warm-up has both a guided
-        # (2-row) and a conditional-only (1-row) step, so no capture happens while timing.
-        warm = SamplerConfig(infer_step=max(args.warmup_steps, 3 if uses_graphs else 1))
-        for variant in variants:  # warm-up: allocations, cuDNN autotuning, CUDA-graph capture
-            generate(variant, conditions, noise, warm, codec, args.seconds)
-        measured = {v.name: Measurement(v.name, steps) for v in variants}
-        finals: dict[str, Tensor] = {}
-        for _ in range(args.repeats):  # interleaved, so clocks and heat affect every variant alike
-            for variant in variants:
-                variant.counter.calls = 0
-                latents, audio, loop_s, decode_s = generate(variant, conditions, noise, config, codec,
-                                                            args.seconds)
-                measured[variant.name].finite = bool(torch.isfinite(latents).all() and torch.isfinite(audio).all())
-                measured[variant.name].loop_s.append(loop_s)
-                measured[variant.name].decode_s.append(decode_s)
-                measured[variant.name].dit_calls = variant.counter.calls
-                finals[variant.name] = latents.float()
-        reference = finals["eager-sequential"]
-        scale = float(reference.abs().max())
-        for name, m in measured.items():
-            m.max_rel_diff_vs_eager = float((finals[name] - reference).abs().max()) / max(scale, 1e-12)
-            results.append(m)
+        results.extend(measure_steps(steps, variants, work, args, uses_graphs))
         print(table(results, args.seconds, variants), flush=True)
         info["results"] = [r.as_dict(args.seconds) for r in results]
         bench.write_json(args.json, info)
@@ -485,7 +540,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.markdown is not None:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         args.markdown.write_text(f"Device: {info['device']}, torch {info['torch']}, {info['dtype']}, DiT "
-                                 f"{info['layers']} blocks, {args.seconds:g} s of audio ({frames} frames)\n\n"
+                                 f"{info['layers']} blocks, {args.seconds:g} s of audio ({work.frames} frames)\n\n"
                                  + text + "\n")
     bench.write_json(args.json, info)
     return info

@@ -29,20 +29,12 @@ import acestep_bench as bench  # benchmarks/ is on sys.path only now
 
 bench.ensure_project_importable()
 
-from acestep_serving_check.common import (  # noqa: E402
-    Deadline,
-    Plan,
-    Report,
-    SkipSectionError,
-    nanmax,
-    parse_csv_numbers,
-    ratio,
-    run_section,
-    verdict,
-)
+from acestep_serving_check.figures import nanmax, parse_csv_numbers, ratio, verdict  # noqa: E402
 from acestep_serving_check.measure import build, goals_section, measure, parse_args  # noqa: E402
 from acestep_serving_check.memory import component_rows, parse_component_gauges  # noqa: E402
 from acestep_serving_check.placeholders import PLACEHOLDERS, active_placeholders, write_placeholders  # noqa: E402
+from acestep_serving_check.plan import Plan  # noqa: E402
+from acestep_serving_check.report import Deadline, Report, SkipSectionError, run_section  # noqa: E402
 from acestep_serving_check.throughput import dit_delta, throughput_ratio, throughput_rows  # noqa: E402
 
 __all__ = ["PLACEHOLDERS", "Deadline", "Plan", "Report", "SkipSectionError", "active_placeholders", "bench",

@@ -63,6 +63,7 @@ def request_params(index: int, durations: Sequence[float], steps: int) -> Genera
 
 async def one_request(client: Any, endpoint: str, params: GenerationParams, timeout_s: float) -> RequestResult:
     """One request over its own decoupled stream; done at the response carrying the audio."""
+    # tritonclient (heavy) only where requests are sent: the GPU check imports this for its prompts
     from acestep_client.client import AceStepClient
 
     inputs = AceStepClient.build_inputs(params)
@@ -134,6 +135,7 @@ def stats_delta(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str
 async def run_level(url: str, endpoint: str, concurrency: int, total: int, durations: Sequence[float], steps: int,
                     timeout_s: float, first_index: int) -> dict[str, Any]:
     """``concurrency`` workers over ``total`` requests; returns the level's numbers."""
+    # tritonclient (heavy) only where requests are sent: the GPU check imports this for its prompts
     import tritonclient.grpc.aio as grpcaio
 
     client = grpcaio.InferenceServerClient(url)

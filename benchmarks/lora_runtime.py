@@ -38,6 +38,18 @@ bench.ensure_project_importable()
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from acestep_triton.lora import (  # noqa: E402
+    LoraAdapter,
+    LoraLayer,
+    LoraSettings,
+    component_of,
+)
+from acestep_triton.lora.files import target_shape  # noqa: E402
+from acestep_triton.lora.live import RowGroup, live_adapter, lora_rows  # noqa: E402
+from acestep_triton.models.transformer import ACEStepTransformer, unused_key  # noqa: E402
+from acestep_triton.serving.torch_runtime import DECODE_ONLY, ENCODE_ONLY  # noqa: E402
+from acestep_triton.synthetic.tiny_lora import target_module_paths  # noqa: E402
+
 RANKS = (16, 64, 256)
 ADAPTER_COUNTS = (1, 4, 16)
 GIB = 2**30
@@ -54,21 +66,16 @@ REAL_CONFIG: dict[str, Any] = {
 
 
 def transformer(config: dict[str, Any], device: str | torch.device = "meta") -> nn.Module:
-    from acestep_triton.models.transformer import ACEStepTransformer
-
     with torch.device(device):
         return ACEStepTransformer.from_config(config)
 
 
 def synthetic_adapter(model: nn.Module, rank: int, seed: int = 0) -> Any:
     """A LoRA on upstream's targets with random A/B (shapes read from ``model``)."""
-    from acestep_triton.lora import LoraAdapter, LoraLayer, LoraSettings, target_module_paths
-    from acestep_triton.lora.files import _target_shape
-
     generator = torch.Generator().manual_seed(seed)
     layers = {}
     for path in target_module_paths(model):
-        out_features, in_features = _target_shape(model.get_submodule(path))  # type: ignore[misc]
+        out_features, in_features = target_shape(model.get_submodule(path))  # type: ignore[misc]
         down = torch.randn(rank, in_features, generator=generator) * in_features ** -0.5
         up = torch.randn(out_features, rank, generator=generator) * 0.02
         layers[path] = LoraLayer(module=path, down=down, up=up, scaling=1.0)
@@ -78,21 +85,15 @@ def synthetic_adapter(model: nn.Module, rank: int, seed: int = 0) -> Any:
 
 def adapter_parameters(model: nn.Module, rank: int) -> dict[str, int]:
     """A/B elements per served component of a rank-``rank`` adapter on upstream's targets."""
-    from acestep_triton.lora import component_of, target_module_paths
-    from acestep_triton.lora.files import _target_shape
-
     out: dict[str, int] = {"condition_encoder": 0, "dit_decoder": 0}
     for path in target_module_paths(model):
-        out_features, in_features = _target_shape(model.get_submodule(path))  # type: ignore[misc]
+        out_features, in_features = target_shape(model.get_submodule(path))  # type: ignore[misc]
         out[component_of(path)] += rank * (in_features + out_features)
     return out
 
 
 def half_parameters(model: nn.Module) -> dict[str, int]:
     """Parameters each served transformer half keeps (``torch_runtime``'s ENCODE_ONLY/DECODE_ONLY)."""
-    from acestep_triton.models.transformer import unused_key
-    from acestep_triton.serving.torch_runtime import DECODE_ONLY, ENCODE_ONLY
-
     def count(names: tuple[str, ...]) -> int:
         return sum(p.numel() for n, p in model.named_parameters()
                    if n.split(".", 1)[0] in names and not unused_key(n))
@@ -129,23 +130,19 @@ def bench_model(args: argparse.Namespace) -> nn.Module:
     model = transformer(config, "cpu")
     for p in model.parameters():  # checkpoint-like magnitudes: keeps activations finite over the blocks
         nn.init.normal_(p, std=0.02)
-    from acestep_triton.serving.torch_runtime import ENCODE_ONLY
-
     for name in ENCODE_ONLY:
         setattr(model, name, None)
     return model.to(device=args.device, dtype=args.torch_dtype).eval().requires_grad_(False)
 
 
 def measured_memory(model: nn.Module, args: argparse.Namespace, rank: int = 64) -> str:
-    from acestep_triton.lora.runtime import runtime_adapter
-
     base = sum(p.numel() * p.element_size() for p in model.parameters())
     rows = []
     resident = []
     for n in range(1, max(ADAPTER_COUNTS) + 1):
         adapter = synthetic_adapter(model, rank, seed=n)
-        resident.append(runtime_adapter(adapter, "dit_decoder", model, index=n, device=args.device,
-                                        dtype=args.torch_dtype))
+        resident.append(live_adapter(adapter, "dit_decoder", model, index=n, device=args.device,
+                                     dtype=args.torch_dtype))
         if n in ADAPTER_COUNTS:
             held = sum(a.nbytes for a in resident)
             rows.append((n, base / 2**20, held / 2**20, (base + held) / 2**20, (n + 1) * base / 2**20))
@@ -156,8 +153,6 @@ def measured_memory(model: nn.Module, args: argparse.Namespace, rank: int = 64) 
 
 
 def time_steps(model: nn.Module, args: argparse.Namespace) -> str:
-    from acestep_triton.lora.runtime import RowGroup, lora_rows, runtime_adapter
-
     device = torch.device(args.device)
     rows, frames, tokens = args.rows, args.frames, args.tokens
     generator = torch.Generator().manual_seed(1)
@@ -185,8 +180,8 @@ def time_steps(model: nn.Module, args: argparse.Namespace) -> str:
     weights = torch.ones(rows, device=device)
     cases: dict[tuple[str, str], list[RowGroup] | None] = {("none", "-"): None}
     for rank in RANKS:
-        adapter = runtime_adapter(synthetic_adapter(model, rank), "dit_decoder", model, device=device,
-                                  dtype=args.torch_dtype)
+        adapter = live_adapter(synthetic_adapter(model, rank), "dit_decoder", model, device=device,
+                               dtype=args.torch_dtype)
         cases[(f"r={rank}", "all rows")] = [RowGroup(adapter=adapter, rows=None, weights=weights)]
         cases[(f"r={rank}", f"{len(half)} of {rows} rows")] = [
             RowGroup(adapter=adapter, rows=half, weights=weights[: len(half)])]

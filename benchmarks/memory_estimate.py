@@ -7,7 +7,8 @@ memory of that one call:
 * ``components``: the DiT decoder, the DCAE decoder and the vocoder at their real widths (the
   DiT at 1/5 of the 3.5B width: its terms scale with the width, and a full-width random DiT is
   too slow on a CPU), random weights, at a few shapes: the measured peak divided by the
-  estimate's element count gives each per-element factor (``K_*`` in admission.py);
+  estimate's element count gives each per-element factor (the ``*_COPIES`` and
+  ``*_ACTIVATIONS_*`` constants of admission.py);
 * ``requests``: whole requests on the tiny random checkpoint (``MusicGenerator.generate``) at a
   few batch × duration shapes: estimate ÷ measured peak for the whole request.
 
@@ -20,7 +21,6 @@ Linux only (reads /proc). On a GPU the same comparison would use
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import sys
 import tempfile
@@ -33,37 +33,35 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from process_memory import reset_peak, status_bytes
+
 from acestep_client.params import GenerationParams
+from acestep_triton.models.dcae import DCAEDecoder
+from acestep_triton.models.transformer import ACEStepTransformer, TransformerConfig
+from acestep_triton.models.vocoder import Vocoder, VocoderConfig
+from acestep_triton.pipeline import local_generator
 from acestep_triton.serving import admission as adm
-from acestep_triton.serving.memory import proc_field_bytes
+from acestep_triton.serving.memory import malloc_trim
+from acestep_triton.synthetic.tiny_checkpoint import tiny_dcae_config, write_tiny_checkpoint
 
 MiB = 2**20
-
-
-def _status(key: str) -> int:
-    return proc_field_bytes("/proc/self/status", key)
 
 
 def measure(fn: Callable[[], object]) -> tuple[int, float]:
     """(peak transient bytes, seconds) of ``fn()``; its result is dropped before returning."""
     gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")  # reset VmHWM to the current RSS
-    base = _status("VmRSS")
+    malloc_trim()
+    reset_peak()
+    base = status_bytes("self", "VmRSS")
     started = time.perf_counter()
     result = fn()
     seconds = time.perf_counter() - started
-    peak = _status("VmHWM") - base
+    peak = status_bytes("self", "VmHWM") - base
     del result
     return peak, seconds
 
 
 def components() -> None:
-    from acestep_triton.models.dcae import DCAEDecoder
-    from acestep_triton.models.transformer import ACEStepTransformer, TransformerConfig
-    from acestep_triton.models.vocoder import Vocoder, VocoderConfig
-
     print("component            shape                     elements(M)  measured MiB  factor   (K in admission.py)")
     # DiT decoder: width 512 (8 heads × 64), FF 1280, 2 blocks (the peak is one block's)
     cfg = dict(in_channels=8, out_channels=8, num_layers=2, num_attention_heads=8, attention_head_dim=64,
@@ -83,15 +81,15 @@ def components() -> None:
                                   torch.full((rows,), 500.0), torch.ones(rows, 2))
 
         peak, _ = measure(run)
-        width = rows * frames * (adm.K_DIT_WIDTH * dims.dit_width + adm.K_DIT_FF * dims.dit_ff)
-        cross = adm.K_CROSS * rows * dims.dit_heads * frames * tokens
+        width = rows * frames * (adm.DIT_ACTIVATIONS_PER_WIDTH * dims.dit_width
+                                 + adm.DIT_ACTIVATIONS_PER_FF_WIDTH * dims.dit_ff)
+        cross = adm.CROSS_ATTENTION_SCORE_COPIES * rows * dims.dit_heads * frames * tokens
         estimate = (width + cross) * adm.BYTES
         print(f"dit (D 512)          rows {rows} frames {frames} tok {tokens:<5} {(width + cross) / 1e6:10.1f}"
               f"  {peak / MiB:12.0f}  est/meas {estimate / peak:.2f}")
 
     dcae_config = {"decoder_block_out_channels": [128, 256, 512, 1024], "decoder_layers_per_block": [3, 3, 3, 3],
                    "attention_head_dim": 32}
-    from acestep_triton.checkpoint import tiny_dcae_config
 
     decoder = DCAEDecoder({**tiny_dcae_config(), **dcae_config}).eval()
     big = adm.ModelDims()
@@ -105,7 +103,7 @@ def components() -> None:
         peak, _ = measure(run_dcae)
         elements = window * big.dcae_per_frame(big.dcae_channels)
         print(f"dcae decoder (3.5B)  window {window:<4} frames          {elements / 1e6:10.1f}  {peak / MiB:12.0f}"
-              f"  factor {peak / adm.BYTES / elements:.2f}  (K_DCAE {adm.K_DCAE})")
+              f"  factor {peak / adm.BYTES / elements:.2f}  (DCAE_ACTIVATION_COPIES {adm.DCAE_ACTIVATION_COPIES})")
 
     vocoder = Vocoder(VocoderConfig()).eval()
     for mel_frames in (32, 64, 128):
@@ -118,13 +116,10 @@ def components() -> None:
         peak, _ = measure(run_vocoder)
         elements = 2 * mel_frames * 512 * big.vocoder_per_sample
         print(f"vocoder (3.5B)       2 rows × {mel_frames * 512:<7} samples    {elements / 1e6:10.1f}  "
-              f"{peak / MiB:12.0f}  factor {peak / adm.BYTES / elements:.2f}  (K_VOCODER {adm.K_VOCODER})")
+              f"{peak / MiB:12.0f}  factor {peak / adm.BYTES / elements:.2f}  (factor {adm.VOCODER_ACTIVATION_COPIES})")
 
 
 def requests() -> None:
-    from acestep_triton.checkpoint import write_tiny_checkpoint
-    from acestep_triton.pipeline import local_generator
-
     ckpt = write_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny")
     generator = local_generator(ckpt)
     dims = adm.ModelDims.from_dir(ckpt)

@@ -61,6 +61,9 @@ import acestep_bench as bench
 bench.ensure_project_importable()
 
 import numpy as np  # noqa: E402
+import soundfile as sf  # noqa: E402
+import tritonclient.grpc as grpcclient  # noqa: E402
+from process_memory import status_bytes  # noqa: E402
 
 from acestep_client.client import (  # noqa: E402
     AceStepClient,
@@ -71,6 +74,9 @@ from acestep_client.client import (  # noqa: E402
 )
 from acestep_client.params import GenerationParams  # noqa: E402
 from acestep_client.retry import DEFAULT_RETRY, NO_RETRY, RetryPolicy  # noqa: E402
+from acestep_triton.serving.faults import kill_stub  # noqa: E402
+from acestep_triton.serving.health import SHM_DIR, stub_processes  # noqa: E402
+from acestep_triton.serving.server import TritonServer  # noqa: E402
 
 PHASES = ("baseline", "kill_endpoint", "kill_component", "restart", "disconnect", "burst")
 LEAK = "leak"
@@ -126,21 +132,14 @@ class PhaseResult:
 
 
 def _status_mib(pid: int, key: str) -> float:
-    try:
-        with open(f"/proc/{pid}/status") as lines:
-            for line in lines:
-                if line.startswith(f"{key}:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
+    """A ``/proc/<pid>/status`` field in MiB; NaN for a process that is gone (a leak slope skips it)."""
+    value = status_bytes(pid, key)
+    return value / 2**20 if value else float("nan")
 
 
 def memory_sample(server: Any) -> dict[str, float]:
     """Private memory (``RssAnon``, MiB) of tritonserver and of each stub by instance name, and the
     server's ``/dev/shm`` regions (allocated MiB). Stubs of the same instance (a reload) add up."""
-    from acestep_triton.serving.health import SHM_DIR, stub_processes
-
     sample = {"tritonserver": _status_mib(server.pid, "RssAnon")}
     for stub in stub_processes(server.pid):
         sample[stub.instance] = sample.get(stub.instance, 0.0) + _status_mib(stub.pid, "RssAnon")
@@ -186,8 +185,6 @@ def workload(src_audio: bytes, *, duration: float, steps: int, lora: tuple[str, 
 
 def wav_bytes(audio: np.ndarray, rate: int) -> bytes:
     """A result item as WAV file bytes (what a user uploads as source audio)."""
-    import soundfile as sf
-
     buffer = io.BytesIO()
     sf.write(buffer, audio.T, rate, format="WAV", subtype="FLOAT")
     return buffer.getvalue()
@@ -323,8 +320,6 @@ class Soak:
         return result
 
     def _kill_phase(self, result: PhaseResult, model: str) -> PhaseResult:
-        from acestep_triton.serving.faults import kill_stub
-
         fault_at = self._run_workload(result, lambda: kill_stub(self.server, model))
         result.ready_again_s = self._ready_again(fault_at) if fault_at is not None else None
         return result
@@ -336,8 +331,6 @@ class Soak:
         return self._kill_phase(result, "dit_decoder")
 
     def _phase_restart(self, result: PhaseResult) -> PhaseResult:
-        from acestep_triton.serving.server import TritonServer
-
         old = self.server
 
         def restart() -> None:
@@ -358,8 +351,6 @@ class Soak:
 
     def _disconnecting_client(self) -> None:
         """A raw stream whose client goes away after its first progress message (no cancel)."""
-        import tritonclient.grpc as grpcclient
-
         progress = threading.Event()
         raw = grpcclient.InferenceServerClient(self.url)
         raw.start_stream(callback=lambda result=None, error=None: progress.set())
@@ -455,10 +446,12 @@ def leak_table(result: PhaseResult, warmup: int) -> str:
 
 def own_server(workdir: Path) -> Any:
     """Build the tiny checkpoint (with a LoRA adapter) and a CPU repository; start a server."""
-    from acestep_triton.checkpoint import write_tiny_checkpoint
-    from acestep_triton.lora import SERVING_FILE, write_tiny_lora
+    # torch (through the checkpoint, LoRA and deployment code) only when this script builds its own
+    # server: against --url the soak needs just the client
+    from acestep_triton.lora import SERVING_FILE
     from acestep_triton.serving.deploy import build_deployment
-    from acestep_triton.serving.server import TritonServer
+    from acestep_triton.synthetic.tiny_checkpoint import write_tiny_checkpoint
+    from acestep_triton.synthetic.tiny_lora import write_tiny_lora
 
     ckpt = write_tiny_checkpoint(workdir / "ckpt")
     write_tiny_lora(ckpt, workdir / "loras" / OWN_LORA[0])

@@ -12,7 +12,7 @@ request pays for them, side by side in one run:
 - then ``--rounds`` rounds, each starting one fresh process per variant (one-time costs are per
   process, so variants must not share one), alternating which goes first: ``cold`` (no warm-up)
   and ``warm`` (every component warms up those shapes at load). Each process loads the in-process
-  twin of a torch-runtime deployment (``serving.torch_runtime.runtime_generator``: the very
+  twin of a torch-runtime deployment (``serving.torch_runtime.in_process_twin_generator``: the very
   runners the served models run, without Triton), times the load (warm-up included), the first
   request and a second, identical one;
 - prints a Markdown table of medians and the ratio first(cold) / first(warm).
@@ -41,20 +41,22 @@ import acestep_bench as bench
 
 bench.ensure_project_importable()
 
+from acestep_client.params import GenerationParams  # noqa: E402
+
 PROMPT = "pop, upbeat, guitar, 120 BPM"
 LYRICS = "[verse]\nfree as a bird\n[chorus]\nsing along, sing along\n[verse]\nthe night is young"
 VARIANTS = ("cold", "warm")
 
 
-def _params(duration: float, steps: int) -> Any:
-    from acestep_client.params import GenerationParams
-
+def _params(duration: float, steps: int) -> GenerationParams:
     return GenerationParams(prompt=PROMPT, lyrics=LYRICS, audio_duration=duration, infer_step=steps,
                             manual_seeds="7")
 
 
 def _child(args: argparse.Namespace) -> dict[str, Any]:
     """One fresh process: load (with or without warm-up), then two identical requests."""
+    # torch only in the measured child processes (the parent only starts them), and its thread
+    # count set before the runtime's modules load
     import torch
 
     torch.set_num_threads(args.threads)
@@ -76,8 +78,8 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
         torch_runtime.ComponentRunner.__call__ = recording  # type: ignore[method-assign]
     warmup = args.warmup if args.child == "warm" else "none"
     started = time.perf_counter()
-    generator = torch_runtime.runtime_generator(args.checkpoint, device="cpu",
-                                                parameters={name: {"warmup": warmup} for name in COMPONENTS})
+    generator = torch_runtime.in_process_twin_generator(args.checkpoint, device="cpu",
+                                                        parameters={name: {"warmup": warmup} for name in COMPONENTS})
     load_s = time.perf_counter() - started
     times = []
     for _ in range(2):
@@ -143,7 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = args.checkpoint
         if checkpoint is None:
-            from acestep_triton.checkpoint import write_tiny_checkpoint
+            # torch, for the tiny checkpoint, only when none is given: the parent otherwise needs none
+            from acestep_triton.synthetic.tiny_checkpoint import write_tiny_checkpoint
 
             checkpoint = write_tiny_checkpoint(Path(tmp) / "checkpoint", seed=0)
         result = measure(args, checkpoint)

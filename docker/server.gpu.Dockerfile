@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1
-# ACE-Step on Triton: the production GPU server (target `gpu`: the six components as TensorRT
-# `tensorrt_plan` models, the task endpoints as Python-backend models).
+# ACE-Step on Triton: the production GPU server (target `gpu`: the six components served by the
+# torch runtime, bf16 with compiled DiT blocks and CUDA graphs, or with `--runtime tensorrt` as
+# TensorRT `tensorrt_plan` models; the task endpoints as Python-backend models).
 #
 #   docker build -f docker/server.gpu.Dockerfile -t acestep-triton-server:0.1.0-gpu .
 #   docker run --gpus 1 --shm-size 8g -p 8000-8002:8000-8002 \
@@ -26,7 +27,7 @@
 # first start on a new GPU type takes long; keep /models on a volume to build once per GPU.
 FROM nvcr.io/nvidia/tritonserver:25.01-py3
 
-# torch from PyPI is the CUDA build: the engine build step (acestep_triton.export.tensorrt)
+# torch from PyPI is the CUDA build: the engine build step (acestep_triton.export.engine_build)
 # needs CUDA to see the GPU it builds for; the orchestrators' sampling loop runs in it too.
 ARG TORCH_INDEX_URL=https://pypi.org/simple
 # The NGC image installs its Python packages system-wide (the backend stub embeds that Python).
@@ -60,7 +61,7 @@ RUN python3 -m pip install -e ./client -e ".[export,download]" \
  && python3 -m pip install "$(python3 docker/check_tensorrt.py --pip-requirement)" \
  && python3 -m pip install --no-deps "py3langid==0.3.0" \
  && python3 -c "import numpy, sys; v = numpy.__version__; sys.exit(0 if v.startswith('1.') else f'numpy must stay < 2 for the Python backend stub, got {v}')" \
- && python3 -c "import acestep_triton.serving.orchestrator, acestep_triton.export.tensorrt, acestep_client.params" \
+ && python3 -c "import acestep_triton.serving.orchestrator, acestep_triton.export.engine_build, acestep_client.params" \
  && python3 docker/check_tensorrt.py
 
 # uid 1000 is the image's own non-root `triton-server` user; /models is its writable volume.

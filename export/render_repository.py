@@ -5,8 +5,9 @@ Every ``config.pbtxt`` comes from the component contract and ``ensemble_configs/
 Python-backend sources are copied from ``model_repository/``. Runtimes: ``onnx`` (cpu, needs
 ``--onnx-dir``), ``tensorrt`` (gpu, ``--engine-dir`` from step 2, ``--onnx-dir`` for the
 checkpoint sizes) or ``torch`` (either target, ``--checkpoint``; no export at all). Same command
-as ``acestep-triton render``; the code is :mod:`acestep_triton.export.render`, and with the same
-inputs the result is the repository ``acestep-triton build`` writes::
+as ``acestep-triton render``; the code is :mod:`acestep_triton.export.render_cli` (the writer:
+:mod:`acestep_triton.export.repository`), and with the same inputs the result is the repository
+``acestep-triton build`` writes::
 
     python export/render_repository.py --target cpu --onnx-dir artifacts/steps/onnx \\
         --assets artifacts/steps/assets --out artifacts/steps/repository
@@ -20,7 +21,7 @@ from collections.abc import Sequence
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the package's ``render`` command with this script's arguments."""
-    from acestep_triton.export.render import main as render_main
+    from acestep_triton.export.render_cli import main as render_main
 
     return render_main(["render", *(sys.argv[1:] if argv is None else argv)])
 

@@ -21,7 +21,7 @@
 #      make one overlay venv (--without-pip) whose .pth puts the project, the carried packages and
 #      the machine's site-packages on the path of the benchmark AND of the Triton model processes
 #      (the stub ignores PYTHONPATH); placeholders for soundfile/cutlet where they are missing;
-#   3. the official-layout random checkpoint (export/full_random.py), loaded by the served
+#   3. the official-layout random checkpoint (synthetic/full_size.py), loaded by the served
 #      components as production loads a real one: LAYERS DiT blocks, default auto = the full 24
 #      when the GPU has >= 45 GiB (three copies of the weights live at once: served, in-process
 #      twin, eager baseline), else 8; dry run: the tiny checkpoint;
@@ -276,7 +276,7 @@ if want serving; then
     phase checkpoint "$T" "$PY" -m acestep_triton.cli checkpoint tiny "$WORK/ckpt"
   else
     T="$(box "$CKPT_TIMEOUT" 240)" || exit 4
-    phase checkpoint "$T" "$PY" -m acestep_triton.export.full_random "$WORK/ckpt" --layers "$LAYERS" --device cuda
+    phase checkpoint "$T" "$PY" -m acestep_triton.synthetic full-size "$WORK/ckpt" --layers "$LAYERS" --device cuda
     log "checkpoint: $LAYERS DiT blocks, $(du -sh "$WORK/ckpt" | cut -f1)"
   fi
 

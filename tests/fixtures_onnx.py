@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from acestep_triton.checkpoint import Components, load_components, write_tiny_checkpoint
+from acestep_triton.checkpoint import Components, load_components
 from acestep_triton.export.onnx_export import export_cached
+from acestep_triton.synthetic.tiny_checkpoint import write_tiny_checkpoint
 
 TINY_SEED = 0
 

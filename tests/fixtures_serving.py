@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -24,15 +25,31 @@ from fixtures_onnx import single_thread
 from triton_harness import require_tritonserver
 
 from acestep_triton.checkpoint import Components, load_components
-from acestep_triton.lora import SERVING_FILE, write_tiny_lora
+from acestep_triton.export.model_configs import load_endpoints
+from acestep_triton.export.repository import render_repository
+from acestep_triton.lora import SERVING_FILE
 from acestep_triton.pipeline import MusicGenerator, TorchBackend
 from acestep_triton.serving.deploy import Deployment, build_deployment
 from acestep_triton.serving.server import TritonServer
+from acestep_triton.synthetic.tiny_lora import write_tiny_lora
 
 
 def local_generator_for(components: Components) -> MusicGenerator:
     return MusicGenerator(TorchBackend(components), components.text_tokenizer, components.lyric_tokenizer,
                           components.vocoder.mel_transform)
+
+
+def one_instance_repository(ckpt: Path, onnx_dir: Path, components: Components, workdir: Path,
+                            endpoint_name: str) -> Path:
+    """A repository of one endpoint with ONE instance (the shipped definitions have two) and the
+    six ONNX components, from the session's exported tiny checkpoint: for tests that watch or
+    replace that endpoint's stub process."""
+    with single_thread():
+        deployment = build_deployment(ckpt, workdir, onnx_dir=onnx_dir, components=components,
+                                      endpoints=[endpoint_name], intra_op_threads=1)
+    endpoint = replace(load_endpoints([endpoint_name])[0], instance_count=1)
+    return render_repository(workdir / "one_instance", "cpu", deployment.onnx_dir, [endpoint],
+                             assets=deployment.assets, intra_op_threads=1)
 
 
 def serve_deployment(deployment: Deployment, log: Path) -> Iterator[TritonServer]:

@@ -237,7 +237,9 @@ def test_releaser_empties_the_cuda_cache_only_when_much_is_cached(monkeypatch: p
 
 
 def test_render_passes_the_budget_to_every_endpoint(tmp_path: Path) -> None:
-    from acestep_triton.export.render import load_endpoints, memory_parameters, render_repository
+    from acestep_triton.export.model_configs import load_endpoints
+    from acestep_triton.export.render_cli import memory_parameters
+    from acestep_triton.export.repository import render_repository
 
     assert memory_parameters(None) == {} and memory_parameters("Auto") == {"memory_budget_mb": "auto"}
     with pytest.raises(ValueError, match="memory-budget-mb"):

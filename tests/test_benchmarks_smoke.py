@@ -18,9 +18,11 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+import torch
 
 from acestep_triton.checkpoint import Components
 from acestep_triton.export import specs
+from acestep_triton.gpu import CUDAGraphDecoder
 from acestep_triton.pipeline import MusicGenerator
 from acestep_triton.serving.server import TritonServer
 
@@ -125,8 +127,6 @@ def test_gpu_benchmark_logic_runs_on_cpu_with_the_tiny_model(tmp_path: Path,
 
 
 def test_sequential_branches_split_rows_per_item() -> None:
-    import torch
-
     gpu = load_benchmark("gpu_eager_vs_optimized")
     calls: list[tuple[int, ...]] = []
 
@@ -143,10 +143,6 @@ def test_sequential_branches_split_rows_per_item() -> None:
 
 
 def test_graph_self_check_compares_replay_with_eager() -> None:
-    import torch
-
-    from acestep_triton.gpu import CUDAGraphDecoder
-
     gpu = load_benchmark("gpu_eager_vs_optimized")
 
     class EagerGraphs:  # "replay" recomputes into the captured output, as a CUDA graph would
@@ -164,7 +160,8 @@ def test_graph_self_check_compares_replay_with_eager() -> None:
     ids, mask, lyric_ids, lyric_mask, states = gpu.fixed_inputs(transformer, 8, 10, torch.device("cpu"), 0)
     backend = gpu.BenchBackend(transformer, None, None, torch.float32, states)
     with torch.inference_mode():
-        conditions = gpu.build_conditions(backend, ids, mask, lyric_ids, lyric_mask, gpu.SamplerConfig())
+        tokens = gpu.PromptTokens(ids, mask, lyric_ids, lyric_mask)
+        conditions = gpu.build_conditions(backend, tokens, gpu.SamplerConfig())
     noise = torch.randn(1, 8, 16, 9)
     good = gpu.graph_self_check(CUDAGraphDecoder(transformer, backend=EagerGraphs()), transformer, conditions, noise)
     assert good == {"max_rel_diff": 0.0, "follows_inputs": True}

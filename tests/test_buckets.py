@@ -32,6 +32,7 @@ from acestep_triton.sampling.buckets import (
     ShapeBuckets,
 )
 from acestep_triton.sampling.noise import MAX_FRAMES
+from acestep_triton.serving.config_params import model_parameters
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -98,7 +99,7 @@ def test_parameters_round_trip() -> None:
     assert ShapeBuckets.from_parameters({"frame_buckets": "none"}) == ShapeBuckets((), DEFAULT_TOKEN_BUCKETS)
     # Triton's raw config-parameter form, as a Python backend's model_config carries it.
     raw = {"frame_buckets": {"string_value": "64"}, "token_buckets": {"string_value": "none"}}
-    assert ShapeBuckets.from_parameters(raw) == ShapeBuckets((64,))
+    assert ShapeBuckets.from_parameters(model_parameters({"parameters": raw})) == ShapeBuckets((64,))
     with pytest.raises(ValueError, match=r"^token_buckets: "):
         ShapeBuckets.from_parameters({"token_buckets": "many"})
 

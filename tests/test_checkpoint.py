@@ -25,8 +25,9 @@ from acestep_triton.checkpoint import (
     Components,
     load_components,
     load_state_dict_strict,
-    write_tiny_checkpoint,
 )
+from acestep_triton.synthetic import cli as synthetic_cli
+from acestep_triton.synthetic.tiny_checkpoint import write_tiny_checkpoint
 
 TINY_LIMIT_BYTES = 50 * 2**20
 
@@ -324,7 +325,7 @@ def test_tiny_encode_decode_is_finite_and_audible(tiny: Components) -> None:
 
 
 def test_cli_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert ckpt.main(["tiny", str(tmp_path / "t"), "--seed", "3"]) == 0
+    assert synthetic_cli.main(["tiny", str(tmp_path / "t"), "--seed", "3"]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "t")
     CheckpointLayout(tmp_path / "t").validate()
 

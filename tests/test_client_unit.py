@@ -324,7 +324,7 @@ def test_progress_printer_plain_text() -> None:
 
 def test_oversized_audio_upload_is_refused_before_sending(tmp_path) -> None:
     from acestep_client.audio_io import audio_file_bytes
-    from acestep_client.params import MAX_AUDIO_BYTES
+    from acestep_client.limits import MAX_AUDIO_BYTES
 
     with pytest.raises(ValueError, match=r"^src_audio: .*the limit is"):
         audio_file_bytes(b"\0" * (MAX_AUDIO_BYTES + 1), "src_audio")

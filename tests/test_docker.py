@@ -1,8 +1,8 @@
 """The container images and the compose file, checked without a Docker engine.
 
-No Docker engine runs where the tests run, so the Dockerfiles are parsed (a small parser below
-that follows Docker's rules for parser directives, continuation lines, comment lines inside
-them and exec-form arguments) and checked for what a reviewer would check: pinned base images,
+No Docker engine runs where the tests run, so the Dockerfiles are parsed (``tests/dockerfile.py``,
+a small parser that follows Docker's rules for parser directives, continuation lines, comment
+lines inside them and exec-form arguments) and checked for what a reviewer would check: pinned base images,
 a non-root user before the entry point, a health check on the right endpoint, every copied
 source and every script the image runs present in the project, the right exposed ports, no
 secrets. ``docker/compose.yaml`` is read with PyYAML.
@@ -14,21 +14,35 @@ the entry point), and the health-check script is run with the exact arguments th
 
 from __future__ import annotations
 
-import json
+import importlib.util
 import os
 import re
-import shlex
 import signal
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path, PurePosixPath
+from types import ModuleType
 
 import pytest
 import yaml
+from dockerfile import (
+    Instruction,
+    global_args,
+    image_env,
+    key_values,
+    parse_dockerfile,
+    shell_commands,
+    stages,
+    substitute,
+)
+from triton_harness import LINEAR, make_linear_onnx, require_tritonserver
+
+from acestep_triton.export.repository import render_repository
+from acestep_triton.serving.server import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
@@ -45,124 +59,15 @@ BASE_IMAGE_TOOLS = {"python", "python3", "sleep", "bash", "sh"}
 """Commands an image may run that come from its base image rather than from the project."""
 
 
-# ------------------------------------------------------------------------------- the parser
-@dataclass(frozen=True)
-class Instruction:
-    """One Dockerfile instruction: keyword, its ``--flag=value`` options, and the rest."""
-
-    keyword: str
-    value: str
-    line: int
-    flags: tuple[tuple[str, str], ...] = ()
-
-    def flag(self, name: str) -> str | None:
-        return next((v for k, v in self.flags if k == name), None)
-
-    def exec_form(self) -> list[str] | None:
-        """The JSON-array (exec) form's arguments, or ``None`` for the shell form."""
-        if not self.value.startswith("["):
-            return None
-        try:
-            parsed = json.loads(self.value)
-        except json.JSONDecodeError:
-            return None
-        return parsed if isinstance(parsed, list) and all(isinstance(a, str) for a in parsed) else None
-
-    def words(self) -> list[str]:
-        return self.exec_form() or shlex.split(self.value, comments=False)
-
-
-FLAGGED = {"FROM", "RUN", "COPY", "ADD", "HEALTHCHECK"}
-_DIRECTIVE = re.compile(r"^#\s*([A-Za-z][A-Za-z0-9_-]*)\s*=\s*(\S.*?)\s*$")
-_FLAG = re.compile(r"^--([A-Za-z][\w-]*)(?:=(\S*))?\s+")
-_HEREDOC = re.compile(r"(^|\s)<<-?\s*['\"]?[A-Za-z_]\w*['\"]?(\s|$)")
-
-
-def parse_dockerfile(text: str) -> list[Instruction]:
-    """Docker's rules: parser directives only at the very top; ``escape`` (default backslash)
-    at the end of a line continues the instruction; comment lines, also inside a continued
-    instruction, are dropped; keywords are case-insensitive. Heredocs are refused rather than
-    misread (none of our Dockerfiles use them)."""
-    lines = text.splitlines()
-    escape, i = "\\", 0
-    while i < len(lines) and (match := _DIRECTIVE.match(lines[i])):
-        if match.group(1).lower() == "escape":
-            escape = match.group(2)
-        i += 1
-    instructions: list[Instruction] = []
-    while i < len(lines):
-        start, current = i + 1, lines[i]
-        i += 1
-        if not current.strip() or current.lstrip().startswith("#"):
-            continue
-        parts = []
-        while current.rstrip().endswith(escape):
-            parts.append(current.rstrip()[: -len(escape)])
-            while i < len(lines) and lines[i].lstrip().startswith("#"):
-                i += 1
-            if i >= len(lines):
-                current = ""
-                break
-            current = lines[i]
-            i += 1
-        parts.append(current)
-        joined = " ".join(p.strip() for p in parts if p.strip())
-        keyword, _, rest = joined.partition(" ")
-        keyword, rest = keyword.upper(), rest.strip()
-        if keyword in {"RUN", "COPY", "ADD"} and _HEREDOC.search(rest):
-            raise ValueError(f"line {start}: heredocs are not supported by this parser")
-        flags = []
-        if keyword in FLAGGED:
-            while match := _FLAG.match(rest + " "):
-                flags.append((match.group(1), match.group(2) or ""))
-                rest = (rest + " ")[match.end():].strip()
-        instructions.append(Instruction(keyword, rest, start, tuple(flags)))
-    return instructions
-
-
-_VAR = re.compile(r"\$(?:\{(\w+)(?::-([^}]*))?\}|(\w+))")
-
-
-def substitute(text: str, env: dict[str, str]) -> str:
-    """``$VAR``, ``${VAR}`` and ``${VAR:-default}`` as Docker expands them in FROM and ENV."""
-    def replace(match: re.Match[str]) -> str:
-        value = env.get(match.group(1) or match.group(3), "")
-        return match.group(2) if not value and match.group(2) is not None else value
-    return _VAR.sub(replace, text)
-
-
-def key_values(instruction: Instruction) -> dict[str, str]:
-    """``ENV``/``ARG``/``LABEL`` pairs (``K=V ...``, or the legacy ``ENV K V``)."""
-    words = shlex.split(instruction.value)
-    if instruction.keyword == "ENV" and words and "=" not in words[0]:
-        return {words[0]: " ".join(words[1:])}
-    pairs = {}
-    for word in words:
-        name, sep, value = word.partition("=")
-        pairs[name] = value if sep else ""
-    return pairs
-
-
-def stages(instructions: list[Instruction]) -> list[list[Instruction]]:
-    """Instructions per build stage (each starting with its FROM); ARGs before the first FROM
-    are returned as stage 0's prefix only through :func:`global_args`."""
-    result: list[list[Instruction]] = []
-    for ins in instructions:
-        if ins.keyword == "FROM":
-            result.append([ins])
-        elif result:
-            result[-1].append(ins)
-    return result
-
-
-def global_args(instructions: list[Instruction]) -> dict[str, str]:
-    args: dict[str, str] = {}
-    for ins in instructions:
-        if ins.keyword == "FROM":
-            break
-        if ins.keyword == "ARG":
-            args.update(key_values(ins))
-    return args
+# ------------------------------------------------------------------------------- loading
+def docker_script(name: str) -> ModuleType:
+    """``docker/<name>.py`` as a module: the images run these files as scripts (``docker/`` is
+    no package), the tests call their functions."""
+    spec = importlib.util.spec_from_file_location(f"acestep_docker_{name}", DOCKER / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def load(name: str) -> list[Instruction]:
@@ -325,14 +230,6 @@ def healthcheck(stage: list[Instruction]) -> Instruction | None:
     return checks[-1] if checks else None
 
 
-def image_env(stage: list[Instruction]) -> dict[str, str]:
-    env: dict[str, str] = {}
-    for ins in stage:
-        if ins.keyword == "ENV":
-            env.update(key_values(ins))
-    return env
-
-
 def _option(args: list[str], name: str) -> str | None:
     return args[args.index(name) + 1] if name in args and args.index(name) + 1 < len(args) else None
 
@@ -367,19 +264,6 @@ def healthcheck_problems(stage: list[Instruction], path: str, port: int, root: P
 
 def exposed(stage: list[Instruction]) -> set[int]:
     return {int(word.split("/")[0]) for ins in stage if ins.keyword == "EXPOSE" for word in ins.value.split()}
-
-
-def shell_commands(script: str) -> list[list[str]]:
-    """A RUN line's simple commands, split at ``&&``, ``||``, ``;`` and ``|`` outside quotes."""
-    lexer = shlex.shlex(script, posix=True, punctuation_chars=True)
-    lexer.whitespace_split = True
-    commands: list[list[str]] = [[]]
-    for token in lexer:
-        if token in {"&&", "||", ";", "|"}:
-            commands.append([])
-        else:
-            commands[-1].append(token)
-    return [c for c in commands if c]
 
 
 def pip_installs(stage: list[Instruction]) -> list[list[str]]:
@@ -597,12 +481,8 @@ def test_frontend_image_has_no_torch() -> None:
 def test_frontend_distribution_provides_what_the_image_runs() -> None:
     """The image installs the `ui` extra and runs the `acestep-frontend` console script; both
     must be declared in pyproject.toml (the extra without torch)."""
-    sys.path.insert(0, str(DOCKER))
-    try:
-        from extra_requirements import extra_requirements
-    finally:
-        sys.path.remove(str(DOCKER))
-    import tomllib
+    extra_requirements = docker_script("extra_requirements").extra_requirements
+    import tomllib  # Python 3.11+ (the project supports 3.10): only this test needs it
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert "acestep-frontend" in project.get("scripts", {}), "pyproject.toml declares no acestep-frontend script"
@@ -638,11 +518,7 @@ def test_cpu_demo_builds_the_tiny_deployment_at_build_time_as_the_user() -> None
 
 
 def test_check_tensorrt_compares_the_builder_with_the_backend(tmp_path: Path) -> None:
-    sys.path.insert(0, str(DOCKER))
-    try:
-        import check_tensorrt as ct
-    finally:
-        sys.path.remove(str(DOCKER))
+    ct = docker_script("check_tensorrt")
     for name in ("libnvinfer.so.10", "libnvinfer.so.10.8.0", "libnvinfer.so.10.7.0", "libnvinfer_plugin.so.10.9.0"):
         (tmp_path / name).touch()
     assert ct.system_tensorrt_version([tmp_path, tmp_path / "absent"]) == (10, 8, 0)
@@ -785,8 +661,6 @@ def test_healthcheck_script_against_a_live_and_a_closed_port() -> None:
         def log_message(self, *args: object) -> None:
             pass
 
-    from acestep_triton.serving.server import free_ports
-
     server = ThreadingHTTPServer(("127.0.0.1", 0), Ready)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -821,8 +695,6 @@ def test_frontend_entrypoint_serves_the_ui_the_healthcheck_probes(tmp_path: Path
     sees it healthy, and SIGTERM stops it. The server it points at is not running: the UI must
     come up anyway (it reports errors per request)."""
     pytest.importorskip("gradio", reason="the front end needs gradio (the ui extra)")
-    from acestep_triton.serving.server import free_ports
-
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     if not (Path(sys.executable).parent / "acestep-frontend").exists():
@@ -896,11 +768,6 @@ def test_entrypoint_serves_until_sigterm_and_the_image_healthcheck_sees_it(tmp_p
     own HEALTHCHECK command turns healthy; the metrics port carries the two counters the HPA's
     adapter rule divides; SIGTERM to the entry point (what Docker and the kubelet send) stops
     it with status 0."""
-    from triton_harness import LINEAR, make_linear_onnx, require_tritonserver
-
-    from acestep_triton.export.render import render_repository
-    from acestep_triton.serving.server import free_ports
-
     require_tritonserver()
     models = tmp_path / "models"
     make_linear_onnx(tmp_path / "onnx" / f"{LINEAR.name}.onnx", LINEAR)
@@ -921,8 +788,6 @@ def test_entrypoint_serves_until_sigterm_and_the_image_healthcheck_sees_it(tmp_p
                 break
             assert time.monotonic() < deadline, (tmp_path / "server.log").read_text()[-3000:]
             time.sleep(0.5)
-        import urllib.request
-
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10) as response:
             text = response.read().decode()
         for counter in ("nv_inference_queue_duration_us", "nv_inference_request_success"):

@@ -1,7 +1,7 @@
 """``benchmarks/full_size.py`` at a reduced size, so the full-size path does not rot.
 
 The smoke run takes the very code path of the 3.5B measurement (random checkpoint written by
-``export.full_random`` in the official layout, the torch-runtime CPU repository through a real
+``synthetic.full_size`` in the official layout, the torch-runtime CPU repository through a real
 tritonserver, one request per task plus a runtime LoRA request, the load probes in fresh
 processes) on a 2-block, 32-wide model with short audio. The figures themselves are not judged
 here (no timed asserts); what is checked is that every section produced its figures and that the

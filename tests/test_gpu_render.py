@@ -18,14 +18,11 @@ import torch
 from torch.utils.dlpack import to_dlpack
 
 from acestep_triton import cli
-from acestep_triton.export.render import (
-    FORCE_CPU_ONLY_INPUT_TENSORS,
-    check_config,
-    load_endpoints,
-    parse_endpoint_instances,
-    render_repository,
-)
+from acestep_triton.export.model_configs import FORCE_CPU_ONLY_INPUT_TENSORS, load_endpoints
+from acestep_triton.export.render_cli import parse_endpoint_instances
+from acestep_triton.export.repository import render_repository
 from acestep_triton.export.specs import COMPONENTS
+from acestep_triton.export.triton_config import check_config
 from acestep_triton.serving.component_stats import ComponentMemoryMetrics, module_bytes, tensor_bytes
 from acestep_triton.serving.torch_component import (
     REQUIRE_DEVICE_INPUTS_ENV,

@@ -33,7 +33,7 @@ from acestep_client.client import AceStepClient, AceStepError, ServerUnavailable
 from acestep_client.errors import UnavailableError
 from acestep_client.params import GenerationParams
 from acestep_client.retry import NO_RETRY
-from acestep_triton.export.render import render_repository
+from acestep_triton.export.repository import render_repository
 from acestep_triton.serving.faults import kill_stub, wait_for_stub
 from acestep_triton.serving.health import check_health, find_server_pid, process_alive
 from acestep_triton.serving.server import TritonServer, free_ports

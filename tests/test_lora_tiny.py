@@ -1,4 +1,4 @@
-"""The tiny test adapter (``acestep_triton.lora.tiny``) and the ``python -m acestep_triton.lora`` CLI.
+"""The tiny test adapter (``acestep_triton.synthetic.tiny_lora``) and the ``python -m acestep_triton.lora`` CLI.
 
 Runs on the session's tiny checkpoint; helpers and tolerances in ``lora_helpers``.
 """
@@ -18,10 +18,9 @@ from acestep_triton.lora import (
     LORA_WEIGHTS_FILE,
     METADATA_KEY,
     load_lora,
-    main,
-    target_module_paths,
-    write_tiny_lora,
 )
+from acestep_triton.lora.cli import main
+from acestep_triton.synthetic.tiny_lora import target_module_paths, write_tiny_lora
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -21,7 +21,8 @@ from triton_harness import require_tritonserver
 from acestep_client.client import AceStepClient, GenerationCancelled, ServerError
 from acestep_client.errors import ErrorCategory
 from acestep_client.params import GenerationParams
-from acestep_triton.export.render import load_endpoints, render_repository
+from acestep_triton.export.model_configs import load_endpoints
+from acestep_triton.export.repository import render_repository
 from acestep_triton.export.specs import COMPONENTS
 from acestep_triton.serving.assets import write_assets
 from acestep_triton.serving.faults import stub_pids

@@ -37,7 +37,7 @@ from acestep_triton.export.onnx_export import (
     export_cached,
     export_component,
 )
-from acestep_triton.export.render import read_onnx_sizes
+from acestep_triton.export.specs import read_onnx_sizes
 from acestep_triton.models.dcae import denormalize_mel
 from acestep_triton.sampling import erg
 

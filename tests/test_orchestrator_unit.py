@@ -1,4 +1,4 @@
-"""The orchestrator's request reading, without a server (the served behaviour is in test_tasks.py)."""
+"""The orchestrator's request reading, without a server (the served behaviour is in test_tasks_end_to_end.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from acestep_client.errors import ErrorCategory, UnavailableError, parse_message
-from acestep_client.params import MAX_AUDIO_BYTES, ParamError
+from acestep_client.limits import MAX_AUDIO_BYTES
+from acestep_client.params import ParamError
 from acestep_triton.sampling import SamplingCancelled
 from acestep_triton.serving.orchestrator import error_report, read_audio_input, read_request_fields
 
@@ -34,7 +35,8 @@ def test_audio_inputs_are_checked() -> None:
 
 def test_the_upload_limit_is_a_deployment_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     """``ACESTEP_MAX_UPLOAD_MB`` (``serve --max-upload-mb``) sets the endpoints' limit."""
-    from acestep_triton.serving.orchestrator import MAX_UPLOAD_ENV, upload_limit_bytes
+    from acestep_client.limits import MAX_UPLOAD_ENV
+    from acestep_triton.serving.orchestrator import upload_limit_bytes
 
     monkeypatch.setenv(MAX_UPLOAD_ENV, "1")
     assert upload_limit_bytes() == 2**20

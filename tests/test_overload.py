@@ -19,15 +19,9 @@ import tritonclient.grpc as grpcclient
 from triton_harness import fake_endpoint, running_server
 
 from acestep_client.params import GenerationParams, params_to_wire
-from acestep_triton.export.render import (
-    OrchestratorSpec,
-    QueuePolicy,
-    check_config,
-    load_endpoints,
-    orchestrator_config,
-    render_config,
-    render_repository,
-)
+from acestep_triton.export.model_configs import OrchestratorSpec, load_endpoints, orchestrator_config
+from acestep_triton.export.repository import render_repository
+from acestep_triton.export.triton_config import QueuePolicy, check_config, render_config
 
 ROOT = Path(__file__).resolve().parents[1]
 QUEUE_FULL = "Exceeds maximum queue size"

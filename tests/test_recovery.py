@@ -24,20 +24,18 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from fixtures_onnx import single_thread
+from fixtures_serving import one_instance_repository
 from triton_harness import build_test_repository, require_tritonserver
 
 from acestep_client.errors import ErrorCategory, parse_message
 from acestep_client.params import GenerationParams, params_to_wire
 from acestep_triton.checkpoint import Components
-from acestep_triton.export.render import load_endpoints, render_repository
-from acestep_triton.serving.deploy import build_deployment
 from acestep_triton.serving.faults import kill_stub, stub_pids, wait_for_stub
 from acestep_triton.serving.health import (
     SHM_DIR,
@@ -123,13 +121,8 @@ def recovering_server(tiny_onnx_ckpt: Path, tiny_onnx_dir: Path, tiny_onnx_compo
     instance, the slowest part of these tests on two shared cores."""
     require_tritonserver()
     workdir = tmp_path_factory.mktemp("recovery")
-    with single_thread():
-        deployment = build_deployment(tiny_onnx_ckpt, workdir, onnx_dir=tiny_onnx_dir,
-                                      components=tiny_onnx_components, endpoints=["text2music"],
-                                      intra_op_threads=1)
-    endpoint = replace(load_endpoints(["text2music"])[0], instance_count=1)
-    repository = render_repository(workdir / "one_instance", "cpu", deployment.onnx_dir, [endpoint],
-                                   assets=deployment.assets, intra_op_threads=1)
+    repository = one_instance_repository(tiny_onnx_ckpt, tiny_onnx_dir, tiny_onnx_components, workdir,
+                                         "text2music")
     server = TritonServer(repository, log_path=workdir / "tritonserver.log", startup_timeout=300,
                           stop_timeout=20, recover=True, status_file=workdir / "health.json")
     server.start()

@@ -14,15 +14,20 @@ the branch. Then schedulers + guidance + loop must reproduce ``sched_model_outpu
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
 import torch
+from sampling_helpers import WithoutCodec
 
 from acestep_triton.sampling import (
+    PromptTokens,
     SamplerConfig,
     SamplingCancelled,
+    SamplingHooks,
     SeededNoise,
     StepTrace,
     build_conditions,
@@ -39,6 +44,7 @@ TEXT_LAYERS, LYRIC_LAYERS, DIT_LAYERS = 12, 6, 24
 PROMPT_IDS = torch.tensor([[5, 6, 7, 1]], dtype=torch.int64)
 PROMPT_MASK = torch.ones_like(PROMPT_IDS)
 LYRIC_IDS, LYRIC_MASK = lyric_inputs([261, 6683, 2, 5023, 40, 2])
+PROMPT = PromptTokens(PROMPT_IDS, PROMPT_MASK, LYRIC_IDS, LYRIC_MASK)
 STATE_DIM = 8
 
 
@@ -48,7 +54,7 @@ def _erg_vector(layers: int, weakened: range) -> torch.Tensor:
     return v
 
 
-class ReplayBackend:
+class ReplayBackend(WithoutCodec):
     """A ComponentBackend that replays one upstream trace (see the module docstring)."""
 
     text_layers = TEXT_LAYERS
@@ -132,15 +138,6 @@ class ReplayBackend:
         self.pos += groups
         return torch.cat(outputs)
 
-    def encode_mel(self, mel):
-        raise NotImplementedError
-
-    def decode_latents(self, latents):
-        raise NotImplementedError
-
-    def vocode(self, mel):
-        raise NotImplementedError
-
 
 def _config(kwargs: dict) -> SamplerConfig:
     return SamplerConfig(
@@ -161,12 +158,23 @@ def _config(kwargs: dict) -> SamplerConfig:
     )
 
 
-def _load(golden_dir: Path, name: str) -> tuple[dict, dict]:
+class Golden(NamedTuple):
+    """One golden case: its metadata, upstream's call arguments, recorded arrays and trace."""
+
+    meta: dict
+    kwargs: dict
+    case: dict[str, np.ndarray]
+    trace: dict[str, np.ndarray]
+    config: SamplerConfig
+
+
+def _golden(golden_dir: Path, golden_cases: dict, name: str) -> Golden:
     with np.load(golden_dir / "cases" / f"case_{name}.npz") as z:
         case = {k: z[k] for k in z.files}
     with np.load(golden_dir / "cases" / f"case_{name}_trace.npz") as z:
         trace = {k: z[k] for k in z.files}
-    return case, trace
+    meta = golden_cases[name]
+    return Golden(meta, meta["call_kwargs"], case, trace, _config(meta["call_kwargs"]))
 
 
 class StepChecker:
@@ -192,11 +200,8 @@ class StepChecker:
 
 
 def _run_case(golden_dir, golden_cases, name, row_query_scale=False, progress=None):
-    meta = golden_cases[name]
-    kwargs = meta["call_kwargs"]
-    case, trace = _load(golden_dir, name)
+    meta, kwargs, case, trace, config = _golden(golden_dir, golden_cases, name)
     items = kwargs["batch_size"]
-    config = _config(kwargs)
     seeds, retake_seeds = resolve_request_seeds(kwargs["manual_seeds"], kwargs["retake_seeds"], items)
     assert seeds.seeds == meta["actual_seeds"]
     frames = latent_frames(kwargs["audio_duration"])
@@ -205,19 +210,19 @@ def _run_case(golden_dir, golden_cases, name, row_query_scale=False, progress=No
     assert noise_err == 0.0, f"initial noise differs from upstream by {noise_err}"
 
     backend = ReplayBackend(trace, items, erg_diffusion=config.use_erg_diffusion)
-    conditions = build_conditions(backend, PROMPT_IDS, PROMPT_MASK, LYRIC_IDS, LYRIC_MASK, config)
+    conditions = build_conditions(backend, PROMPT, config)
     checker = StepChecker(trace)
-    common = dict(generator=seeds.step_generator, progress=progress, row_query_scale=row_query_scale)
+    hooks = SamplingHooks(progress=progress, on_step=checker, row_query_scale=row_query_scale)
     if kwargs["task"] == "retake":
         retake_noise = retake_seeds.draw_latents(frames)
         assert retake_seeds.seeds == meta["actual_retake_seeds"]
         r_err = float(np.abs(retake_noise.numpy() - case["retake_noise"]).max())
         assert r_err == 0.0, f"retake noise differs from upstream by {r_err}"
         final = _retake_with_observer(
-            backend, conditions, noise, retake_noise, kwargs, config, checker, common
+            backend, conditions, noise, retake_noise, kwargs, config, seeds.step_generator, hooks
         )
     else:
-        final = sample_text2music(backend, conditions, noise, config, on_step=checker, **common)
+        final = sample_text2music(backend, conditions, noise, config, generator=seeds.step_generator, hooks=hooks)
     assert backend.pos == len(trace["dit_v_out"]), (
         f"made {backend.pos} of upstream's {len(trace['dit_v_out'])} DiT evaluations"
     )
@@ -226,19 +231,18 @@ def _run_case(golden_dir, golden_cases, name, row_query_scale=False, progress=No
     return checker.errors, final_err, backend
 
 
-def _retake_with_observer(backend, conditions, noise, retake_noise, kwargs, config, checker, common):
-    # sample_retake has no observer hook; check its start point and its result, and the
-    # per-step trace through run_sampling from the same start (identical by construction).
+def _retake_with_observer(backend, conditions, noise, retake_noise, kwargs, config, generator, hooks):
+    # The checker counts one pass: sample_retake runs unobserved, then the per-step trace is
+    # checked through run_sampling from the same start (identical by construction).
     from acestep_triton.sampling import mix_retake_noise, run_sampling
 
     final = sample_retake(
-        backend, conditions, noise, retake_noise, kwargs["retake_variance"], config, **common
+        backend, conditions, noise, retake_noise, kwargs["retake_variance"], config, generator=generator,
+        hooks=replace(hooks, on_step=None),
     )
     backend.pos = 0
     start = mix_retake_noise(noise, retake_noise, kwargs["retake_variance"])
-    replayed = run_sampling(
-        backend, conditions, start, config.schedule(), config, on_step=checker, **common
-    )
+    replayed = run_sampling(backend, conditions, start, config.schedule(), config, generator=generator, hooks=hooks)
     assert torch.equal(final, replayed)
     return final
 
@@ -276,16 +280,15 @@ def test_progress_reports_each_step(golden_dir, golden_cases):
 
 
 def test_cancel_between_steps(golden_dir, golden_cases):
-    _, trace = _load(golden_dir, "a_text2music_apg")
-    config = _config(golden_cases["a_text2music_apg"]["call_kwargs"])
+    _, _, _, trace, config = _golden(golden_dir, golden_cases, "a_text2music_apg")
     backend = ReplayBackend(trace, 1)
-    conditions = build_conditions(backend, PROMPT_IDS, PROMPT_MASK, LYRIC_IDS, LYRIC_MASK, config)
+    conditions = build_conditions(backend, PROMPT, config)
     noise = SeededNoise.from_seeds([12345]).draw_latents(32)
     done: list[int] = []
     with pytest.raises(SamplingCancelled) as info:
         sample_text2music(
             backend, conditions, noise, config,
-            progress=lambda i, n: done.append(i), should_cancel=lambda: len(done) >= 3,
+            hooks=SamplingHooks(progress=lambda i, n: done.append(i), should_cancel=lambda: len(done) >= 3),
         )
     assert (info.value.step, info.value.total) == (3, 10)
     assert done == [1, 2, 3] and backend.pos == 4  # steps 0, 1: one eval each; step 2 guided: two

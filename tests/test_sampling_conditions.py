@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from sampling_helpers import WithoutCodec
 
-from acestep_triton.sampling import SamplerConfig, build_conditions, lyric_inputs
+from acestep_triton.sampling import PromptTokens, SamplerConfig, build_conditions, lyric_inputs
 from acestep_triton.sampling.backend import ComponentBackend
 from acestep_triton.sampling.conditions import EncodedConditions
 from acestep_triton.sampling.erg import dit_query_scale, lyric_query_scale, query_scale, text_query_scale
@@ -15,7 +16,7 @@ MASK = torch.ones_like(IDS)
 LYRICS, LYRIC_MASK = lyric_inputs([261, 259, 2])
 
 
-class RecordingBackend:
+class RecordingBackend(WithoutCodec):
     """Records encoder calls; text states are 1 (normal) or 2 (ERG), encoder states = call number."""
 
     text_layers, lyric_layers, dit_layers = 12, 6, 24
@@ -42,15 +43,6 @@ class RecordingBackend:
     def predict_velocity(self, *args):
         raise NotImplementedError
 
-    def encode_mel(self, mel):
-        raise NotImplementedError
-
-    def decode_latents(self, latents):
-        raise NotImplementedError
-
-    def vocode(self, mel):
-        raise NotImplementedError
-
 
 def _text_value(call) -> float | None:
     t = call["text"]
@@ -69,7 +61,7 @@ def _describe(call) -> tuple:
 
 def _build(**overrides) -> tuple[RecordingBackend, EncodedConditions]:
     d = RecordingBackend()
-    return d, build_conditions(d, IDS, MASK, LYRICS, LYRIC_MASK, SamplerConfig(**overrides))
+    return d, build_conditions(d, PromptTokens(IDS, MASK, LYRICS, LYRIC_MASK), SamplerConfig(**overrides))
 
 
 def test_recording_backend_satisfies_protocol():

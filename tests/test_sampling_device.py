@@ -26,9 +26,10 @@ import soundfile as sf
 import torch
 
 from acestep_client.params import GenerationParams
-from acestep_triton.checkpoint import Components, load_components, write_tiny_checkpoint
+from acestep_triton.checkpoint import Components, load_components
 from acestep_triton.pipeline import MusicGenerator, TorchBackend
 from acestep_triton.serving.orchestrator import TritonBackend
+from acestep_triton.synthetic.tiny_checkpoint import write_tiny_checkpoint
 
 DEVICES = [
     "cpu",

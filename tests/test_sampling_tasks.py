@@ -14,16 +14,17 @@ import math
 import numpy as np
 import pytest
 import torch
+from sampling_helpers import WithoutCodec
 from test_sampling_cases import (
     LYRIC_IDS,
     LYRIC_MASK,
+    PROMPT,
     PROMPT_IDS,
     PROMPT_MASK,
     STATE_DIM,
     TOL,
     ReplayBackend,
-    _config,
-    _load,
+    _golden,
 )
 
 from acestep_triton.sampling import (
@@ -31,9 +32,11 @@ from acestep_triton.sampling import (
     EditSteps,
     EncodedConditions,
     GuidedVelocity,
+    PromptTokens,
     RepaintWindow,
     SamplerConfig,
     SamplingCancelled,
+    SamplingHooks,
     SeededNoise,
     build_conditions,
     edit_preset,
@@ -51,10 +54,7 @@ from acestep_triton.sampling.noise import MAX_FRAMES, latent_frames
 
 
 def test_repaint_reproduces_upstream(golden_dir, golden_cases):
-    meta = golden_cases["m_repaint"]
-    kwargs = meta["call_kwargs"]
-    case, trace = _load(golden_dir, "m_repaint")
-    config = _config(kwargs)
+    meta, kwargs, case, trace, config = _golden(golden_dir, golden_cases, "m_repaint")
     seeds, retake = resolve_request_seeds(kwargs["manual_seeds"], kwargs["retake_seeds"], 1)
     assert (seeds.seeds, retake.seeds) == (meta["actual_seeds"], meta["actual_retake_seeds"])
     source = torch.from_numpy(case["src_or_ref_latents"])
@@ -65,7 +65,7 @@ def test_repaint_reproduces_upstream(golden_dir, golden_cases):
     assert noise_err == 0.0, f"noise differs from upstream by {noise_err}"
 
     backend = ReplayBackend(trace, 1)
-    conditions = build_conditions(backend, PROMPT_IDS, PROMPT_MASK, LYRIC_IDS, LYRIC_MASK, config)
+    conditions = build_conditions(backend, PROMPT, config)
     final = sample_repaint(
         backend, conditions, source, noise, retake_noise,
         kwargs["repaint_start"], kwargs["repaint_end"], kwargs["retake_variance"], config,
@@ -86,9 +86,10 @@ def test_repaint_reproduces_upstream(golden_dir, golden_cases):
 TARGET_IDS = torch.tensor([[9, 8, 1]], dtype=torch.int64)
 TARGET_MASK = torch.ones_like(TARGET_IDS)
 TARGET_LYRIC_IDS, TARGET_LYRIC_MASK = lyric_inputs([261, 911, 77, 2])
+TARGET = PromptTokens(TARGET_IDS, TARGET_MASK, TARGET_LYRIC_IDS, TARGET_LYRIC_MASK)
 
 
-class EditReplayBackend:
+class EditReplayBackend(WithoutCodec):
     """Replays upstream's edit trace: one DiT call per side and step, rows [cond; uncond].
 
     The stand-in encoders check they get upstream's edit inputs (normal text encoder; null
@@ -163,15 +164,6 @@ class EditReplayBackend:
         self.pos += 1
         return self.v_out[k]
 
-    def encode_mel(self, mel):
-        raise NotImplementedError
-
-    def decode_latents(self, latents):
-        raise NotImplementedError
-
-    def vocode(self, mel):
-        raise NotImplementedError
-
 
 class RecordingNoise(SeededNoise):
     """SeededNoise that keeps every draw (to compare with upstream's ``edit_fwd_noise_k``)."""
@@ -183,19 +175,14 @@ class RecordingNoise(SeededNoise):
 
 
 def test_edit_reproduces_upstream(golden_dir, golden_cases):
-    meta = golden_cases["o_edit"]
-    kwargs = meta["call_kwargs"]
-    case, trace = _load(golden_dir, "o_edit")
-    config = _config(kwargs)
+    _, kwargs, case, trace, config = _golden(golden_dir, golden_cases, "o_edit")
     _, retake = resolve_request_seeds(kwargs["manual_seeds"], kwargs["retake_seeds"], 1)
     noise = RecordingNoise.from_seeds(retake.seeds)
     source = torch.from_numpy(case["src_or_ref_latents"])
 
     backend = EditReplayBackend(trace)
-    src = encode_edit_conditions(backend, PROMPT_IDS, PROMPT_MASK, LYRIC_IDS, LYRIC_MASK, config)
-    tar = encode_edit_conditions(
-        backend, TARGET_IDS, TARGET_MASK, TARGET_LYRIC_IDS, TARGET_LYRIC_MASK, config
-    )
+    src = encode_edit_conditions(backend, PROMPT, config)
+    tar = encode_edit_conditions(backend, TARGET, config)
     final = sample_edit(
         backend, src, tar, source, noise, config,
         edit_n_min=kwargs["edit_n_min"], edit_n_max=kwargs["edit_n_max"], edit_n_avg=kwargs["edit_n_avg"],
@@ -216,7 +203,7 @@ def test_edit_reproduces_upstream(golden_dir, golden_cases):
 # --- a toy backend for the properties --------------------------------------------------------
 
 
-class ToyBackend:
+class ToyBackend(WithoutCodec):
     """Deterministic stand-in: velocity depends smoothly on latents, timestep and conditions."""
 
     text_layers, lyric_layers, dit_layers = 12, 6, 24
@@ -242,20 +229,11 @@ class ToyBackend:
         shift = (pooled + timestep / 1000 + query_scale.mean() - 1).view(-1, 1, 1, 1)
         return torch.tanh(latents) * 0.7 - 0.3 * latents + shift
 
-    def encode_mel(self, mel):
-        raise NotImplementedError
-
-    def decode_latents(self, latents):
-        raise NotImplementedError
-
-    def vocode(self, mel):
-        raise NotImplementedError
-
 
 def _toy_setup(config: SamplerConfig, frames: int = 40, items: int = 1, seed: int = 3):
     toy = ToyBackend()
     ids, mask = lyric_inputs([5, 17, 33])
-    conds = build_conditions(toy, PROMPT_IDS, PROMPT_MASK, ids, mask, config)
+    conds = build_conditions(toy, PromptTokens(PROMPT_IDS, PROMPT_MASK, ids, mask), config)
     source = torch.randn(1, 8, 16, frames, generator=torch.Generator().manual_seed(seed))
     seeds = SeededNoise.from_seeds(list(range(11, 11 + items)))
     retake = SeededNoise.from_seeds(list(range(21, 21 + items)))
@@ -295,11 +273,11 @@ def test_repaint_progress_counts_the_steps_run():
     toy, conds, source, seeds, retake = _toy_setup(config)
     seen: list[tuple[int, int]] = []
     sample_repaint(toy, conds, source, seeds.draw_latents(40), retake.draw_latents(40), 0.5, 1.5, 0.3,
-                   config, progress=lambda i, n: seen.append((i, n)))
+                   config, hooks=SamplingHooks(progress=lambda i, n: seen.append((i, n))))
     assert seen == [(i, 3) for i in range(1, 4)]  # n_min = int(10·0.7) = 7: steps 7, 8, 9
     with pytest.raises(SamplingCancelled):
         sample_repaint(toy, conds, source, seeds.draw_latents(40), retake.draw_latents(40), 0.5, 1.5,
-                       0.3, config, should_cancel=lambda: True)
+                       0.3, config, hooks=SamplingHooks(should_cancel=lambda: True))
 
 
 def test_repaint_variance_zero_returns_the_source():
@@ -352,7 +330,7 @@ def test_extend_preserves_the_source(left, right):
     noise, rnoise = seeds.draw_latents(frames), retake.draw_latents(window.retake_noise_frames)
     first: list[torch.Tensor] = []
     out = sample_extend(toy, conds, source, noise, rnoise, left, right, duration, config,
-                        on_step=lambda s: first.append(s.sample) if not first else None)
+                        hooks=SamplingHooks(on_step=lambda s: first.append(s.sample) if not first else None))
     assert out.shape == (1, 8, 16, lpad + frames + rpad)
     err = float((out[..., lpad:lpad + frames] - source).abs().max())
     assert err == 0.0, f"the source part differs by {err}"
@@ -403,8 +381,8 @@ def test_extend_up_to_the_cap_is_allowed():
 
 def _edit_setup(config: SamplerConfig, items: int = 1):
     toy = ToyBackend()
-    src = encode_edit_conditions(toy, PROMPT_IDS, PROMPT_MASK, LYRIC_IDS, LYRIC_MASK, config)
-    tar = encode_edit_conditions(toy, TARGET_IDS, TARGET_MASK, TARGET_LYRIC_IDS, TARGET_LYRIC_MASK, config)
+    src = encode_edit_conditions(toy, PROMPT, config)
+    tar = encode_edit_conditions(toy, TARGET, config)
     source = torch.randn(1, 8, 16, 24, generator=torch.Generator().manual_seed(5))
     return toy, src, tar, source, RecordingNoise.from_seeds(list(range(31, 31 + items)))
 
@@ -469,11 +447,11 @@ def test_edit_progress_and_cancel():
     toy, src, tar, source, noise = _edit_setup(config)
     seen: list[tuple[int, int]] = []
     sample_edit(toy, src, tar, source, noise, config, edit_n_min=0.2, edit_n_max=0.4,
-                progress=lambda i, n: seen.append((i, n)))
+                hooks=SamplingHooks(progress=lambda i, n: seen.append((i, n))))
     assert seen == [(i, 8) for i in range(1, 9)]
     with pytest.raises(SamplingCancelled):
         sample_edit(toy, src, tar, source, noise, config, edit_n_min=0.2, edit_n_max=0.4,
-                    should_cancel=lambda: len(toy.calls) > 3)
+                    hooks=SamplingHooks(should_cancel=lambda: len(toy.calls) > 3))
 
 
 @pytest.mark.parametrize(

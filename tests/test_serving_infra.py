@@ -37,20 +37,22 @@ from triton_harness import (
 
 from acestep_client.client import AceStepClient, GenerationCancelled, GenerationTimeout, ServerError
 from acestep_client.params import MAX_BATCH, OUTPUT_SAMPLE_RATE, GenerationParams
-from acestep_triton.export import render
-from acestep_triton.export.render import (
+from acestep_triton.export import render_cli
+from acestep_triton.export.model_configs import (
+    OrchestratorSpec,
+    component_config,
+    load_endpoints,
+    orchestrator_config,
+)
+from acestep_triton.export.repository import render_repository
+from acestep_triton.export.specs import COMPONENTS, ComponentSpec, TensorSpec, read_onnx_sizes
+from acestep_triton.export.triton_config import (
     DynamicBatching,
     ModelConfigSpec,
-    OrchestratorSpec,
     TensorConfig,
     check_config,
-    component_config,
-    orchestrator_config,
-    read_onnx_sizes,
     render_config,
-    render_repository,
 )
-from acestep_triton.export.specs import COMPONENTS, ComponentSpec, TensorSpec
 from acestep_triton.serving import component_model, onnx_component
 from acestep_triton.serving.orchestrator import preferred_memory, sampling_device
 from acestep_triton.serving.server import TritonServer, TritonServerError
@@ -220,7 +222,7 @@ def test_render_repository_cpu_layout(tmp_path: Path) -> None:
     (sources / "onnx_component").mkdir()
     (sources / "onnx_component" / "model.py").write_bytes(
         (ROOT / "model_repository" / "onnx_component" / "model.py").read_bytes())
-    endpoints = render.load_endpoints(["text2music"])
+    endpoints = load_endpoints(["text2music"])
     out = render_repository(tmp_path / "repo", "cpu", onnx_dir, endpoints, assets=tmp_path / "assets",
                             components=[*COMPONENTS, SCALED], sources_root=sources)
 
@@ -253,8 +255,8 @@ def test_render_repository_gpu_layout(tmp_path: Path) -> None:
     for name in COMPONENTS:
         write_fake_engine(engines / f"{name}.plan", max_batch=3 * MAX_BATCH)
     out = render_repository(tmp_path / "repo", "gpu", runtime="tensorrt", engine_dir=engines, sizes=SIZES, gpus=[0, 1],
-                            instance_count=2, orchestrators=render.load_endpoints(), assets=tmp_path)
-    for endpoint in render.load_endpoints():  # every task endpoint samples on the GPUs it serves
+                            instance_count=2, orchestrators=load_endpoints(), assets=tmp_path)
+    for endpoint in load_endpoints():  # every task endpoint samples on the GPUs it serves
         config = check_config((out / endpoint.name / "config.pbtxt").read_text())
         assert (_kind(config), list(config.instance_group[0].gpus)) == ("KIND_GPU", [0, 1])
         assert config.parameters["sampling_device"].string_value == "cuda"
@@ -270,7 +272,7 @@ def test_render_repository_gpu_layout(tmp_path: Path) -> None:
 
 def write_fake_engine(plan: Path, max_batch: int) -> None:
     """A stand-in plan (its component's name as bytes) with the sidecar the builder writes."""
-    from acestep_triton.export.tensorrt import EngineMeta
+    from acestep_triton.export.engine_meta import EngineMeta
 
     plan.write_bytes(plan.stem.encode())
     EngineMeta(component=plan.stem, tensorrt="11.4.0", gpu="test", compute_capability="9.0", precision="bf16",
@@ -303,10 +305,10 @@ def test_read_onnx_sizes_catches_contract_drift(tmp_path: Path) -> None:
 
 def test_render_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     make_linear_onnx(tmp_path / "onnx" / "vocoder.onnx", LINEAR)  # wrong tensors for the vocoder
-    code = render.main(["render", "--out", str(tmp_path / "r"), "--onnx-dir", str(tmp_path / "onnx"),
+    code = render_cli.main(["render", "--out", str(tmp_path / "r"), "--onnx-dir", str(tmp_path / "onnx"),
                         "--target", "cpu", "--endpoints", "", "--components", "vocoder"])
     assert code == 1 and "vocoder.onnx" in capsys.readouterr().err
-    code = render.main(["render", "--out", str(tmp_path / "g"), "--target", "gpu", "--runtime", "tensorrt",
+    code = render_cli.main(["render", "--out", str(tmp_path / "g"), "--target", "gpu", "--runtime", "tensorrt",
                         "--endpoints", "", "--max-items", "4"])
     assert code == 0, capsys.readouterr().err
     vocoder = check_config((tmp_path / "g" / "vocoder" / "config.pbtxt").read_text())

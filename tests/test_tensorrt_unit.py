@@ -28,15 +28,30 @@ import torch
 from acestep_triton.checkpoint import (
     Components,
     load_components,
-    tiny_dcae_config,
-    tiny_text_encoder_config,
-    tiny_transformer_config,
-    tiny_vocoder_config,
 )
 from acestep_triton.component_graphs import component_sources, export_graph
-from acestep_triton.export import specs
-from acestep_triton.export import tensorrt as trt_export
-from acestep_triton.export.full_random import (
+from acestep_triton.export import engine_cli, specs
+from acestep_triton.export.engine_build import BuildOptions, build_engine, build_engines, fused_transformer_modules
+from acestep_triton.export.engine_meta import (
+    EngineBuildError,
+    EngineMeta,
+    EngineMismatchError,
+    RuntimeInfo,
+    check_engine,
+)
+from acestep_triton.export.engine_profiles import DEFAULT_MAX_FRAMES, OPT_FRAMES, dynamic_ranges, profile_shapes
+from acestep_triton.export.engine_runner import TensorRTDecoder, TensorRTEngine
+from acestep_triton.export.mixed_precision import (
+    HEAVY_OPS,
+    component_precision,
+    convert_to_mixed_precision,
+    keeps_fp32,
+    write_mixed_precision,
+)
+from acestep_triton.export.model_configs import component_config
+from acestep_triton.export.specs import read_onnx_sizes
+from acestep_triton.gpu import CUDAGraphDecoder, GraphedBackend, static_rope
+from acestep_triton.synthetic.full_size import (
     DCAE_CONFIG,
     TEXT_ENCODER_CONFIG,
     TRANSFORMER_CONFIG,
@@ -45,25 +60,12 @@ from acestep_triton.export.full_random import (
     build_random_models,
     write_full_random_checkpoint,
 )
-from acestep_triton.export.render import component_config, read_onnx_sizes
-from acestep_triton.export.tensorrt import (
-    BuildOptions,
-    EngineBuildError,
-    EngineMeta,
-    EngineMismatchError,
-    RuntimeInfo,
-    TensorRTDecoder,
-    TensorRTEngine,
-    build_engine,
-    build_engines,
-    check_engine,
-    convert_to_mixed_precision,
-    dynamic_ranges,
-    keeps_fp32,
-    profile_shapes,
-    write_mixed_precision,
+from acestep_triton.synthetic.tiny_checkpoint import (
+    tiny_dcae_config,
+    tiny_text_encoder_config,
+    tiny_transformer_config,
+    tiny_vocoder_config,
 )
-from acestep_triton.gpu import CUDAGraphDecoder, GraphedBackend, static_rope
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -94,8 +96,8 @@ def test_decoder_profiles_stop_at_the_overlap_window() -> None:
 def test_profile_frame_counts_are_the_sampler_s() -> None:
     from acestep_triton.sampling import latent_frames
 
-    assert latent_frames(240.0) == trt_export.DEFAULT_MAX_FRAMES
-    assert latent_frames(60.0) == trt_export.OPT_FRAMES
+    assert latent_frames(240.0) == DEFAULT_MAX_FRAMES
+    assert latent_frames(60.0) == OPT_FRAMES
 
 
 @pytest.mark.parametrize("name", list(specs.COMPONENTS))
@@ -138,7 +140,7 @@ def _heavy_input_types(model: onnx.ModelProto) -> dict[str, list[int]]:
              list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output)}
     types.update({t.name: t.data_type for t in inferred.graph.initializer})
     return {n.name: [types.get(x, 0) for x in n.input if x] for n in inferred.graph.node
-            if n.op_type in trt_export.HEAVY_OPS}
+            if n.op_type in HEAVY_OPS}
 
 
 def test_mixed_precision_puts_heavy_ops_in_half_except_linear_attention(tiny_onnx_paths: dict[str, Path]) -> None:
@@ -214,11 +216,11 @@ def test_identity_shared_weights_are_read_directly(tiny_onnx_paths: dict[str, Pa
 
 
 def test_text_encoder_stays_fp32_under_fp16() -> None:
-    assert trt_export.component_precision("text_encoder", "fp16") == "fp32"
-    assert trt_export.component_precision("text_encoder", "bf16") == "bf16"
-    assert trt_export.component_precision("dit_decoder", "fp16") == "fp16"
+    assert component_precision("text_encoder", "fp16") == "fp32"
+    assert component_precision("text_encoder", "bf16") == "bf16"
+    assert component_precision("dit_decoder", "fp16") == "fp16"
     with pytest.raises(ValueError, match="precision"):
-        trt_export.component_precision("dit_decoder", "int8")
+        component_precision("dit_decoder", "int8")
 
 
 # ------------------------------------------------------------------------------- sidecar
@@ -486,7 +488,7 @@ def test_build_engines_reports_parser_errors_per_component(tiny_onnx_paths: dict
 def test_lora_hook_reexports_the_given_module(tiny_onnx_components: Components, tmp_path: Path) -> None:
     """A LoRA-fused transformer is passed as a module: its components are exported from it."""
     fake = FakeTensorRT()
-    fused = trt_export.fused_transformer_modules(tiny_onnx_components.transformer)
+    fused = fused_transformer_modules(tiny_onnx_components.transformer)
     metas = build_engines(None, tmp_path, BuildOptions(precision="bf16", lora="rap-lora@0.8"),
                           names=["dit_decoder"], modules=fused, runtime=HERE, trt=fake, progress=False)
     assert (tmp_path / "onnx" / "dit_decoder.onnx").is_file()
@@ -526,15 +528,15 @@ def test_cli_builds_and_checks(tiny_onnx_paths: dict[str, Path], tmp_path: Path,
     monkeypatch.setitem(sys.modules, "tensorrt", fake)
     monkeypatch.setattr(RuntimeInfo, "current", classmethod(lambda cls, trt=None, device=0: HERE))
     onnx_dir = tiny_onnx_paths["dit_decoder"].parent
-    code = trt_export.main(["--onnx-dir", str(onnx_dir), "--out", str(tmp_path), "--precision", "fp16",
+    code = engine_cli.main(["--onnx-dir", str(onnx_dir), "--out", str(tmp_path), "--precision", "fp16",
                             "--max-batch", "2", "--max-frames", "1000", "--only", "dit_decoder"])
     assert code == 0
     assert fake.builds[0]["profile"]["latents"][2] == (6, 8, 16, 1000)
-    assert trt_export.main(["--check", str(tmp_path)]) == 0
+    assert engine_cli.main(["--check", str(tmp_path)]) == 0
     assert "dit_decoder: ok" in capsys.readouterr().out
     other = RuntimeInfo(tensorrt="10.99.1", gpu="NVIDIA L4", compute_capability="8.9")
     monkeypatch.setattr(RuntimeInfo, "current", classmethod(lambda cls, trt=None, device=0: other))
-    assert trt_export.main(["--check", str(tmp_path)]) == 1
+    assert engine_cli.main(["--check", str(tmp_path)]) == 1
     assert "compute capability 9.0 (engine) vs 8.9 (here)" in capsys.readouterr().err
 
 

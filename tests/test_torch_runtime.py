@@ -20,23 +20,17 @@ import tritonclient.grpc as grpcclient
 from fixtures_onnx import single_thread
 from fixtures_serving import TINY_LORA, TINY_LORA_WEIGHT
 from test_pipeline_golden import case_params
-from test_tasks import TASK_REQUESTS, params
-from test_tasks import source as source  # the 3 s upload fixture
+from test_tasks_end_to_end import TASK_REQUESTS, params
+from test_tasks_end_to_end import source as source  # the 3 s upload fixture
 
 from acestep_client.client import AceStepClient, GenerationResult, ServerError
 from acestep_client.params import GenerationParams
 from acestep_triton.checkpoint import Components
 from acestep_triton.component_graphs import component_graph, component_sources
-from acestep_triton.export.render import (
-    DynamicBatching,
-    check_config,
-    checkpoint_sizes,
-    component_config,
-    read_onnx_sizes,
-    render_config,
-    render_repository,
-)
-from acestep_triton.export.specs import COMPONENTS
+from acestep_triton.export.model_configs import checkpoint_sizes, component_config
+from acestep_triton.export.repository import render_repository
+from acestep_triton.export.specs import COMPONENTS, read_onnx_sizes
+from acestep_triton.export.triton_config import DynamicBatching, check_config, render_config
 from acestep_triton.lora import InProcessLoras, LoraRegistry
 from acestep_triton.pipeline import MusicGenerator, TorchBackend
 from acestep_triton.sampling import latent_frames

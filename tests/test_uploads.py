@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from fixtures_onnx import single_thread
+from fixtures_serving import one_instance_repository
 from triton_harness import require_tritonserver
 
 from acestep_client.client import AceStepClient, InvalidRequest
@@ -35,8 +35,6 @@ from acestep_client.params import GenerationParams, ParamError
 from acestep_client.retry import NO_RETRY
 from acestep_triton.audio import decode_audio_bytes
 from acestep_triton.checkpoint import Components
-from acestep_triton.export.render import load_endpoints, render_repository
-from acestep_triton.serving.deploy import build_deployment
 from acestep_triton.serving.health import region_bytes, stub_processes
 from acestep_triton.serving.memory import proc_field_bytes
 from acestep_triton.serving.server import TritonServer
@@ -93,13 +91,8 @@ def server(tiny_onnx_ckpt: Path, tiny_onnx_dir: Path, tiny_onnx_components: Comp
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     require_tritonserver()
     workdir = tmp_path_factory.mktemp("uploads")
-    with single_thread():
-        deployment = build_deployment(tiny_onnx_ckpt, workdir, onnx_dir=tiny_onnx_dir,
-                                      components=tiny_onnx_components, endpoints=["audio2audio"],
-                                      intra_op_threads=1)
-    endpoint = replace(load_endpoints(["audio2audio"])[0], instance_count=1)
-    repository = render_repository(workdir / "one_instance", "cpu", deployment.onnx_dir, [endpoint],
-                                   assets=deployment.assets, intra_op_threads=1)
+    repository = one_instance_repository(tiny_onnx_ckpt, tiny_onnx_dir, tiny_onnx_components, workdir,
+                                         "audio2audio")
     server = TritonServer(repository, log_path=workdir / "tritonserver.log", startup_timeout=300,
                           stop_timeout=20, max_upload_mb=LIMIT_MB, recover=True)
     server.start()

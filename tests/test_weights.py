@@ -9,13 +9,12 @@ fp32 weights), with ``/proc`` as ``serving/memory.py`` reads it.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_benchmarks_smoke import load_benchmark
 from torch import nn
 
 from acestep_triton.checkpoint import (
@@ -23,17 +22,21 @@ from acestep_triton.checkpoint import (
     CheckpointLayout,
     load_dcae_half,
     load_transformer,
+)
+from acestep_triton.serving.torch_runtime import DECODE_ONLY, ENCODE_ONLY, load_component_module
+from acestep_triton.synthetic.full_size import TRANSFORMER_CONFIG, FullSizeConfigs, write_full_random_checkpoint
+from acestep_triton.synthetic.tiny_checkpoint import (
+    tiny_dcae_config,
+    tiny_text_encoder_config,
+    tiny_vocoder_config,
     write_tiny_checkpoint,
 )
-from acestep_triton.export.full_random import FullSizeConfigs, write_full_random_checkpoint
-from acestep_triton.serving.torch_runtime import DECODE_ONLY, ENCODE_ONLY, load_component_module
 from acestep_triton.weights import (
     CheckpointError,
     SafetensorsFile,
     materialize,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 LOAD_PEAK_OVER_STEADY = 1.3
 
 
@@ -174,26 +177,9 @@ def test_bf16_load_reads_straight_into_the_served_dtype(tiny_ckpt: Path) -> None
 
 
 # ---------------------------------------------------------------------------------- memory
-_PROBE = """
-import json, sys
-sys.path[:0] = [{src!r}, {client!r}]
-from acestep_triton.serving.memory import proc_field_bytes
-from acestep_triton.serving.torch_runtime import load_component_module
-import torch
-before = proc_field_bytes("/proc/self/status", "VmRSS")
-module = load_component_module("dit_decoder", {ckpt!r})
-print(json.dumps({{"before": before, "peak": proc_field_bytes("/proc/self/status", "VmHWM"),
-                  "steady": proc_field_bytes("/proc/self/status", "VmRSS"),
-                  "weights": sum(t.numel() * t.element_size() for t in module.parameters())}}))
-"""
-
-
 @pytest.fixture(scope="module")
 def mid_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A DiT 1280 wide with 8 blocks (0.8 GB of fp32 decoder weights), small codecs."""
-    from acestep_triton.checkpoint import tiny_dcae_config, tiny_text_encoder_config, tiny_vocoder_config
-    from acestep_triton.export.full_random import TRANSFORMER_CONFIG
-
     text = tiny_text_encoder_config(0)
     del text["vocab_size"]
     dit = {**TRANSFORMER_CONFIG, "num_layers": 8, "num_attention_heads": 10, "inner_dim": 1280,
@@ -203,13 +189,13 @@ def mid_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_load_peak_stays_near_the_steady_size_of_the_process(mid_ckpt: Path) -> None:
-    code = _PROBE.format(src=str(ROOT / "src"), client=str(ROOT / "client"), ckpt=str(mid_ckpt))
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    # in a fresh process, as a served model loads it (benchmarks/load_probe.py, also full_size.py's probe)
+    figures = load_benchmark("load_probe").probe_load("dit_decoder", mid_ckpt)
+    assert "error" not in figures, figures
     assert figures["weights"] > 600 * 2**20, figures  # the weights dominate the process
-    ratio = figures["peak"] / figures["steady"]
+    ratio = figures["peak_rss"] / figures["steady_rss"]
     assert ratio <= LOAD_PEAK_OVER_STEADY, f"peak RSS during load {ratio:.2f}x the steady RSS: {figures}"
-    held = figures["steady"] - figures["before"]
+    held = figures["steady_rss"] - figures["base_rss"]
     # the issue's bound for a served process: what loading adds is at most 1.25x the weights
     # (the first load also imports the model modules: ~0.1 GB here)
     assert held <= 1.25 * figures["weights"], f"the process holds {held / figures['weights']:.2f}x its weights"

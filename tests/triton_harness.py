@@ -2,7 +2,7 @@
 
 The server comes from the nvidia-pytriton wheel (see ../shared/TRITON_ON_CPU.md); tests start
 one per session through :func:`start_server` and must stop it in a ``finally``. Repositories
-are always rendered with :func:`acestep_triton.export.render.render_repository`, the same code
+are always rendered with :func:`acestep_triton.export.repository.render_repository`, the same code
 production uses, never written by hand.
 """
 
@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from acestep_triton.export.render import OrchestratorSpec, render_repository
+from acestep_triton.export.model_configs import OrchestratorSpec
+from acestep_triton.export.repository import render_repository
 from acestep_triton.export.specs import COMPONENTS, ComponentSpec, TensorSpec
 from acestep_triton.serving.server import TritonInstall, TritonServer, TritonServerError
 

@@ -15,8 +15,9 @@ on ONE device, so the ratios printed side by side compare like with like:
 * ``measure`` — the order, the server, and the guard that runs each section on its own: a section
   that fails is recorded (its error and traceback in ``sections``) and the others still run.
 
-``common`` holds the report, the plan and the pure helpers; ``paths`` the three ways a request is
-served; ``placeholders`` the stand-ins for packages a bare GPU image lacks. The modules import
-the project lazily where they need torch, so ``placeholders`` runs before the environment is
-complete.
+``plan`` holds what a run measures and its goals, ``report`` the report, the time box and the
+section guard, ``figures`` the arithmetic of measured figures; ``paths`` the three ways a request
+is served; ``placeholders`` the stand-ins for packages a bare GPU image lacks. The modules import
+torch, tritonclient and the project modules built on them only inside the functions that use
+them, so ``placeholders`` runs before the environment is complete.
 """

@@ -4,21 +4,36 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass, field
+from typing import Any
 
 import acestep_bench as bench
+import numpy as np
 
-from .common import (
-    GOAL_SPEEDUP_VS_EAGER,
-    GOAL_TRITON_OVERHEAD,
-    Deadline,
-    Plan,
-    Report,
-    median,
-    ratio,
-    request_params,
-    verdict,
-)
+from .figures import median, ratio, verdict
 from .paths import EagerBaseline, InProcess, TritonPath
+from .plan import GOAL_SPEEDUP_VS_EAGER, GOAL_TRITON_OVERHEAD, Plan, request_params
+from .report import Deadline, Report
+
+PATH_NAMES = {"Triton": "Triton (gRPC → BLS → compiled torch)", "in-process": "in-process (same compiled runners)",
+              "eager": "eager PyTorch, sequential CFG"}
+"""The three ways (a)+(b) serve the request, and their labels in the table."""
+
+
+@dataclass
+class EndToEndRuns:
+    """What the interleaved runs measured: seconds and DiT calls per (path, steps), the largest
+    Triton vs in-process audio difference per step count, whether all audio was finite."""
+
+    runs: dict[tuple[str, int], list[float]] = field(default_factory=dict)
+    calls: dict[tuple[str, int], int] = field(default_factory=dict)
+    diffs: dict[int, float] = field(default_factory=dict)
+    finite: bool = True
+    repeats: int = 0
+
+    def add(self, path: str, steps: int, seconds: float, calls: int) -> None:
+        self.runs.setdefault((path, steps), []).append(seconds)
+        self.calls[(path, steps)] = calls
 
 
 def measure_end_to_end(plan: Plan, triton: TritonPath | None, inproc: InProcess, eager: EagerBaseline | None,
@@ -26,16 +41,22 @@ def measure_end_to_end(plan: Plan, triton: TritonPath | None, inproc: InProcess,
     """(a) and (b): the same request at each step count through Triton, in-process (compiled) and
     eager-sequential, ``repeats`` times interleaved (so drifts hit every path alike). A path that
     is None (no server, an eager baseline that did not build) is left out, its columns NaN."""
-    import numpy as np
+    measured = run_interleaved(plan, triton, inproc, eager, report, deadline)
+    per_steps = {steps: steps_record(plan.e2e_seconds, steps, measured) for steps in plan.steps}
+    report.add("a_b_end_to_end", {"per_steps": per_steps, "repeats": measured.repeats, "finite": measured.finite,
+                                  "triton_measured": triton is not None},
+               end_to_end_markdown(plan, measured, per_steps))
 
+
+def run_interleaved(plan: Plan, triton: TritonPath | None, inproc: InProcess, eager: EagerBaseline | None,
+                    report: Report, deadline: Deadline) -> EndToEndRuns:
+    """Every path at every step count, once per repeat, while the time budget allows."""
+    # torch, through the pipeline: heavy (see __init__), imported where used
     from acestep_triton.pipeline import sampler_config
 
     seconds = plan.e2e_seconds
-    runs: dict[tuple[str, int], list[float]] = {}
-    calls: dict[tuple[str, int], int] = {}
-    diffs: dict[int, float] = {}
-    finite = True
-    done_repeats, repeat_s = 0, 0.0
+    measured = EndToEndRuns()
+    repeat_s = 0.0
     for repeat in range(plan.repeats):
         # keep about a third of the budget for (c)
         if repeat > 0 and deadline.left() - repeat_s < plan.time_budget_s / 3:
@@ -45,43 +66,48 @@ def measure_end_to_end(plan: Plan, triton: TritonPath | None, inproc: InProcess,
         for steps in plan.steps:
             params = request_params(seconds, steps)
             audio_local, t, n = inproc.generate(params)
-            runs.setdefault(("in-process", steps), []).append(t)
-            calls[("in-process", steps)] = n
+            measured.add("in-process", steps, t, n)
             if triton is not None:
                 audio_served, t, n = triton.generate(params)
-                runs.setdefault(("Triton", steps), []).append(t)
-                calls[("Triton", steps)] = n
-                diffs[steps] = max(diffs.get(steps, 0.0), float(np.abs(audio_served - audio_local).max()))
+                measured.add("Triton", steps, t, n)
+                measured.diffs[steps] = max(measured.diffs.get(steps, 0.0),
+                                            float(np.abs(audio_served - audio_local).max()))
             ok = True
             if eager is not None:
                 t, n, ok = eager.generate(seconds, sampler_config(params))
-                runs.setdefault(("eager", steps), []).append(t)
-                calls[("eager", steps)] = n
-            finite = finite and ok and bool(np.isfinite(audio_local).all())
-        done_repeats, repeat_s = repeat + 1, time.perf_counter() - started
+                measured.add("eager", steps, t, n)
+            measured.finite = measured.finite and ok and bool(np.isfinite(audio_local).all())
+        measured.repeats, repeat_s = repeat + 1, time.perf_counter() - started
+    return measured
 
-    names = {"Triton": "Triton (gRPC → BLS → compiled torch)", "in-process": "in-process (same compiled runners)",
-             "eager": "eager PyTorch, sequential CFG"}
-    rows, per_steps = [], {}
+
+def steps_record(seconds: float, steps: int, measured: EndToEndRuns) -> dict[str, Any]:
+    """One step count's figures: every path's runs, medians, RTFs and DiT calls, and the ratios."""
+    p50 = {path: median(measured.runs.get((path, steps), [])) for path in PATH_NAMES}
+    return {
+        "seconds": seconds, "steps": steps,
+        **{f"{path}_s": measured.runs.get((path, steps), []) for path in PATH_NAMES},
+        **{f"{path}_p50_s": p50[path] for path in PATH_NAMES},
+        **{f"{path}_rtf": ratio(seconds, p50[path]) for path in PATH_NAMES},
+        **{f"{path}_dit_calls": measured.calls.get((path, steps), -1) for path in PATH_NAMES},
+        "triton_vs_inprocess": ratio(p50["Triton"], p50["in-process"]),
+        "triton_speedup_vs_eager": ratio(p50["eager"], p50["Triton"]),
+        "inprocess_speedup_vs_eager": ratio(p50["eager"], p50["in-process"]),
+        "max_abs_audio_diff": measured.diffs.get(steps, math.nan),
+    }
+
+
+def end_to_end_markdown(plan: Plan, measured: EndToEndRuns, per_steps: dict[int, dict[str, Any]]) -> str:
+    """The three tables of (a)+(b) and how latency was timed."""
+    seconds, judged = plan.e2e_seconds, not plan.dry_run
+    rows = []
     for steps in plan.steps:
-        p50 = {path: median(runs.get((path, steps), [])) for path in names}
-        per_steps[steps] = {
-            "seconds": seconds, "steps": steps,
-            **{f"{path}_s": runs.get((path, steps), []) for path in names},
-            **{f"{path}_p50_s": p50[path] for path in names},
-            **{f"{path}_rtf": ratio(seconds, p50[path]) for path in names},
-            **{f"{path}_dit_calls": calls.get((path, steps), -1) for path in names},
-            "triton_vs_inprocess": ratio(p50["Triton"], p50["in-process"]),
-            "triton_speedup_vs_eager": ratio(p50["eager"], p50["Triton"]),
-            "inprocess_speedup_vs_eager": ratio(p50["eager"], p50["in-process"]),
-            "max_abs_audio_diff": diffs.get(steps, math.nan),
-        }
-        for path, label in names.items():
-            series = runs.get((path, steps), [])
+        p50 = {path: per_steps[steps][f"{path}_p50_s"] for path in PATH_NAMES}
+        for path, label in PATH_NAMES.items():
+            series = measured.runs.get((path, steps), [])
             rows.append((label, steps, len(series), p50[path], bench.percentile(series, 90), ratio(seconds, p50[path]),
-                         calls.get((path, steps), "n/a"), ratio(p50[path], p50["in-process"]),
+                         measured.calls.get((path, steps), "n/a"), ratio(p50[path], p50["in-process"]),
                          ratio(p50["eager"], p50[path])))
-    judged = not plan.dry_run
     table = bench.format_table(("path", "steps", "runs", "p50 s", "p90 s", "RTF", "DiT calls", "vs in-process",
                                 "speed-up vs eager"), rows,
                                f"(a)+(b) text2music end to end: {seconds:g} s of audio, batch 1, same seed")
@@ -99,7 +125,4 @@ def measure_end_to_end(plan: Plan, triton: TritonPath | None, inproc: InProcess,
     explain = ("Latency: request sent → audio on the host (Triton: the gRPC client's whole request; in-process: "
                "`generate` + copy to the host; eager: sampling loop + DCAE decode + vocoder, prompt encoding not "
                "timed). RTF = audio seconds / latency. Medians over the interleaved runs.")
-    report.add("a_b_end_to_end", {"per_steps": per_steps, "repeats": done_repeats, "finite": finite,
-                                  "triton_measured": triton is not None},
-               "\n\n".join((table, a_table, b_table, explain)))
-
+    return "\n\n".join((table, a_table, b_table, explain))

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from .common import Deadline, Plan, Report, SkipSectionError
+from .plan import Plan
+from .report import Deadline, Report, SkipSectionError
 
 
 def measure_lora(plan: Plan, report: Report, deadline: Deadline) -> None:
     """One DiT block at the real width, bf16 on a GPU, r = 16, 64, 256 against none, every row or
     half the rows with the adapter. In-process: it measures the adapter arithmetic, not Triton
-    (the served path runs the same :class:`~acestep_triton.lora.runtime.AdapterBank`)."""
-    import lora_runtime
+    (the served path runs the same :class:`~acestep_triton.lora.live.AdapterBank`)."""
+    import lora_runtime  # torch and the LoRA runtime: heavy (see __init__), imported where used
 
     if deadline.left() < 30:
         raise SkipSectionError("the time budget is spent")

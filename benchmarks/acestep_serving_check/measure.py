@@ -8,32 +8,33 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import acestep_bench as bench
 import load_client as load
+import numpy as np
 
-from .common import (
+from acestep_triton.serving.server import TritonServer, tail
+
+from .end_to_end import measure_end_to_end
+from .figures import verdict
+from .lora import measure_lora
+from .memory import MemorySampler, memory_section, scrape_component_gauges
+from .paths import CudaPeaks, EagerBaseline, InProcess, ServerStarter, TritonPath, triton_install
+from .placeholders import active_placeholders
+from .plan import (
     GOAL_SPEEDUP_VS_EAGER,
     GOAL_THROUGHPUT_MAX_SECONDS,
     GOAL_THROUGHPUT_RATIO,
     GOAL_TRITON_OVERHEAD,
     TEXT2MUSIC_MODELS,
-    Deadline,
     Plan,
-    Report,
-    SkipSectionError,
     request_params,
-    run_section,
-    verdict,
 )
-from .end_to_end import measure_end_to_end
-from .lora import measure_lora
-from .memory import MemorySampler, memory_section, scrape_component_gauges
-from .paths import CudaPeaks, EagerBaseline, InProcess, ServerStarter, TritonPath, triton_install
-from .placeholders import active_placeholders
+from .report import Deadline, Report, SkipSectionError, run_section
 from .throughput import measure_load
 
 CUDA_POOL_BYTES = 2 * 2**30
@@ -65,7 +66,7 @@ def goals_section(plan: Plan, report: Report) -> None:
 
 
 def describe(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
-    import numpy as np
+    # torch and the modules built on it: heavy (see __init__), imported where used
     import torch
 
     from acestep_triton.serving.torch_component import REQUIRE_DEVICE_INPUTS_ENV, requires_device_inputs
@@ -88,6 +89,17 @@ def describe(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
     return info
 
 
+def meta_section(plan: Plan, args: argparse.Namespace, report: Report) -> None:
+    """The machine and the software versions, first in the report."""
+    info = describe(plan, args)
+    header = (f"Device: {info['device']}; Python {info['python']}, torch {info['torch']} (CUDA {info['cuda']}), "
+              f"numpy {info['numpy']}, tritonclient {info['tritonclient']}; placeholders: "
+              f"{', '.join(info['placeholders']) or 'none'}; components refuse host inputs: "
+              f"{'yes' if info['require_device_inputs'] else 'no'}"
+              + ("; DRY RUN (tiny model, CPU): checks the code, says nothing about speed" if plan.dry_run else ""))
+    report.add("meta", info, f"## GPU serving check\n\n{header}")
+
+
 @dataclass
 class Paths:
     """What the set-up sections produced (None where one failed)."""
@@ -106,125 +118,147 @@ def measure(args: argparse.Namespace) -> int:
     models then hit) and builds the eager baseline; then warm-up requests through Triton for
     every shape measured, (a)+(b), (e), (c), and (d) whatever happened before, while the server
     still runs (its components' gauges are read from ``/metrics``). Each step is a guarded
-    section (:func:`~.common.run_section`): one that fails is recorded and the rest still run.
+    section (:func:`~.report.run_section`): one that fails is recorded and the rest still run.
     """
     plan = Plan.for_args(args)
     deadline = Deadline(plan.time_budget_s)
     report = Report(args.out)
     bench.stub_soundfile_if_missing()
+    # torch: heavy (see __init__), imported where used, after the soundfile stand-in
     import torch
-
-    from acestep_triton.pipeline import sampler_config
-    from acestep_triton.serving.server import TritonServer, tail
 
     if plan.threads > 0:
         torch.set_num_threads(plan.threads)  # as the served components have (dry run: 1 thread each)
-    info = describe(plan, args)
-    header = (f"Device: {info['device']}; Python {info['python']}, torch {info['torch']} (CUDA {info['cuda']}), "
-              f"numpy {info['numpy']}, tritonclient {info['tritonclient']}; placeholders: "
-              f"{', '.join(info['placeholders']) or 'none'}; components refuse host inputs: "
-              f"{'yes' if info['require_device_inputs'] else 'no'}"
-              + ("; DRY RUN (tiny model, CPU): checks the code, says nothing about speed" if plan.dry_run else ""))
-    report.add("meta", info, f"## GPU serving check\n\n{header}")
+    meta_section(plan, args, report)
+    return MeasureRun(args, plan, report, deadline).run()
 
-    cuda = plan.device.startswith("cuda")
-    sampler = MemorySampler(interval=0.5 if plan.dry_run else 1.0)
-    sampler.start()
-    server = TritonServer(args.repository, log_path=args.out / "tritonserver.log",
-                          startup_timeout=args.server_timeout, install=triton_install(args.triton_root),
-                          extra_args=["--model-control-mode=explicit",
-                                      *(f"--load-model={m}" for m in TEXT2MUSIC_MODELS),
-                                      f"--model-load-thread-count={len(TEXT2MUSIC_MODELS)}",
-                                      *([f"--cuda-memory-pool-byte-size=0:{CUDA_POOL_BYTES}"] if cuda else [])])
-    sampler.server_pid = lambda: server.pid
-    starter = ServerStarter(server)
-    starter.start()
-    failures: list[str] = []
-    paths = Paths()
-    timings: dict[str, float] = {}
-    warm_durations = sorted({plan.e2e_seconds, *plan.load_durations})
 
-    def inprocess() -> None:
-        device = torch.device(plan.device)
-        paths.peaks = CudaPeaks(device)
-        inproc = InProcess(args.checkpoint, plan.device, paths.peaks)
-        timings["in-process runners: load"] = inproc.load_s
+class MeasureRun:
+    """One ``measure`` run after its header: constructing it starts the memory sampler and the
+    server in the background; :meth:`run` then runs the sections in order, each guarded, every
+    set-up section leaving what it built in :attr:`paths` for the sections after it."""
+
+    def __init__(self, args: argparse.Namespace, plan: Plan, report: Report, deadline: Deadline) -> None:
+        self.args, self.plan, self.report, self.deadline = args, plan, report, deadline
+        self.failures: list[str] = []
+        self.paths = Paths()
+        self.timings: dict[str, float] = {}
+        self.warm_durations = sorted({plan.e2e_seconds, *plan.load_durations})
+        self.sampler = MemorySampler(interval=0.5 if plan.dry_run else 1.0)
+        self.sampler.start()
+        self.server = self._server()
+        self.sampler.server_pid = lambda: self.server.pid
+        self.starter = ServerStarter(self.server)
+        self.starter.start()
+
+    def _server(self) -> TritonServer:
+        cuda = self.plan.device.startswith("cuda")
+        return TritonServer(self.args.repository, log_path=self.args.out / "tritonserver.log",
+                            startup_timeout=self.args.server_timeout, install=triton_install(self.args.triton_root),
+                            extra_args=["--model-control-mode=explicit",
+                                        *(f"--load-model={m}" for m in TEXT2MUSIC_MODELS),
+                                        f"--model-load-thread-count={len(TEXT2MUSIC_MODELS)}",
+                                        *([f"--cuda-memory-pool-byte-size=0:{CUDA_POOL_BYTES}"] if cuda else [])])
+
+    def run(self) -> int:
+        """Every section in order; 0 when none failed."""
+        try:
+            self._section("setup_inprocess", self.setup_inprocess)
+            self._section("setup_eager", self.setup_eager)
+            self._section("setup_triton", self.setup_triton)
+            self.report.add("timings", self.timings, bench.format_table(
+                ("phase", "s"), list(self.timings.items()), "set-up (loading, compiling, CUDA-graph capture)"))
+            self._section("a_b_end_to_end", self.end_to_end)
+            # (e) before (c): it takes seconds, while (c) uses whatever budget is left
+            if self.plan.lora:
+                self._section("e_lora", lambda: measure_lora(self.plan, self.report, self.deadline))
+            else:
+                self.report.status("e_lora", {"status": "skipped", "reason": "--no-lora"})
+            self._section("c_throughput", self.throughput)
+        finally:
+            self.memory_and_stop()
+        self._section("goals", lambda: goals_section(self.plan, self.report))
+        for failure in self.failures:
+            print(f"error: {failure}", file=sys.stderr)
+        if self.failures and self.server.log_path is not None:
+            print(f"--- tritonserver log, last lines ({self.server.log_path}) ---\n{tail(self.server.log_path, 60)}",
+                  file=sys.stderr)
+        return 1 if self.failures else 0
+
+    def _section(self, key: str, fn: Callable[[], Any]) -> None:
+        run_section(self.report, key, fn, self.failures)
+
+    def setup_inprocess(self) -> None:
+        import torch  # heavy (see __init__): imported where used
+
+        device = torch.device(self.plan.device)
+        self.paths.peaks = CudaPeaks(device)
+        inproc = InProcess(self.args.checkpoint, self.plan.device, self.paths.peaks)
+        self.timings["in-process runners: load"] = inproc.load_s
         if device.type == "cuda":
-            sampler.self_reserved = lambda: torch.cuda.memory_reserved(device) / 2**20
+            self.sampler.self_reserved = lambda: torch.cuda.memory_reserved(device) / 2**20
         started = time.perf_counter()
-        for seconds in warm_durations:
-            inproc.generate(request_params(seconds, plan.warm_steps))
-        timings["in-process runners: warm-up (compile, CUDA graphs)"] = time.perf_counter() - started
-        paths.inproc = inproc
+        for seconds in self.warm_durations:
+            inproc.generate(request_params(seconds, self.plan.warm_steps))
+        self.timings["in-process runners: warm-up (compile, CUDA graphs)"] = time.perf_counter() - started
+        self.paths.inproc = inproc
 
-    def eager() -> None:
+    def setup_eager(self) -> None:
+        # torch, through the pipeline: heavy (see __init__), imported where used
+        from acestep_triton.pipeline import sampler_config
+
+        plan, paths = self.plan, self.paths
         if paths.inproc is None or paths.peaks is None:
             raise SkipSectionError("needs the in-process runners (their tokenizers give the token counts)")
         prompt, lyrics = load.PROMPTS[0]
         text_tokens, lyric_tokens = paths.inproc.token_counts(prompt, lyrics)
-        baseline = EagerBaseline(args.checkpoint, plan.device, text_tokens, lyric_tokens,
+        baseline = EagerBaseline(self.args.checkpoint, plan.device, text_tokens, lyric_tokens,
                                  sampler_config(request_params(plan.e2e_seconds, plan.steps[0])), paths.peaks)
         baseline.generate(plan.e2e_seconds, sampler_config(request_params(plan.e2e_seconds, plan.warm_steps)))
-        timings["eager baseline: build on the device"] = baseline.build_s
+        self.timings["eager baseline: build on the device"] = baseline.build_s
         paths.eager = baseline
 
-    def triton() -> None:
+    def setup_triton(self) -> None:
+        plan, starter = self.plan, self.starter
         # wait for the server, keeping a quarter of the budget (at most 90 s) for the measurements
-        starter.join(timeout=max(1.0, deadline.left() - min(90.0, plan.time_budget_s / 4)))
+        starter.join(timeout=max(1.0, self.deadline.left() - min(90.0, plan.time_budget_s / 4)))
         if starter.is_alive():
             raise RuntimeError("tritonserver did not become ready within the time budget")
         if starter.error is not None:
             raise RuntimeError(f"tritonserver failed to start: {starter.error}")
-        timings["tritonserver: start until ready"] = starter.seconds
-        path = TritonPath(server.grpc_url, plan.request_timeout_s)
+        self.timings["tritonserver: start until ready"] = starter.seconds
+        path = TritonPath(self.server.grpc_url, plan.request_timeout_s)
         started = time.perf_counter()
-        for seconds in warm_durations:  # a component refusing a host input fails here, naming it
+        for seconds in self.warm_durations:  # a component refusing a host input fails here, naming it
             path.generate(request_params(seconds, plan.warm_steps))
-        timings["tritonserver: warm-up requests"] = time.perf_counter() - started
-        paths.triton = path
+        self.timings["tritonserver: warm-up requests"] = time.perf_counter() - started
+        self.paths.triton = path
 
-    def end_to_end() -> None:
-        if paths.inproc is None:
+    def end_to_end(self) -> None:
+        if self.paths.inproc is None:
             raise SkipSectionError("the in-process runners did not load")
-        measure_end_to_end(plan, paths.triton, paths.inproc, paths.eager, report, deadline)
+        measure_end_to_end(self.plan, self.paths.triton, self.paths.inproc, self.paths.eager, self.report,
+                           self.deadline)
 
-    def throughput() -> None:
-        if paths.triton is None:
+    def throughput(self) -> None:
+        if self.paths.triton is None:
             raise SkipSectionError("no working server")
-        measure_load(plan, server.grpc_url, report, deadline)
-        errors = report.data["c_throughput"]["errors"]
+        measure_load(self.plan, self.server.grpc_url, self.report, self.deadline)
+        errors = self.report.data["c_throughput"]["errors"]
         if errors:
             raise RuntimeError(f"{errors} load requests failed")
 
-    try:
-        run_section(report, "setup_inprocess", inprocess, failures)
-        run_section(report, "setup_eager", eager, failures)
-        run_section(report, "setup_triton", triton, failures)
-        report.add("timings", timings, bench.format_table(
-            ("phase", "s"), list(timings.items()), "set-up (loading, compiling, CUDA-graph capture)"))
-        run_section(report, "a_b_end_to_end", end_to_end, failures)
-        # (e) before (c): it takes seconds, while (c) uses whatever budget is left
-        if plan.lora:
-            run_section(report, "e_lora", lambda: measure_lora(plan, report, deadline), failures)
-        else:
-            report.status("e_lora", {"status": "skipped", "reason": "--no-lora"})
-        run_section(report, "c_throughput", throughput, failures)
-    finally:
+    def memory_and_stop(self) -> None:
+        """(d), whatever happened before, while the server still runs; then stop the server."""
         gauges = None
-        if server.pid is not None and starter.error is None and not starter.is_alive():
+        starter = self.starter
+        if self.server.pid is not None and starter.error is None and not starter.is_alive():
             try:
-                gauges = scrape_component_gauges(server.metrics_url)
+                gauges = scrape_component_gauges(self.server.metrics_url)
             except Exception as exc:  # the table says so; the other rows stand
-                report.note(f"(d) the components' gauges could not be read: {type(exc).__name__}: {exc}")
-        run_section(report, "d_memory", lambda: memory_section(sampler, paths.peaks, report, gauges), failures)
-        server.stop()
-    run_section(report, "goals", lambda: goals_section(plan, report), failures)
-    for failure in failures:
-        print(f"error: {failure}", file=sys.stderr)
-    if failures and server.log_path is not None:
-        print(f"--- tritonserver log, last lines ({server.log_path}) ---\n{tail(server.log_path, 60)}",
-              file=sys.stderr)
-    return 1 if failures else 0
+                self.report.note(f"(d) the components' gauges could not be read: {type(exc).__name__}: {exc}")
+        self._section("d_memory", lambda: memory_section(self.sampler, self.paths.peaks, self.report, gauges))
+        self.server.stop()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -270,7 +304,8 @@ def build(checkpoint: Path, workdir: Path, target: str, endpoint_instances: str 
     """The deployment under test: torch runtime, the text2music endpoint only, with the build's
     ``endpoint_instances`` option (a decoupled endpoint instance runs one request at a time, so
     concurrency 8 needs 8 of them). Returns the repository."""
-    from acestep_triton.export.render import parse_endpoint_instances
+    # the renderer (tritonclient) and the deployment (torch): heavy (see __init__), imported where used
+    from acestep_triton.export.render_cli import parse_endpoint_instances
     from acestep_triton.serving.deploy import build_deployment
 
     deployment = build_deployment(checkpoint, workdir, target=target, runtime="torch", endpoints=["text2music"],

@@ -22,8 +22,12 @@ from typing import Any
 
 import acestep_bench as bench
 
-from .common import MiB, Report, nanmax, parse_csv_numbers
+from acestep_triton.serving.health import stub_processes
+from acestep_triton.serving.memory import rss_bytes
+
+from .figures import MiB, nanmax, parse_csv_numbers
 from .paths import CudaPeaks
+from .report import Report
 
 COMPONENT_GAUGES = {
     "acestep_component_weights_bytes": "weights",
@@ -114,9 +118,6 @@ class MemorySampler(threading.Thread):
         self.peaks[key] = nanmax(self.peaks.get(key, math.nan), value)
 
     def sample(self) -> None:
-        from acestep_triton.serving.health import stub_processes
-        from acestep_triton.serving.memory import rss_bytes
-
         used = self.gpu_used_mib()
         apps = {int(r[0]): r[1] for r in self._smi("--query-compute-apps=pid,used_memory")
                 if len(r) >= 2 and math.isfinite(r[0])}

@@ -11,13 +11,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .common import nanmax
+from acestep_triton.serving.server import TritonInstall
+
+from .figures import nanmax
 
 
 def dit_counts(url: str) -> dict[str, int]:
     """``dit_decoder``'s cumulative counters from Triton's statistics: BLS requests (success),
     batch rows run (inference_count) and executions (execution_count)."""
-    import tritonclient.grpc as grpcclient
+    import tritonclient.grpc as grpcclient  # heavy (see __init__): imported where used
 
     client = grpcclient.InferenceServerClient(url)
     try:
@@ -34,7 +36,7 @@ class CudaPeaks:
     graph pools). Peak statistics are reset per call, so the process-wide peak is kept here."""
 
     def __init__(self, device: Any) -> None:
-        import torch
+        import torch  # heavy (see __init__): imported where used
 
         self.torch = torch
         self.cuda = device.type == "cuda"
@@ -67,12 +69,13 @@ class InProcess:
     """The in-process twin of the deployment: the same compiled runners, no Triton."""
 
     def __init__(self, checkpoint: Path, device: str, peaks: CudaPeaks) -> None:
-        from acestep_triton.serving.torch_runtime import runtime_generator
+        # torch, through the runtime: heavy (see __init__), imported where used
+        from acestep_triton.serving.torch_runtime import in_process_twin_generator
 
         self.peaks = peaks
         before = peaks.allocated()
         started = time.perf_counter()
-        self.generator = runtime_generator(checkpoint, device=device)
+        self.generator = in_process_twin_generator(checkpoint, device=device)
         self.load_s = time.perf_counter() - started
         peaks.weights["in-process"] = peaks.allocated() - before
 
@@ -94,6 +97,7 @@ class InProcess:
 
     def token_counts(self, prompt: str, lyrics: str) -> tuple[int, int]:
         """(prompt tokens, lyric tokens) of a request, as its DiT conditions will have them."""
+        # torch, through sampling: heavy (see __init__), imported where used
         from acestep_triton.sampling.conditions import lyric_inputs
 
         ids, _ = self.generator.prompt_tokenizer([prompt])
@@ -113,12 +117,13 @@ class EagerBaseline:
 
     def __init__(self, checkpoint: Path, device: str, text_tokens: int, lyric_tokens: int, config: Any,
                  peaks: CudaPeaks, seed: int = 0) -> None:
+        # torch and the modules built on it: heavy (see __init__), imported where used
         import torch
 
         from acestep_triton.checkpoint import DCAE_DIR, TRANSFORMER_DIR, VOCODER_DIR, CheckpointLayout
         from acestep_triton.codec import AudioCodec
-        from acestep_triton.export.full_random import FullSizeConfigs
-        from acestep_triton.sampling import build_conditions
+        from acestep_triton.sampling import PromptTokens, build_conditions
+        from acestep_triton.synthetic.full_size import FullSizeConfigs
 
         self.gpu = importlib.import_module("gpu_eager_vs_optimized")
         self.torch = torch
@@ -145,11 +150,12 @@ class EagerBaseline:
                                         base.with_decode(self.gpu.SequentialBranches(self.counter, items=1)),
                                         False, self.counter, "PyTorch eager, one DiT call per CFG branch")
         with torch.inference_mode():
-            self.conditions = build_conditions(base, ids, mask, lyric_ids, lyric_mask, config)
+            self.conditions = build_conditions(base, PromptTokens(ids, mask, lyric_ids, lyric_mask), config)
         peaks.weights["eager"] = peaks.allocated() - before
 
     def generate(self, seconds: float, config: Any) -> tuple[float, int, bool]:
         """(seconds: sampling loop + latents → audio, DiT calls, everything finite)."""
+        # torch, through sampling: heavy (see __init__), imported where used
         from acestep_triton.sampling import latent_frames
 
         generator = self.torch.Generator().manual_seed(self.seed)
@@ -165,7 +171,7 @@ class TritonPath:
     """The deployment through its gRPC client, with the DiT calls counted from Triton's statistics."""
 
     def __init__(self, url: str, timeout_s: float) -> None:
-        from acestep_client.client import AceStepClient
+        from acestep_client.client import AceStepClient  # tritonclient: heavy (see __init__), imported where used
 
         self.url = url
         self.client = AceStepClient(url)
@@ -201,8 +207,6 @@ class ServerStarter(threading.Thread):
 def triton_install(root: Path | None) -> Any:
     """The tritonserver to run: a carried ``nvidia-pytriton`` tree (``root`` holds ``pytriton/`` and
     ``nvidia_pytriton.libs/`` as in site-packages), else this environment's (``TritonInstall.locate``)."""
-    from acestep_triton.serving.server import TritonInstall
-
     if root is None:
         return TritonInstall.locate()
     libs = root / "nvidia_pytriton.libs"

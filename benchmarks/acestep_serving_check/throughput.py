@@ -12,17 +12,10 @@ from typing import Any
 import acestep_bench as bench
 import load_client as load
 
-from .common import (
-    ENDPOINT,
-    GOAL_THROUGHPUT_MAX_SECONDS,
-    GOAL_THROUGHPUT_RATIO,
-    Deadline,
-    Plan,
-    Report,
-    ratio,
-    verdict,
-)
+from .figures import ratio, verdict
 from .paths import dit_counts
+from .plan import ENDPOINT, GOAL_THROUGHPUT_MAX_SECONDS, GOAL_THROUGHPUT_RATIO, Plan
+from .report import Deadline, Report
 
 
 def throughput_ratio(levels: Sequence[Mapping[str, Any]]) -> float:

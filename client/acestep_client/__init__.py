@@ -4,6 +4,8 @@ Imports only ``tritonclient[grpc]``, ``numpy`` and ``soundfile`` so users can in
 The request schema (``acestep_client.params``) is shared by client, server and front end.
 """
 
+import importlib
+
 __version__ = "0.1.0"
 
 _LAZY = {
@@ -26,7 +28,5 @@ _LAZY = {
 def __getattr__(name: str) -> object:
     """Lazy re-exports: the server imports only the schema and must not load tritonclient."""
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

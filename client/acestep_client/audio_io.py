@@ -8,14 +8,15 @@ libsndfile would otherwise wrap overshooting peaks into loud clicks.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 
+from acestep_client.limits import MAX_AUDIO_BYTES
 from acestep_client.params import (
     AUDIO_FORMATS,
-    MAX_AUDIO_BYTES,
     MAX_AUDIO_SAMPLE_RATE,
     MIN_AUDIO_SAMPLE_RATE,
     ParamError,
@@ -77,8 +78,6 @@ def audio_file_bytes(source: str | Path | bytes | tuple[np.ndarray, int], field:
     which is encoded losslessly as float WAV. Errors are ``ParamError`` (a ``ValueError``) naming
     ``field``.
     """
-    import io
-
     if isinstance(source, bytes):
         return _checked_size(source, field)
     if isinstance(source, (str, Path)):

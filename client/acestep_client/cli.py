@@ -128,6 +128,7 @@ def params_from_args(args: argparse.Namespace) -> GenerationParams:
 def report_error(exc: BaseException, stderr: TextIO) -> int:
     """Print a failed command's error the way the CLI reports it; return its exit status
     (the module docstring's table)."""
+    # acestep_client.client imports tritonclient, which the in-process CLI (sharing this module) lacks
     from acestep_client.client import (
         AccessDenied,
         GenerationCancelled,
@@ -218,6 +219,7 @@ def format_loras(listing: dict[str, Any]) -> str:
 def run_loras(args: argparse.Namespace, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
     """Exit status: 0 done, 1 server error, 2 bad arguments or refused, 3 server unavailable,
     5 access denied (load/unload/reload need ``ACESTEP_ADMIN_KEY``)."""
+    # acestep_client.client imports tritonclient, which the in-process CLI (sharing this module) lacks
     from acestep_client.client import AceStepClient, AceStepError
 
     stdout, stderr = stdout or sys.stdout, stderr or sys.stderr

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 import tritonclient.grpc as grpcclient
-from tritonclient.utils import InferenceServerException
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from acestep_client.audio_io import audio_tensor
 from acestep_client.auth import ADMIN_KEY_ENV, ADMIN_KEY_PARAMETER, API_KEY_ENV, env_key, grpc_headers, means_refused
@@ -47,7 +47,7 @@ AudioInput = str | Path | bytes | tuple[np.ndarray, int]
 _POLL_S = 0.1
 """How often a waiting generate() looks at its cancel flag and deadline."""
 LORA_REGISTRY_MODEL = "lora_registry"
-"""The control model of runtime LoRA adapters (``acestep_triton.lora.control``)."""
+"""The control model of runtime LoRA adapters (``acestep_triton.lora.live_control``)."""
 
 
 class AceStepError(Exception):
@@ -471,8 +471,6 @@ def _translate(error: Any, url: str, *, audio_started: bool = False) -> AceStepE
 
 
 def _numpy_to_triton(dtype: np.dtype) -> str:
-    from tritonclient.utils import np_to_triton_dtype
-
     name = np_to_triton_dtype(np.dtype(dtype))
     if name is None:
         raise ValueError(f"numpy dtype {dtype} has no Triton equivalent")

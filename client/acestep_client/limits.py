@@ -32,6 +32,13 @@ OVERLAP_MIN_DURATION_S = 48.0
 DCAE_WINDOW_FRAMES = 512
 """... of 512 latent frames per DCAE decoder call, so no component call sees more than 48 s."""
 
+MAX_AUDIO_BYTES = 128 * 1024 * 1024
+"""Largest audio upload by default: a 240 s float WAV at 48 kHz stereo (our own output) is ~92 MB.
+The client refuses larger files before sending; a server's own limit is :data:`MAX_UPLOAD_ENV`."""
+MAX_UPLOAD_ENV = "ACESTEP_MAX_UPLOAD_MB"
+"""Deployment setting: the largest ``src_audio``/``ref_audio`` upload a server's endpoints accept,
+in MiB (default :data:`MAX_AUDIO_BYTES`). ``acestep-triton serve --max-upload-mb`` sets it."""
+
 EDIT_PRESETS: dict[str, tuple[float, float]] = {"only_lyrics": (0.6, 1.0), "remix": (0.2, 0.4)}
 """Upstream UI presets (edit_n_min, edit_n_max) per edit type."""
 

@@ -36,8 +36,6 @@ EDIT_TYPES = ("only_lyrics", "remix")
 AUDIO_INPUTS = ("src_audio", "ref_audio")
 """Audio travels as the bytes of an audio file (wav/flac/ogg/mp3), one BYTES [1] tensor each:
 ``src_audio`` is the source of repaint/edit/extend, ``ref_audio`` the reference of audio2audio."""
-MAX_AUDIO_BYTES = 128 * 1024 * 1024
-"""Largest accepted audio upload: a 240 s float WAV at 48 kHz stereo (our own output) is ~92 MB."""
 MIN_AUDIO_SAMPLE_RATE = 8000
 MAX_AUDIO_SAMPLE_RATE = 192000
 """Sample rates accepted for ``src_audio``/``ref_audio`` (telephone to high-resolution studio
@@ -419,7 +417,7 @@ NUMPY_DTYPES = {"BYTES": "object", "FP32": "float32", "INT32": "int32", "BOOL": 
 
 def encode_field(spec: FieldSpec, value: Any) -> Any:
     """A numpy array of shape [1] holding ``value`` in the field's wire dtype."""
-    import numpy as np
+    import numpy as np  # lazy: the schema itself imports without numpy
 
     if spec.triton_dtype == "BYTES":
         return np.array([str(value).encode("utf-8")], dtype=object)
@@ -428,7 +426,7 @@ def encode_field(spec: FieldSpec, value: Any) -> Any:
 
 def decode_field(spec: FieldSpec, array: Any) -> Any:
     """The Python value of a received field tensor; shape and dtype errors name the field."""
-    import numpy as np
+    import numpy as np  # lazy: the schema itself imports without numpy
 
     arr = np.asarray(array)
     if arr.size != 1:

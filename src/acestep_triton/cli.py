@@ -18,10 +18,14 @@ acestep-triton demo                                   # the embedded default, en
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+from acestep_client.cli import ProgressPrinter, add_generate_arguments, params_from_args, run_generate
+from acestep_client.params import GenerationParams, ParamError
 
 DEFAULT_WORKDIR = Path("artifacts") / "tiny"
 DEMO_PROMPT = "pop, upbeat, guitar, drums, 120 BPM"
@@ -33,27 +37,38 @@ def _delegate(argv: Sequence[str]) -> int | None:
     if not argv:
         return None
     command, rest = argv[0], list(argv[1:])
+    if command == "checkpoint" and rest[:1] == ["tiny"]:
+        # a CLI subcommand imports only what it runs, so `--help` stays fast
+        from .synthetic.cli import main
+
+        return main(rest)
     if command == "checkpoint":
+        # a CLI subcommand imports only what it runs, so `--help` stays fast
         from .checkpoint import main
 
         return main(rest)
     if command == "onnx":
+        # a CLI subcommand imports only what it runs, so `--help` stays fast
         from .export.onnx_export import main
 
         return main(rest)
     if command == "trt":
-        from .export.tensorrt import main
+        # a CLI subcommand imports only what it runs, so `--help` stays fast
+        from .export.engine_cli import main
 
         return main(rest)
     if command == "random-checkpoint":
-        from .export.full_random import main
+        # a CLI subcommand imports only what it runs, so `--help` stays fast
+        from .synthetic.cli import main
 
-        return main(rest)
+        return main(["full-size", *rest])
     if command == "render":
-        from .export.render import main
+        # a CLI subcommand imports only what it runs, so `--help` stays fast
+        from .export.render_cli import main
 
         return main(["render", *rest])
     if command == "serve":
+        # a CLI subcommand imports only what it runs, so `--help` stays fast
         from .serving.server import main
 
         return main(["serve", *rest])
@@ -61,7 +76,9 @@ def _delegate(argv: Sequence[str]) -> int | None:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from .export.render import check_runtime, parse_endpoint_instances
+    # a CLI subcommand imports only what it runs, so `--help` stays fast
+    from .export.model_configs import check_runtime
+    from .export.render_cli import parse_endpoint_instances
     from .serving.deploy import build_deployment
 
     try:
@@ -89,6 +106,7 @@ def _build(args: argparse.Namespace) -> int:
 def _assets(args: argparse.Namespace) -> int:
     """The assets folder on its own, so that ``render --assets`` can follow ``onnx``/``trt``
     without a full ``build`` (which writes the same folder as ``WORKDIR/assets``)."""
+    # a CLI subcommand imports only what it runs, so `--help` stays fast
     from .checkpoint import CheckpointError
     from .serving.assets import write_assets
 
@@ -102,12 +120,10 @@ def _assets(args: argparse.Namespace) -> int:
 
 def _generate_local(args: argparse.Namespace) -> int:
     """The in-process reference pipeline, writing files exactly as the client does."""
-    import json
-
-    from acestep_client.cli import ProgressPrinter, params_from_args
-    from acestep_client.params import ParamError
+    # a CLI subcommand imports only what it runs, so `--help` stays fast (numpy, soundfile, torch)
     from acestep_client.result import GenerationResult
 
+    # a CLI subcommand imports only what it runs, so `--help` stays fast (torch)
     from .pipeline import local_generator, torch_device
 
     if args.checkpoint is None:
@@ -139,8 +155,6 @@ def _generate_local(args: argparse.Namespace) -> int:
 
 
 def _generate(argv: Sequence[str]) -> int:
-    from acestep_client.cli import add_generate_arguments, run_generate
-
     parser = argparse.ArgumentParser(prog="acestep-triton generate",
                                      description="Generate music through Triton (--url) "
                                                  "or in-process (--local).")
@@ -155,13 +169,13 @@ def _generate(argv: Sequence[str]) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     """Tiny checkpoint → ONNX → repository → real tritonserver → gRPC client → an audio file."""
-    from acestep_client.cli import ProgressPrinter
+    # a CLI subcommand imports only what it runs, so `--help` stays fast (tritonclient, torch)
     from acestep_client.client import AceStepClient
-    from acestep_client.params import GenerationParams
 
-    from .checkpoint import write_tiny_checkpoint
+    # a CLI subcommand imports only what it runs, so `--help` stays fast (torch)
     from .serving.deploy import build_deployment
     from .serving.server import TritonServer
+    from .synthetic.tiny_checkpoint import write_tiny_checkpoint
 
     workdir: Path = args.workdir
     ckpt = workdir / "checkpoint"

@@ -31,6 +31,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from .models import transformer as transformer_module
+from .models.attention import rope_tables
 from .sampling.backend import BackendWrapper
 
 #: ``decode``'s argument order.
@@ -41,8 +43,6 @@ DECODE_INPUTS = ("latents", "latent_mask", "encoder_states", "encoder_mask", "ti
 def static_rope(tables: dict[tuple[int, str], tuple[Tensor, Tensor]]) -> Iterator[None]:
     """While active, ``models.transformer`` gets its RoPE tables from ``tables`` (keyed by
     (positions, device)) instead of computing them: nothing is copied from the host."""
-    from .models import transformer as transformer_module
-
     original = transformer_module.rope_tables
 
     def lookup(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
@@ -61,8 +61,6 @@ def static_rope(tables: dict[tuple[int, str], tuple[Tensor, Tensor]]) -> Iterato
 def rope_tables_for(transformer: nn.Module, lengths: tuple[int, ...], device: torch.device
                     ) -> dict[tuple[int, str], tuple[Tensor, Tensor]]:
     """The RoPE tables ``decode`` needs for sequences of ``lengths`` (frames and tokens)."""
-    from .models.attention import rope_tables
-
     tables = {}
     for length in lengths:
         positions = torch.arange(length, device=device)
@@ -205,7 +203,7 @@ class GraphedBackend(BackendWrapper):
 
     ``inner`` is an in-process backend on a CUDA device (``pipeline.TorchBackend``);
     ``transformer`` defaults to ``inner.c.transformer``. Drive the sampling loop with
-    ``row_query_scale=True`` so that every guided step is one shape and one replay.
+    ``SamplingHooks(row_query_scale=True)`` so that every guided step is one shape and one replay.
     """
 
     def __init__(self, inner: Any, transformer: nn.Module | None = None,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +27,18 @@ from acestep_client.limits import MODEL_SAMPLE_RATE, OUTPUT_SAMPLE_RATE, CancelF
 from acestep_client.params import GenerationParams, ParamError
 
 from .audio import decode_audio_bytes, to_stereo_44k
+from .checkpoint import load_components
 from .codec import AudioCodec
 from .lora import InProcessLoras, LoraRegistry, LoraScope, no_lora
 from .lyrics import MAX_LYRIC_TOKENS
 from .models.mel import LogMelSpectrogram
 from .sampling import (
     ComponentBackend,
+    EncodedConditions,
+    PromptTokens,
     SamplerConfig,
+    SamplingHooks,
+    SeededNoise,
     build_conditions,
     latent_frames,
     lyric_inputs,
@@ -42,10 +47,10 @@ from .sampling import (
     sample_retake,
     sample_text2music,
 )
+from .sampling.hooks import ProgressFn
 from .sampling.noise import MAX_FRAMES, resolve_duration
 from .sampling.tasks import RepaintWindow, encode_edit_conditions, sample_edit, sample_extend, sample_repaint
 
-ProgressFn = Callable[[int, int], None]
 
 @dataclass
 class GenerationOutput:
@@ -78,7 +83,34 @@ def sampler_config(params: GenerationParams) -> SamplerConfig:
 
 
 AudioBytes = bytes | None
-TASKS_WITH_SOURCE = ("repaint", "edit", "extend")
+
+
+@dataclass(frozen=True)
+class _Request:
+    """One request as the task samplers read it, built once per request by ``_generate``.
+
+    ``noise`` holds the manual seeds, ``retake`` the retake seeds (drawn from as the task needs);
+    ``rng`` draws a random duration (text2music, retake).
+    """
+
+    params: GenerationParams
+    config: SamplerConfig
+    noise: SeededNoise
+    retake: SeededNoise
+    hooks: SamplingHooks
+    src_audio: AudioBytes
+    ref_audio: AudioBytes
+    rng: random.Random | None
+
+
+@dataclass(frozen=True)
+class _Sampled:
+    """A task sampler's result: the final latents, their length in seconds (what the decoder
+    and the record need), and the task's own fields of the parameters record."""
+
+    latents: torch.Tensor
+    duration: float
+    record: dict[str, Any] = field(default_factory=dict)
 
 
 def _param_error(exc: ValueError) -> ParamError:
@@ -154,10 +186,19 @@ class MusicGenerator:
         # drop it rather than refuse the source (at most 93 ms of its end).
         return latents[..., :MAX_FRAMES], wave.shape[-1] / rate
 
-    def _prompt(self, prompt: str, lyrics: str, lyrics_field: str = "lyrics") -> tuple[torch.Tensor, ...]:
+    def _tokens(self, prompt: str, lyrics: str, lyrics_field: str = "lyrics") -> PromptTokens:
         input_ids, attention_mask = self.prompt_tokenizer([prompt])
         lyric_ids, lyric_mask = lyric_inputs(self.tokenize_lyrics(lyrics, lyrics_field))
-        return tuple(t.to(self.device) for t in (input_ids, attention_mask, lyric_ids, lyric_mask))
+        return PromptTokens(input_ids, attention_mask, lyric_ids, lyric_mask).to(self.device)
+
+    def _conditions(self, request: _Request) -> EncodedConditions:
+        """The request's prompt and lyrics through the encoders (every task but edit)."""
+        tokens = self._tokens(request.params.prompt, request.params.lyrics)
+        return build_conditions(self.backend, tokens, request.config)
+
+    def _from_source(self, latents: torch.Tensor, record: dict[str, Any]) -> _Sampled:
+        """A result whose length follows the source/reference audio, not ``audio_duration``."""
+        return _Sampled(latents, latents.shape[-1] * self.codec.samples_per_latent / MODEL_SAMPLE_RATE, record)
 
     @torch.inference_mode()
     def generate(self, params: GenerationParams, *, src_audio: AudioBytes = None, ref_audio: AudioBytes = None,
@@ -172,87 +213,138 @@ class MusicGenerator:
         (or ``codec.DecodeCancelled``, one of them, between decode windows).
         """
         params.validate()
+        # Every backend a MusicGenerator runs on (in-process, served) takes per-row query scales.
+        hooks = SamplingHooks(progress=progress, should_cancel=should_cancel, row_query_scale=True)
         try:
             with self.lora_scope(params.lora_name_or_path, params.lora_weight):
-                return self._generate(params, src_audio, ref_audio, progress, should_cancel, rng, seed_rng)
+                return self._generate(params, src_audio, ref_audio, hooks, rng, seed_rng)
         except ValueError as exc:
             if isinstance(exc, ParamError):
                 raise
             raise _param_error(exc) from exc
 
     def _generate(self, params: GenerationParams, src_audio: AudioBytes, ref_audio: AudioBytes,
-                  progress: ProgressFn | None, should_cancel: CancelFn | None,
-                  rng: random.Random | None, seed_rng: torch.Generator | None) -> GenerationOutput:
-        task = params.task
-        dev = self.device
+                  hooks: SamplingHooks, rng: random.Random | None,
+                  seed_rng: torch.Generator | None) -> GenerationOutput:
+        # 1. The sampling configuration and the seeds (the schema's parsed seeds, not the raw
+        #    strings: the seeds used are the ones validated).
         config = sampler_config(params)
-        # The schema's parsed seeds, not the raw strings: the seeds used are the ones validated.
         noise, retake = resolve_request_seeds(params.seed_list() or None, params.retake_seed_list() or None,
                                               params.batch_size, seed_rng)
-        common = {"progress": progress, "should_cancel": should_cancel, "row_query_scale": True}
-        record: dict[str, Any] = {}
-        source = None
-        if task in TASKS_WITH_SOURCE:
-            source, duration = self.encode_audio(src_audio, "src_audio")
-            record["src_audio_duration"] = duration
-        ids, mask, lyric_ids, lyric_mask = self._prompt(params.prompt, params.lyrics)
-
-        if task == "edit":
-            assert source is not None
-            n_min, n_max = params.edit_range()
-            target = self._prompt(params.edit_target_prompt, params.edit_target_lyrics, "edit_target_lyrics")
-            latents = sample_edit(
-                self.backend, encode_edit_conditions(self.backend, ids, mask, lyric_ids, lyric_mask, config),
-                encode_edit_conditions(self.backend, *target, config), source, retake, config,
-                edit_n_min=n_min, edit_n_max=n_max, edit_n_avg=params.edit_n_avg,
-                progress=progress, should_cancel=should_cancel, row_query_scale=True)
-            record.update(edit_n_min=n_min, edit_n_max=n_max)
-        else:
-            conditions = build_conditions(self.backend, ids, mask, lyric_ids, lyric_mask, config)
-            if task == "repaint":
-                assert source is not None
-                frames = source.shape[-1]
-                # A window past the source's end extends it: the retake noise then needs the
-                # window's frame count (the source's whenever upstream works), as for extend.
-                window = RepaintWindow.from_seconds(params.repaint_start, params.repaint_end, frames)
-                latents = sample_repaint(
-                    self.backend, conditions, source, noise.draw_latents(frames, dev),
-                    retake.draw_latents(window.retake_noise_frames, dev), params.repaint_start, params.repaint_end,
-                    params.retake_variance, config,
-                    generator=noise.step_generator, **common)
-            elif task == "extend":
-                assert source is not None
-                window = RepaintWindow.for_extension(params.left_extend_length, params.right_extend_length,
-                                                     duration, source.shape[-1])
-                latents = sample_extend(
-                    self.backend, conditions, source, noise.draw_latents(source.shape[-1], dev),
-                    retake.draw_latents(window.retake_noise_frames, dev), params.left_extend_length,
-                    params.right_extend_length, duration, config, retake_variance=params.retake_variance,
-                    **common)  # upstream's pipeline: the loop starts at int(N·(1 − retake_variance))
-            elif task == "audio2audio":
-                reference, _ = self.encode_audio(ref_audio, "ref_audio")
-                latents = sample_audio2audio(
-                    self.backend, conditions, reference.expand(params.batch_size, -1, -1, -1),
-                    noise.draw_latents(reference.shape[-1], dev), params.ref_audio_strength, config,
-                    generator=noise.step_generator, **common)
-            else:  # text2music, retake
-                duration = resolve_duration(params.audio_duration, rng)
-                frames = latent_frames(duration)
-                if task == "retake":
-                    latents = sample_retake(
-                        self.backend, conditions, noise.draw_latents(frames, dev), retake.draw_latents(frames, dev),
-                        params.retake_variance, config, generator=noise.step_generator, **common)
-                else:
-                    latents = sample_text2music(self.backend, conditions, noise.draw_latents(frames, dev), config,
-                                                generator=noise.step_generator, **common)
-        if task not in ("text2music", "retake"):  # the length follows the source/reference audio
-            duration = latents.shape[-1] * self.codec.samples_per_latent / MODEL_SAMPLE_RATE
-        audio = self.codec.decode(latents, OUTPUT_SAMPLE_RATE, self.codec.should_overlap(duration),
-                                  should_cancel=should_cancel)  # a cancel stops within one window
-        record = {**params.to_dict(), **record}
-        record.update(audio_duration=duration, actual_seeds=noise.seeds, retake_seeds=retake.seeds,
+        # 2. The task's sampler, from the request to the final latents.
+        request = _Request(params, config, noise, retake, hooks, src_audio, ref_audio, rng)
+        sampled = _TASK_SAMPLERS[params.task](self, request)
+        # 3. Decode to 48 kHz audio (a cancel stops within one window).
+        audio = self.codec.decode(sampled.latents, OUTPUT_SAMPLE_RATE, self.codec.should_overlap(sampled.duration),
+                                  should_cancel=hooks.should_cancel)
+        # 4. The parameters record, with the seeds actually used.
+        record = {**params.to_dict(), **sampled.record}
+        record.update(audio_duration=sampled.duration, actual_seeds=noise.seeds, retake_seeds=retake.seeds,
                       oss_steps=params.oss_step_list(), sample_rate=OUTPUT_SAMPLE_RATE)
-        return GenerationOutput(audio=audio, sample_rate=OUTPUT_SAMPLE_RATE, record=record, latents=latents)
+        return GenerationOutput(audio=audio, sample_rate=OUTPUT_SAMPLE_RATE, record=record, latents=sampled.latents)
+
+    # The task samplers: one per task, each the whole of that task from the request to latents.
+
+    def _text2music(self, request: _Request) -> _Sampled:
+        # 1. Encode the prompt and lyrics.
+        conditions = self._conditions(request)
+        # 2. Resolve the duration (random when audio_duration <= 0) and draw the seed noise.
+        duration = resolve_duration(request.params.audio_duration, request.rng)
+        noise = request.noise.draw_latents(latent_frames(duration), self.device)
+        # 3. Sample.
+        latents = sample_text2music(self.backend, conditions, noise, request.config,
+                                    generator=request.noise.step_generator, hooks=request.hooks)
+        return _Sampled(latents, duration)
+
+    def _retake(self, request: _Request) -> _Sampled:
+        # 1. Encode the prompt and lyrics.
+        conditions = self._conditions(request)
+        # 2. Resolve the duration and draw the seed noise and the retake-seed noise.
+        duration = resolve_duration(request.params.audio_duration, request.rng)
+        frames = latent_frames(duration)
+        noise = request.noise.draw_latents(frames, self.device)
+        retake_noise = request.retake.draw_latents(frames, self.device)
+        # 3. Sample from their cos/sin mix.
+        latents = sample_retake(self.backend, conditions, noise, retake_noise, request.params.retake_variance,
+                                request.config, generator=request.noise.step_generator, hooks=request.hooks)
+        return _Sampled(latents, duration)
+
+    def _repaint(self, request: _Request) -> _Sampled:
+        params = request.params
+        # 1. Encode the source audio, then the prompt and lyrics.
+        source, src_duration = self.encode_audio(request.src_audio, "src_audio")
+        conditions = self._conditions(request)
+        # 2. The window. Past the source's end it extends the source: the retake noise then needs
+        #    the window's frame count (the source's whenever upstream works), as for extend.
+        frames = source.shape[-1]
+        window = RepaintWindow.from_seconds(params.repaint_start, params.repaint_end, frames)
+        # 3. Draw the seed noise and the retake-seed noise.
+        noise = request.noise.draw_latents(frames, self.device)
+        retake_noise = request.retake.draw_latents(window.retake_noise_frames, self.device)
+        # 4. Regenerate the window (the whole source is a retake: pingpong's generator for that).
+        latents = sample_repaint(self.backend, conditions, source, noise, retake_noise, params.repaint_start,
+                                 params.repaint_end, params.retake_variance, request.config,
+                                 generator=request.noise.step_generator, hooks=request.hooks)
+        return self._from_source(latents, {"src_audio_duration": src_duration})
+
+    def _extend(self, request: _Request) -> _Sampled:
+        params = request.params
+        # 1. Encode the source audio, then the prompt and lyrics.
+        source, src_duration = self.encode_audio(request.src_audio, "src_audio")
+        conditions = self._conditions(request)
+        # 2. The window: the padding on either side of the source.
+        window = RepaintWindow.for_extension(params.left_extend_length, params.right_extend_length, src_duration,
+                                             source.shape[-1])
+        # 3. Draw the seed noise (the source's frames) and the retake-seed noise (the padding's).
+        noise = request.noise.draw_latents(source.shape[-1], self.device)
+        retake_noise = request.retake.draw_latents(window.retake_noise_frames, self.device)
+        # 4. Generate the padding; as upstream's pipeline, the loop starts at int(N·(1 − retake_variance)).
+        latents = sample_extend(self.backend, conditions, source, noise, retake_noise, params.left_extend_length,
+                                params.right_extend_length, src_duration, request.config,
+                                retake_variance=params.retake_variance, hooks=request.hooks)
+        return self._from_source(latents, {"src_audio_duration": src_duration})
+
+    def _edit(self, request: _Request) -> _Sampled:
+        params = request.params
+        # 1. Encode the source audio.
+        source, src_duration = self.encode_audio(request.src_audio, "src_audio")
+        # 2. Tokenise both sides: the source prompt and lyrics, the edit target's.
+        tokens = self._tokens(params.prompt, params.lyrics)
+        n_min, n_max = params.edit_range()
+        target = self._tokens(params.edit_target_prompt, params.edit_target_lyrics, "edit_target_lyrics")
+        # 3. Encode both sides with edit's own null condition.
+        source_conditions = encode_edit_conditions(self.backend, tokens, request.config)
+        target_conditions = encode_edit_conditions(self.backend, target, request.config)
+        # 4. FlowEdit from the source towards the target (the retake seeds' noise).
+        latents = sample_edit(self.backend, source_conditions, target_conditions, source, request.retake,
+                              request.config, edit_n_min=n_min, edit_n_max=n_max, edit_n_avg=params.edit_n_avg,
+                              hooks=request.hooks)
+        return self._from_source(latents, {"src_audio_duration": src_duration, "edit_n_min": n_min,
+                                           "edit_n_max": n_max})
+
+    def _audio2audio(self, request: _Request) -> _Sampled:
+        params = request.params
+        # 1. Encode the prompt and lyrics, then the reference audio.
+        conditions = self._conditions(request)
+        reference, _ = self.encode_audio(request.ref_audio, "ref_audio")
+        # 2. Draw the seed noise with the reference's frame count.
+        noise = request.noise.draw_latents(reference.shape[-1], self.device)
+        # 3. Re-noise the reference (one copy per item) and sample from there.
+        latents = sample_audio2audio(self.backend, conditions, reference.expand(params.batch_size, -1, -1, -1),
+                                     noise, params.ref_audio_strength, request.config,
+                                     generator=request.noise.step_generator, hooks=request.hooks)
+        return self._from_source(latents, {})
+
+
+_TASK_SAMPLERS: dict[str, Callable[[MusicGenerator, _Request], _Sampled]] = {
+    "text2music": MusicGenerator._text2music,
+    "retake": MusicGenerator._retake,
+    "repaint": MusicGenerator._repaint,
+    "edit": MusicGenerator._edit,
+    "extend": MusicGenerator._extend,
+    "audio2audio": MusicGenerator._audio2audio,
+}
+"""The task table of ``MusicGenerator._generate`` (one entry per ``acestep_client.params.TASKS``)."""
 
 
 class TorchBackend:
@@ -306,8 +398,6 @@ def local_generator(ckpt_dir: str | Path, vocab_path: str | Path | None = None,
     ``lora_name_or_path`` may name an adapter of ``lora_dir`` or, as upstream, an adapter path;
     any ``lora_weight`` works here (the adapter is fused per request). ``device``: where the
     models run and the sampling loop keeps its tensors (fp32 everywhere)."""
-    from .checkpoint import load_components
-
     components = load_components(ckpt_dir, vocab_path)
     for module in components.modules().values():
         module.to(device)

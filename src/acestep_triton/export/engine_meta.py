@@ -2,7 +2,8 @@
 
 Its own module so the renderer (which checks a plan's batch size against its config) and the
 engine builder can both use it without importing each other; it needs TensorRT only to ask the
-running machine what it has (:meth:`RuntimeInfo.current`).
+running machine what it has (:meth:`RuntimeInfo.current`). :func:`check_engine_dir` checks a whole
+engine folder (``acestep-triton trt --check``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ class EngineMismatchError(RuntimeError):
 def import_tensorrt() -> Any:
     """``import tensorrt`` with an error that says how to get it."""
     try:
-        import tensorrt
+        import tensorrt  # function-local: the optional gpu extra; the renderer reads sidecars without it
     except ImportError as exc:  # pragma: no cover - depends on the machine
         raise EngineBuildError(
             "TensorRT is not installed: pip install 'acestep-triton[gpu]' on a machine with an NVIDIA "
@@ -45,7 +46,7 @@ class RuntimeInfo:
     @classmethod
     def current(cls, trt: Any = None, device: int = 0) -> RuntimeInfo:
         """This machine's TensorRT and GPU ``device`` (needs CUDA)."""
-        import torch
+        import torch  # function-local: heavy, and only asking the machine needs it (not reading sidecars)
 
         trt = trt or import_tensorrt()
         if not torch.cuda.is_available():
@@ -123,3 +124,21 @@ def check_engine(plan: str | Path, runtime: RuntimeInfo | None = None, *,
             f"Rebuild it on this machine: acestep-triton trt --onnx-dir <onnx> --out {Path(plan).parent} "
             f"--precision {meta.precision}")
     return meta
+
+
+def check_engine_dir(engine_dir: str | Path, runtime: RuntimeInfo | None = None, *,
+                     strict_gpu_name: bool = True) -> dict[str, EngineMeta]:
+    """:func:`check_engine` for every ``*.plan`` in ``engine_dir``; all problems reported together."""
+    plans = sorted(Path(engine_dir).glob("*.plan"))
+    if not plans:
+        raise EngineMismatchError(f"no *.plan files in {engine_dir}")
+    runtime = runtime or RuntimeInfo.current()
+    metas, problems = {}, []
+    for plan in plans:
+        try:
+            metas[plan.stem] = check_engine(plan, runtime, strict_gpu_name=strict_gpu_name)
+        except EngineMismatchError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise EngineMismatchError("\n".join(problems))
+    return metas

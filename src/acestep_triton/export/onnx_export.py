@@ -39,6 +39,7 @@ import time
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -46,6 +47,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .. import models as models_pkg
+from ..checkpoint import CheckpointError, load_components
 from ..component_graphs import component_graph, component_sources, export_graph
 from . import specs
 from .onnx_graph import all_tensors
@@ -102,6 +105,8 @@ def _movedim_symbolic(g: Any, self: Any, source: Any, destination: Any) -> Any:
     on a 4-D tensor becomes ``perm=[0, -1, 1, 2]``), which no ONNX runtime accepts; diffusers'
     DCAE blocks use exactly that form (channels-last norms). Semantics are ``torch.movedim``'s.
     """
+    # torch.onnx (the TorchScript exporter) loads only when exporting: serving imports this
+    # module too (through lora.variants)
     from torch.onnx import symbolic_helper
 
     rank = symbolic_helper._get_tensor_rank(self)
@@ -245,7 +250,7 @@ def _publish(traced: Path, out_path: Path, spec: specs.ComponentSpec, external_d
     ``<out_path>.data``; with ``external_data=True`` inline weights of 1 KiB or more go there too.
     Output shapes are declared from the contract (:func:`_stamp_output_shapes`).
     """
-    import onnx
+    import onnx  # optional heavy dependency (the export extra)
 
     model = onnx.load(str(traced), load_external_data=False)
     model.doc_string = spec.description
@@ -291,7 +296,7 @@ def check_contract(name: str, onnx_path: str | Path, sizes: Mapping[str, int] | 
     """Raise :class:`ContractError` unless the graph's inputs and outputs are exactly the
     contract's: same names in the same order, same dtypes and ranks, fixed dims where the
     contract has numbers (or known checkpoint ``sizes``), symbolic dims for every dynamic axis."""
-    import onnx
+    import onnx  # optional heavy dependency (the export extra)
 
     spec = specs.component(name)
     model = onnx.load(str(onnx_path), load_external_data=False)
@@ -379,7 +384,7 @@ class ParityReport:
 
 def _session(onnx_path: Path) -> Any:
     """A CPU onnxruntime session with default graph optimisations (as served on the CPU target)."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # optional heavy dependency (the export and serve extras)
 
     options = ort.SessionOptions()
     # No busy-waiting between ops: on a shared CPU spinning threads starve the torch reference.
@@ -507,10 +512,6 @@ def export_all(components: Any, out_dir: str | Path, *, progress: bool = True,
 def _code_fingerprint() -> str:
     """Hash of what determines an export besides the weights: the model, checkpoint-loading and
     export sources, the opset and the versions of the libraries that trace and run the graphs."""
-    from importlib.metadata import version
-
-    import acestep_triton.models as models_pkg
-
     libraries = ("torch", "transformers", "diffusers", "onnx", "onnxruntime")
     stamp = f"opset {DEFAULT_OPSET} " + " ".join(f"{n} {version(n)}" for n in libraries)
     digest = hashlib.sha256(stamp.encode())
@@ -549,8 +550,6 @@ def export_cached(ckpt_dir: str | Path, cache_dir: str | Path, *, vocab_path: st
     final = cache_dir / key
     if not (final / MANIFEST).is_file():
         if components is None:
-            from acestep_triton.checkpoint import load_components
-
             components = load_components(ckpt_dir, vocab_path)
         cache_dir.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{key}."))
@@ -590,8 +589,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if unknown:
             parser.error(f"--only: unknown component(s) {', '.join(unknown)}; "
                          f"known: {', '.join(specs.COMPONENTS)}")
-
-    from acestep_triton.checkpoint import CheckpointError, load_components
 
     try:
         components = load_components(args.checkpoint, args.vocab)

@@ -8,9 +8,10 @@ tiny test checkpoint and the real 3.5B one:
 * ``B`` - the batch (always the leading dim when present);
 * dynamic per request: ``T`` text tokens, ``Tl`` lyric tokens, ``S`` = 1 + T + Tl encoder tokens,
   ``W`` latent frames, ``F`` mel frames, ``N`` audio samples;
-* fixed per checkpoint (read from the exported ONNX files when rendering): ``Ct`` text width,
-  ``D`` transformer width, ``Lt``/``Ll``/``Ld`` layer counts of the text encoder, the lyric
-  Conformer and the DiT (one query-scale entry per layer);
+* fixed per checkpoint (read when rendering from the exported ONNX files, or for the torch
+  runtime from the checkpoint's config files): ``Ct`` text width, ``D`` transformer width,
+  ``Lt``/``Ll``/``Ld`` layer counts of the text encoder, the lyric Conformer and the DiT (one
+  query-scale entry per layer);
 * integers are fixed by the architecture (8 latent channels, 16 latent height, 128 mel bins...).
 
 A config dim is ``-1`` for every symbol unless the renderer was given the checkpoint's sizes.
@@ -22,7 +23,7 @@ tensor (``timestep``) therefore travels as ``[B, 1]`` (see :meth:`ComponentSpec.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from acestep_client.params import MAX_BATCH
@@ -227,7 +228,7 @@ LORA_ROW_INPUTS = (
                description="lora_weight per row (0: none)"),
 )
 """Extra inputs of ``condition_encoder`` and ``dit_decoder`` in a ``torch``-runtime deployment
-with runtime adapters (``acestep_triton.lora.runtime``): one row per batch row, so requests using
+with live adapters (``acestep_triton.lora.live``): one row per batch row, so requests using
 different adapters, or none, batch together. ONNX graphs and engines do not have them."""
 
 LORA_ROW_COMPONENTS = ("condition_encoder", "dit_decoder")
@@ -235,8 +236,6 @@ LORA_ROW_COMPONENTS = ("condition_encoder", "dit_decoder")
 
 def with_lora_rows(spec: ComponentSpec) -> ComponentSpec:
     """``spec`` plus :data:`LORA_ROW_INPUTS` for the transformer components (others unchanged)."""
-    from dataclasses import replace
-
     if spec.name not in LORA_ROW_COMPONENTS or "lora_index" in spec.input_names:
         return spec
     return replace(spec, inputs=spec.inputs + LORA_ROW_INPUTS)

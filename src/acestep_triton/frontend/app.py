@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import os
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +83,6 @@ def parse_auth(text: str | None) -> list[tuple[str, str]] | None:
     return pairs
 MAX_UPLOAD = "256mb"
 """Largest upload Gradio accepts: a 240 s, 48 kHz stereo float WAV (our own output) is ~92 MB."""
-D = UPSTREAM_DEFAULTS
 TITLE = "ACE-Step on Triton"
 PROGRESS = gr.Progress()
 """The progress default Gradio looks for; it gives each call its own tracker, so sharing is safe."""
@@ -288,8 +289,8 @@ def _output_ui(task_name: str, kind: str) -> tuple[gr.Audio, gr.JSON]:
 
 def _source_ui(kind: str, label: str) -> tuple[gr.Radio, gr.Audio, gr.Audio]:
     """The source radio, its upload (shown for 'upload') and the hidden API-only ``source_audio``."""
-    choice = _api(gr.Radio(list(SOURCE_CHOICES[kind]), value=D[f"{kind}_source"], label=f"{label} Source",
-                        elem_id=f"{kind}_source"), f"{kind}_source")
+    choice = _api(gr.Radio(list(SOURCE_CHOICES[kind]), value=UPSTREAM_DEFAULTS[f"{kind}_source"],
+                           label=f"{label} Source", elem_id=f"{kind}_source"), f"{kind}_source")
     upload = gr.Audio(type="filepath", label="Upload Audio", visible=False, elem_id=f"{kind}_source_audio_upload")
     explicit = gr.Audio(type="filepath", label="source_audio", visible=False)
     choice.change(lambda value: gr.update(visible=value == "upload"), inputs=[choice], outputs=[upload],
@@ -297,197 +298,281 @@ def _source_ui(kind: str, label: str) -> tuple[gr.Radio, gr.Audio, gr.Audio]:
     return choice, upload, explicit
 
 
-def build_demo(service: FrontendService, *, lora_choices: Sequence[str] = ()) -> gr.Blocks:
-    """The UI: tabs Text2Music, Retake, Repainting, Edit, Extend; the buttons are the API."""
-    endpoints = Endpoints(service)
-    policy = service.policy
+@dataclass(frozen=True)
+class _SourceTaskUI:
+    """The bottom of the Repainting, Edit and Extend tabs: where the source comes from, the
+    button, and the result."""
+
+    source: gr.Radio
+    upload: gr.Audio
+    explicit: gr.Audio
+    button: gr.Button
+    audio: gr.Audio
+    params_json: gr.JSON
+
+
+def _source_task_ui(kind: str, label: str) -> _SourceTaskUI:
+    source, upload, explicit = _source_ui(kind, label)
+    button = gr.Button(label, variant="primary")
+    audio, params_json = _output_ui(label, kind)
+    return _SourceTaskUI(source, upload, explicit, button, audio, params_json)
+
+
+def _slider(name: str, low: float, high: float, step: float, label: str, **options: Any) -> gr.Slider:
+    """A slider for API argument ``name``. It starts at upstream's default for the argument, because
+    a component's initial value is also the API's default (so are those of the helpers below)."""
+    return _api(gr.Slider(low, high, step=step, value=UPSTREAM_DEFAULTS[name], label=label, **options), name)
+
+
+def _seconds_slider(name: str, label: str) -> gr.Slider:
+    """A position or length in seconds (repaint window, extension): up to the longest song."""
+    return _slider(name, 0.0, MAX_DURATION_S, 0.01, label)
+
+
+def _textbox(name: str, label: str, **options: Any) -> gr.Textbox:
+    """Free text: no bound or choice for Gradio to check, so no :func:`_api` wrapper."""
+    return gr.Textbox(value=UPSTREAM_DEFAULTS[name], label=label, **options)
+
+
+def _checkbox(name: str, label: str, **options: Any) -> gr.Checkbox:
+    return gr.Checkbox(value=UPSTREAM_DEFAULTS[name], label=label, **options)
+
+
+def _radio(name: str, choices: list[str], label: str, **options: Any) -> gr.Radio:
+    """Gradio checks the choice; :func:`_api` makes its error name the argument."""
+    return _api(gr.Radio(choices, value=UPSTREAM_DEFAULTS[name], label=label, **options), name)
+
+
+@dataclass(frozen=True)
+class _SharedInputs:
+    """What the other tabs' endpoints read from the Text2Music tab (as upstream's did): the tags,
+    lyrics and settings, the format and LoRA, its result, and the session's memory."""
+
+    settings: dict[str, Any]
+    """Component per :data:`~.upstream.SETTINGS` name, in upstream's argument order."""
+    audio_format: gr.Dropdown
+    lora: dict[str, Any]
+    text2music_json: gr.JSON
+    memory: gr.State
+
+    def tail(self) -> dict[str, Any]:
+        """The last arguments of repaint, edit and extend, in upstream's order."""
+        return {"format": self.audio_format, **self.lora, "memory": self.memory}
+
+
+_Click = Callable[[], Any]
+"""An endpoint's ``button.click`` registration, made by :func:`build_demo` once every tab exists."""
+
+
+def _duration_and_format_ui(policy: DurationPolicy) -> tuple[gr.Slider, gr.Dropdown]:
     max_seconds = policy.max_duration or MAX_DURATION_S
+    with gr.Row(equal_height=True):
+        audio_duration = _api(gr.Slider(
+            -1, max_seconds, step=0.00001, value=UPSTREAM_DEFAULTS["audio_duration"], label="Audio Duration",
+            info=f"-1 means a random duration ({policy.random_range[0]:g} ~ "
+                 f"{min(policy.random_range[1], max_seconds):g} s).", scale=9,
+            elem_id="audio_duration"), "audio_duration")
+        audio_format = _api(gr.Dropdown(list(FORMAT_CHOICES), value=UPSTREAM_DEFAULTS["format"], label="Format"),
+                            "format")
+    return audio_duration, audio_format
+
+
+def _tags_and_lyrics_ui() -> dict[str, Any]:
+    with gr.Row():
+        preset = gr.Dropdown(["Custom", *TAG_PRESETS], value="Custom", label="Preset", scale=1)
+        prompt = _textbox("prompt", "Tags", lines=1, max_lines=4, scale=9,
+                          info="Comma-separated tags: genre, instruments, mood, tempo.")
+    preset.change(lambda name: TAG_PRESETS.get(name, ""), inputs=[preset], outputs=[prompt],
+                  api_visibility="private", queue=False)
+    lyrics = _textbox("lyrics", "Lyrics", lines=9, max_lines=13,
+                      info="Structure tags like [verse], [chorus], [bridge]; "
+                           "[instrumental] for music without vocals.")
+    return {"prompt": prompt, "lyrics": lyrics}
+
+
+def _basic_settings_ui() -> dict[str, Any]:
+    with gr.Accordion("Basic Settings", open=False):
+        return {
+            "infer_step": _slider("infer_step", 1, 200, 1, "Infer Steps", elem_id="infer_step"),
+            "guidance_scale": _slider("guidance_scale", 0.0, 30.0, 0.1, "Guidance Scale",
+                                      info="Not applied when both text and lyric scales are above 1."),
+            "guidance_scale_text": _slider("guidance_scale_text", 0.0, 10.0, 0.1, "Guidance Scale Text",
+                                           info="Text-only guidance (cfg); try 5.0 with lyric 1.5."),
+            "guidance_scale_lyric": _slider("guidance_scale_lyric", 0.0, 10.0, 0.1, "Guidance Scale Lyric"),
+            "manual_seeds": _textbox("manual_seeds", "manual seeds (default None)", placeholder="1,2,3,4",
+                                     info="Seed for the generation"),
+        }
+
+
+def _advanced_settings_ui() -> dict[str, Any]:
+    with gr.Accordion("Advanced Settings", open=False):
+        return {
+            "scheduler_type": _radio("scheduler_type", ["euler", "heun", "pingpong"], "Scheduler Type",
+                                     elem_id="scheduler_type", info="euler is recommended; heun is slower; "
+                                                                    "pingpong is stochastic (SDE)."),
+            "cfg_type": _radio("cfg_type", ["cfg", "apg", "cfg_star"], "CFG Type", elem_id="cfg_type",
+                               info="apg is recommended."),
+            "use_erg_tag": _checkbox("use_erg_tag", "use ERG for tag",
+                                     info="Entropy-rectifying guidance: a weaker tag condition for more "
+                                          "diversity."),
+            "use_erg_lyric": _checkbox("use_erg_lyric", "use ERG for lyric"),
+            "use_erg_diffusion": _checkbox("use_erg_diffusion", "use ERG for diffusion"),
+            "omega_scale": _slider("omega_scale", -100.0, 100.0, 0.1, "Granularity Scale",
+                                   info="Higher values can reduce artifacts."),
+            "guidance_interval": _slider("guidance_interval", 0.0, 1.0, 0.01, "Guidance Interval",
+                                         info="0.5: guidance only in the middle half of the steps."),
+            "guidance_interval_decay": _slider("guidance_interval_decay", 0.0, 1.0, 0.01, "Guidance Interval Decay",
+                                               info="Decay from the guidance scale to the min guidance scale "
+                                                    "inside the interval."),
+            "min_guidance_scale": _slider("min_guidance_scale", 0.0, 200.0, 0.1, "Min Guidance Scale"),
+            "oss_steps": _textbox("oss_steps", "OSS Steps", placeholder="16, 29, 52, 96, 129, 158, 172, 183, 189, 200",
+                                  info="Optimal step selection (1-based step indices)."),
+        }
+
+
+def _audio2audio_ui() -> dict[str, Any]:
+    """The reference audio and its strength, shown only while Audio2Audio is enabled."""
+    with gr.Accordion("Reference Audio (Audio2Audio)", open=False):
+        enable = _checkbox("audio2audio_enable", "Enable Audio2Audio", elem_id="audio2audio_checkbox")
+        ref_audio_input = gr.Audio(type="filepath", label="Reference Audio (for Audio2Audio)", visible=False,
+                                   elem_id="ref_audio_input")
+        strength = _slider("ref_audio_strength", 0.0, 1.0, 0.01, "Refer audio strength", visible=False,
+                           elem_id="ref_audio_strength")
+        enable.change(lambda on: (gr.update(visible=on), gr.update(visible=on)), inputs=[enable],
+                      outputs=[ref_audio_input, strength], api_visibility="private", queue=False)
+    return {"audio2audio_enable": enable, "ref_audio_strength": strength, "ref_audio_input": ref_audio_input}
+
+
+def _lora_ui(lora_choices: Sequence[str]) -> dict[str, Any]:
+    with gr.Accordion("LoRA", open=False):
+        name = gr.Dropdown(["none", *lora_choices], value=UPSTREAM_DEFAULTS["lora_name_or_path"],
+                           label="Lora Name or Path", allow_custom_value=True,
+                           info="An adapter the model server is configured with.")
+        weight = _api(gr.Number(value=UPSTREAM_DEFAULTS["lora_weight"], label="Lora weight", step=0.1,
+                                minimum=-3, maximum=3), "lora_weight")
+    return {"lora_name_or_path": name, "lora_weight": weight}
+
+
+def _text2music_tab(endpoints: Endpoints, memory: gr.State, policy: DurationPolicy,
+                    lora_choices: Sequence[str]) -> tuple[_SharedInputs, _Click]:
+    """``/__call__``: tags, lyrics, every generation setting, audio2audio and LoRA."""
+    with gr.Tab("Text2Music", id="text2music"), gr.Row():
+        with gr.Column():
+            audio_duration, audio_format = _duration_and_format_ui(policy)
+            components = {**_tags_and_lyrics_ui(), **_basic_settings_ui(), **_advanced_settings_ui()}
+            audio2audio = _audio2audio_ui()
+            lora = _lora_ui(lora_choices)
+            button = gr.Button("Generate", variant="primary", elem_id="text2music_generate")
+        with gr.Column():
+            audio, params_json = _output_ui("Text2Music", "text2music")
+    settings = {name: components[name] for name in SETTINGS}
+    shared = _SharedInputs(settings, audio_format, lora, params_json, memory)
+    click = functools.partial(
+        button.click, endpoints.text2music, api_name="__call__", outputs=[audio, params_json, memory],
+        inputs_kwargs={"format": audio_format, "audio_duration": audio_duration, **settings, **audio2audio,
+                       **lora, "memory": memory})
+    return shared, click
+
+
+def _retake_tab(endpoints: Endpoints, shared: _SharedInputs) -> _Click:
+    """``/retake_process_func``: replays the Text2Music result's parameters with new retake noise."""
+    with gr.Tab("Retake", id="retake"):
+        gr.Markdown("A variation of the last Text2Music result (its parameters, new retake noise).")
+        variance = _slider("retake_variance", 0.0, 1.0, 0.01, "variance")
+        seeds = _textbox("retake_seeds", "retake seeds (default None)")
+        button = gr.Button("Retake", variant="primary")
+        audio, params_json = _output_ui("Retake", "retake")
+    return functools.partial(
+        button.click, endpoints.retake, api_name="retake_process_func", outputs=[audio, params_json, shared.memory],
+        inputs_kwargs={"json_data": shared.text2music_json, "retake_variance": variance, "retake_seeds": seeds,
+                       "memory": shared.memory})
+
+
+def _repaint_tab(endpoints: Endpoints, shared: _SharedInputs) -> _Click:
+    """``/repaint_process_func``: regenerates a window of a source song."""
+    with gr.Tab("Repainting", id="repaint"):
+        gr.Markdown("Uses the tags, lyrics and settings of the Text2Music tab.")
+        variance = _slider("retake_variance", 0.0, 1.0, 0.01, "variance")
+        seeds = _textbox("retake_seeds", "repaint seeds (default None)")
+        start = _seconds_slider("repaint_start", "Repaint Start Time")
+        end = _seconds_slider("repaint_end", "Repaint End Time")
+        ui = _source_task_ui("repaint", "Repaint")
+    return functools.partial(
+        ui.button.click, endpoints.repaint, api_name="repaint_process_func",
+        outputs=[ui.audio, ui.params_json, shared.memory],
+        inputs_kwargs={"text2music_json_data": shared.text2music_json, "repaint_json_data": ui.params_json,
+                       "retake_variance": variance, "retake_seeds": seeds, "repaint_start": start,
+                       "repaint_end": end, "repaint_source": ui.source, "repaint_source_audio_upload": ui.upload,
+                       **shared.settings, "source_audio": ui.explicit, **shared.tail()})
+
+
+def _edit_tab(endpoints: Endpoints, shared: _SharedInputs) -> _Click:
+    """``/edit_process_func``: FlowEdit of a source song towards new tags and lyrics."""
+    with gr.Tab("Edit", id="edit"):
+        gr.Markdown("Edits from the Text2Music tab's tags and lyrics (and settings) towards these.")
+        edit_prompt = _textbox("edit_prompt", "Edit Tags", lines=2, max_lines=4, info="Empty: keep the source tags.")
+        edit_lyrics = _textbox("edit_lyrics", "Edit Lyrics", lines=9, max_lines=13,
+                               info="Empty: keep the source lyrics.")
+        seeds = _textbox("retake_seeds", "edit seeds (default None)")
+        edit_type = _radio("edit_type", ["only_lyrics", "remix"], "Edit Type", elem_id="edit_type",
+                           info="only_lyrics keeps the song and changes the words (keep the change small); "
+                                "remix can change melody and genre.")
+        n_min = _slider("edit_n_min", 0.0, 1.0, 0.01, "edit_n_min")
+        n_max = _slider("edit_n_max", 0.0, 1.0, 0.01, "edit_n_max")
+        n_avg = _slider("edit_n_avg", 1, 16, 1, "edit_n_avg", info="Noise draws averaged per edit step.")
+        edit_type.change(_edit_preset, inputs=[edit_type], outputs=[n_min, n_max], api_visibility="private",
+                         queue=False)
+        ui = _source_task_ui("edit", "Edit")
+    settings = {k: v for k, v in shared.settings.items() if k not in ("prompt", "lyrics")}
+    return functools.partial(
+        ui.button.click, endpoints.edit, api_name="edit_process_func",
+        outputs=[ui.audio, ui.params_json, shared.memory],
+        inputs_kwargs={"text2music_json_data": shared.text2music_json, "edit_input_params_json": ui.params_json,
+                       "edit_source": ui.source, "edit_source_audio_upload": ui.upload,
+                       "prompt": shared.settings["prompt"], "lyrics": shared.settings["lyrics"],
+                       "edit_prompt": edit_prompt, "edit_lyrics": edit_lyrics, "edit_n_min": n_min,
+                       "edit_n_max": n_max, **settings, "retake_seeds": seeds, "edit_type": edit_type,
+                       "edit_n_avg": n_avg, "source_audio": ui.explicit, **shared.tail()})
+
+
+def _extend_tab(endpoints: Endpoints, shared: _SharedInputs) -> _Click:
+    """``/extend_process_func``: adds seconds before and after a source song."""
+    with gr.Tab("Extend", id="extend"):
+        gr.Markdown("Uses the tags, lyrics and settings of the Text2Music tab. Runs every step "
+                    "(retake_variance 1.0, as upstream's UI); the gRPC API honours any retake_variance.")
+        seeds = _textbox("extend_seeds", "extend seeds (default None)")
+        left = _seconds_slider("left_extend_length", "Left Extend Length")
+        right = _seconds_slider("right_extend_length", "Right Extend Length")
+        ui = _source_task_ui("extend", "Extend")
+    return functools.partial(
+        ui.button.click, endpoints.extend, api_name="extend_process_func",
+        outputs=[ui.audio, ui.params_json, shared.memory],
+        inputs_kwargs={"text2music_json_data": shared.text2music_json, "extend_input_params_json": ui.params_json,
+                       "extend_seeds": seeds, "left_extend_length": left, "right_extend_length": right,
+                       "extend_source": ui.source, "extend_source_audio_upload": ui.upload, **shared.settings,
+                       "source_audio": ui.explicit, **shared.tail()})
+
+
+def build_demo(service: FrontendService, *, lora_choices: Sequence[str] = ()) -> gr.Blocks:
+    """The UI: tabs Text2Music, Retake, Repainting, Edit, Extend; the buttons are the API.
+
+    Each tab is laid out by its own function, which hands back its endpoint's click registration;
+    the registrations run after all tabs exist because Gradio numbers events in the order they are
+    registered (``fn_index``, which positional ``gradio_client`` calls use): the tabs' private
+    handlers first, then the five endpoints in upstream's order.
+    """
+    endpoints = Endpoints(service)
     # No analytics: a serving front end has no business phoning home (and often cannot).
     with gr.Blocks(title=TITLE, delete_cache=(3600, 24 * 3600), analytics_enabled=False) as demo:
         gr.Markdown(f"<h1 style='text-align: center;'>{TITLE}</h1>"
                     f"<p style='text-align: center;'>ACE-Step v1 music generation, served by NVIDIA Triton "
                     f"at <code>{service.client.url}</code>.</p>")
         memory = gr.State(None)
-        with gr.Tab("Text2Music", id="text2music"), gr.Row():
-            with gr.Column():
-                with gr.Row(equal_height=True):
-                    audio_duration = _api(gr.Slider(
-                        -1, max_seconds, step=0.00001, value=D["audio_duration"], label="Audio Duration",
-                        info=f"-1 means a random duration ({policy.random_range[0]:g} ~ "
-                             f"{min(policy.random_range[1], max_seconds):g} s).", scale=9,
-                        elem_id="audio_duration"), "audio_duration")
-                    audio_format = _api(gr.Dropdown(list(FORMAT_CHOICES), value=D["format"], label="Format"),
-                                        "format")
-                with gr.Row():
-                    preset = gr.Dropdown(["Custom", *TAG_PRESETS], value="Custom", label="Preset", scale=1)
-                    prompt = gr.Textbox(value=D["prompt"], label="Tags", lines=1, max_lines=4, scale=9,
-                                        info="Comma-separated tags: genre, instruments, mood, tempo.")
-                preset.change(lambda name: TAG_PRESETS.get(name, ""), inputs=[preset], outputs=[prompt],
-                              api_visibility="private", queue=False)
-                lyrics = gr.Textbox(value=D["lyrics"], label="Lyrics", lines=9, max_lines=13,
-                                    info="Structure tags like [verse], [chorus], [bridge]; "
-                                         "[instrumental] for music without vocals.")
-                with gr.Accordion("Basic Settings", open=False):
-                    infer_step = _api(gr.Slider(1, 200, step=1, value=D["infer_step"], label="Infer Steps",
-                                                elem_id="infer_step"),
-                                      "infer_step")
-                    guidance_scale = _api(gr.Slider(0.0, 30.0, step=0.1, value=D["guidance_scale"],
-                                                 label="Guidance Scale",
-                                                 info="Not applied when both text and lyric scales "
-                                                      "are above 1."), "guidance_scale")
-                    guidance_scale_text = _api(gr.Slider(0.0, 10.0, step=0.1, value=D["guidance_scale_text"],
-                                                      label="Guidance Scale Text",
-                                                      info="Text-only guidance (cfg); try 5.0 with "
-                                                           "lyric 1.5."), "guidance_scale_text")
-                    guidance_scale_lyric = _api(gr.Slider(0.0, 10.0, step=0.1, value=D["guidance_scale_lyric"],
-                                                       label="Guidance Scale Lyric"), "guidance_scale_lyric")
-                    manual_seeds = gr.Textbox(value=D["manual_seeds"], label="manual seeds (default None)",
-                                              placeholder="1,2,3,4", info="Seed for the generation")
-                with gr.Accordion("Advanced Settings", open=False):
-                    scheduler_type = _api(gr.Radio(["euler", "heun", "pingpong"], value=D["scheduler_type"],
-                                                label="Scheduler Type", elem_id="scheduler_type",
-                                                info="euler is recommended; heun is slower; pingpong "
-                                                     "is stochastic (SDE)."), "scheduler_type")
-                    cfg_type = _api(gr.Radio(["cfg", "apg", "cfg_star"], value=D["cfg_type"], label="CFG Type",
-                                          elem_id="cfg_type", info="apg is recommended."), "cfg_type")
-                    use_erg_tag = gr.Checkbox(value=D["use_erg_tag"], label="use ERG for tag",
-                                              info="Entropy-rectifying guidance: a weaker tag condition "
-                                                   "for more diversity.")
-                    use_erg_lyric = gr.Checkbox(value=D["use_erg_lyric"], label="use ERG for lyric")
-                    use_erg_diffusion = gr.Checkbox(value=D["use_erg_diffusion"], label="use ERG for diffusion")
-                    omega_scale = _api(gr.Slider(-100.0, 100.0, step=0.1, value=D["omega_scale"],
-                                              label="Granularity Scale",
-                                              info="Higher values can reduce artifacts."), "omega_scale")
-                    guidance_interval = _api(gr.Slider(0.0, 1.0, step=0.01, value=D["guidance_interval"],
-                                                    label="Guidance Interval",
-                                                    info="0.5: guidance only in the middle half of the "
-                                                         "steps."), "guidance_interval")
-                    guidance_interval_decay = _api(gr.Slider(0.0, 1.0, step=0.01,
-                                                          value=D["guidance_interval_decay"],
-                                                          label="Guidance Interval Decay",
-                                                          info="Decay from the guidance scale to the min "
-                                                               "guidance scale inside the interval."),
-                                                   "guidance_interval_decay")
-                    min_guidance_scale = _api(gr.Slider(0.0, 200.0, step=0.1, value=D["min_guidance_scale"],
-                                                     label="Min Guidance Scale"), "min_guidance_scale")
-                    oss_steps = gr.Textbox(value=D["oss_steps"], label="OSS Steps",
-                                           placeholder="16, 29, 52, 96, 129, 158, 172, 183, 189, 200",
-                                           info="Optimal step selection (1-based step indices).")
-                with gr.Accordion("Reference Audio (Audio2Audio)", open=False):
-                    audio2audio_enable = gr.Checkbox(value=D["audio2audio_enable"], label="Enable Audio2Audio",
-                                                     elem_id="audio2audio_checkbox")
-                    ref_audio_input = gr.Audio(type="filepath", label="Reference Audio (for Audio2Audio)",
-                                               visible=False, elem_id="ref_audio_input")
-                    ref_audio_strength = _api(gr.Slider(0.0, 1.0, step=0.01, value=D["ref_audio_strength"],
-                                                     label="Refer audio strength", visible=False,
-                                                     elem_id="ref_audio_strength"), "ref_audio_strength")
-                    audio2audio_enable.change(
-                        lambda on: (gr.update(visible=on), gr.update(visible=on)), inputs=[audio2audio_enable],
-                        outputs=[ref_audio_input, ref_audio_strength], api_visibility="private", queue=False)
-                with gr.Accordion("LoRA", open=False):
-                    lora_name_or_path = gr.Dropdown(["none", *lora_choices], value=D["lora_name_or_path"],
-                                                    label="Lora Name or Path", allow_custom_value=True,
-                                                    info="An adapter the model server is configured with.")
-                    lora_weight = _api(gr.Number(value=D["lora_weight"], label="Lora weight", step=0.1,
-                                              minimum=-3, maximum=3), "lora_weight")
-                text2music_btn = gr.Button("Generate", variant="primary", elem_id="text2music_generate")
-            with gr.Column():
-                t2m_audio, t2m_json = _output_ui("Text2Music", "text2music")
-
-        settings = {"prompt": prompt, "lyrics": lyrics, "infer_step": infer_step, "guidance_scale": guidance_scale,
-                    "scheduler_type": scheduler_type, "cfg_type": cfg_type, "omega_scale": omega_scale,
-                    "manual_seeds": manual_seeds, "guidance_interval": guidance_interval,
-                    "guidance_interval_decay": guidance_interval_decay, "min_guidance_scale": min_guidance_scale,
-                    "use_erg_tag": use_erg_tag, "use_erg_lyric": use_erg_lyric,
-                    "use_erg_diffusion": use_erg_diffusion, "oss_steps": oss_steps,
-                    "guidance_scale_text": guidance_scale_text, "guidance_scale_lyric": guidance_scale_lyric}
-        lora = {"lora_name_or_path": lora_name_or_path, "lora_weight": lora_weight}
-        with gr.Tab("Retake", id="retake"):
-            gr.Markdown("A variation of the last Text2Music result (its parameters, new retake noise).")
-            retake_variance = _api(gr.Slider(0.0, 1.0, step=0.01, value=D["retake_variance"], label="variance"),
-                                   "retake_variance")
-            retake_seeds = gr.Textbox(value=D["retake_seeds"], label="retake seeds (default None)")
-            retake_btn = gr.Button("Retake", variant="primary")
-            retake_audio, retake_json = _output_ui("Retake", "retake")
-        with gr.Tab("Repainting", id="repaint"):
-            gr.Markdown("Uses the tags, lyrics and settings of the Text2Music tab.")
-            repaint_variance = _api(gr.Slider(0.0, 1.0, step=0.01, value=D["retake_variance"], label="variance"),
-                                    "retake_variance")
-            repaint_seeds = gr.Textbox(value=D["retake_seeds"], label="repaint seeds (default None)")
-            repaint_start = _api(gr.Slider(0.0, MAX_DURATION_S, step=0.01, value=D["repaint_start"],
-                                        label="Repaint Start Time"), "repaint_start")
-            repaint_end = _api(gr.Slider(0.0, MAX_DURATION_S, step=0.01, value=D["repaint_end"],
-                                      label="Repaint End Time"), "repaint_end")
-            repaint_source, repaint_upload, repaint_explicit = _source_ui("repaint", "Repaint")
-            repaint_btn = gr.Button("Repaint", variant="primary")
-            repaint_audio, repaint_json = _output_ui("Repaint", "repaint")
-        with gr.Tab("Edit", id="edit"):
-            gr.Markdown("Edits from the Text2Music tab's tags and lyrics (and settings) towards these.")
-            edit_prompt = gr.Textbox(value=D["edit_prompt"], label="Edit Tags", lines=2, max_lines=4,
-                                     info="Empty: keep the source tags.")
-            edit_lyrics = gr.Textbox(value=D["edit_lyrics"], label="Edit Lyrics", lines=9, max_lines=13,
-                                     info="Empty: keep the source lyrics.")
-            edit_seeds = gr.Textbox(value=D["retake_seeds"], label="edit seeds (default None)")
-            edit_type = _api(gr.Radio(["only_lyrics", "remix"], value=D["edit_type"], label="Edit Type",
-                                   elem_id="edit_type",
-                                   info="only_lyrics keeps the song and changes the words (keep the change "
-                                        "small); remix can change melody and genre."), "edit_type")
-            edit_n_min = _api(gr.Slider(0.0, 1.0, step=0.01, value=D["edit_n_min"], label="edit_n_min"), "edit_n_min")
-            edit_n_max = _api(gr.Slider(0.0, 1.0, step=0.01, value=D["edit_n_max"], label="edit_n_max"), "edit_n_max")
-            edit_n_avg = _api(gr.Slider(1, 16, step=1, value=D["edit_n_avg"], label="edit_n_avg",
-                                     info="Noise draws averaged per edit step."), "edit_n_avg")
-            edit_type.change(_edit_preset, inputs=[edit_type], outputs=[edit_n_min, edit_n_max],
-                             api_visibility="private", queue=False)
-            edit_source, edit_upload, edit_explicit = _source_ui("edit", "Edit")
-            edit_btn = gr.Button("Edit", variant="primary")
-            edit_audio, edit_json = _output_ui("Edit", "edit")
-        with gr.Tab("Extend", id="extend"):
-            gr.Markdown("Uses the tags, lyrics and settings of the Text2Music tab. Runs every step "
-                        "(retake_variance 1.0, as upstream's UI); the gRPC API honours any retake_variance.")
-            extend_seeds = gr.Textbox(value=D["extend_seeds"], label="extend seeds (default None)")
-            left_extend_length = _api(gr.Slider(0.0, MAX_DURATION_S, step=0.01, value=D["left_extend_length"],
-                                             label="Left Extend Length"), "left_extend_length")
-            right_extend_length = _api(gr.Slider(0.0, MAX_DURATION_S, step=0.01, value=D["right_extend_length"],
-                                              label="Right Extend Length"), "right_extend_length")
-            extend_source, extend_upload, extend_explicit = _source_ui("extend", "Extend")
-            extend_btn = gr.Button("Extend", variant="primary")
-            extend_audio, extend_json = _output_ui("Extend", "extend")
-
-        # The endpoints, in upstream's argument order (positional calls keep working too).
-        state = {"memory": memory}
-        text2music_btn.click(
-            endpoints.text2music, api_name="__call__", outputs=[t2m_audio, t2m_json, memory],
-            inputs_kwargs={"format": audio_format, "audio_duration": audio_duration, **settings,
-                           "audio2audio_enable": audio2audio_enable, "ref_audio_strength": ref_audio_strength,
-                           "ref_audio_input": ref_audio_input, **lora, **state})
-        retake_btn.click(
-            endpoints.retake, api_name="retake_process_func", outputs=[retake_audio, retake_json, memory],
-            inputs_kwargs={"json_data": t2m_json, "retake_variance": retake_variance,
-                           "retake_seeds": retake_seeds, **state})
-        tail = {"format": audio_format, **lora, **state}
-        repaint_btn.click(
-            endpoints.repaint, api_name="repaint_process_func", outputs=[repaint_audio, repaint_json, memory],
-            inputs_kwargs={"text2music_json_data": t2m_json, "repaint_json_data": repaint_json,
-                           "retake_variance": repaint_variance, "retake_seeds": repaint_seeds,
-                           "repaint_start": repaint_start, "repaint_end": repaint_end,
-                           "repaint_source": repaint_source, "repaint_source_audio_upload": repaint_upload,
-                           **settings, "source_audio": repaint_explicit, **tail})
-        edit_settings = {k: v for k, v in settings.items() if k not in ("prompt", "lyrics")}
-        edit_btn.click(
-            endpoints.edit, api_name="edit_process_func", outputs=[edit_audio, edit_json, memory],
-            inputs_kwargs={"text2music_json_data": t2m_json, "edit_input_params_json": edit_json,
-                           "edit_source": edit_source, "edit_source_audio_upload": edit_upload,
-                           "prompt": prompt, "lyrics": lyrics, "edit_prompt": edit_prompt,
-                           "edit_lyrics": edit_lyrics, "edit_n_min": edit_n_min, "edit_n_max": edit_n_max,
-                           **edit_settings, "retake_seeds": edit_seeds, "edit_type": edit_type,
-                           "edit_n_avg": edit_n_avg, "source_audio": edit_explicit, **tail})
-        extend_btn.click(
-            endpoints.extend, api_name="extend_process_func", outputs=[extend_audio, extend_json, memory],
-            inputs_kwargs={"text2music_json_data": t2m_json, "extend_input_params_json": extend_json,
-                           "extend_seeds": extend_seeds, "left_extend_length": left_extend_length,
-                           "right_extend_length": right_extend_length, "extend_source": extend_source,
-                           "extend_source_audio_upload": extend_upload, **settings,
-                           "source_audio": extend_explicit, **tail})
+        shared, text2music_click = _text2music_tab(endpoints, memory, service.policy, lora_choices)
+        clicks = [text2music_click, _retake_tab(endpoints, shared), _repaint_tab(endpoints, shared),
+                  _edit_tab(endpoints, shared), _extend_tab(endpoints, shared)]
+        for click in clicks:
+            click()
     return demo
 
 

@@ -1,4 +1,4 @@
-"""LoRA adapters for the ACE-Step transformer: loading, fusing, runtime adapters, registry, serving.
+"""LoRA adapters for the ACE-Step transformer: loading, fusing, live adapters, registry, serving.
 
 What upstream does (facts, from ``acestep/pipeline_ace_step.py`` ``load_lora``): it hands the
 adapter's ``pytorch_lora_weights.safetensors`` to diffusers' ``load_lora_adapter`` (no key prefix,
@@ -21,13 +21,15 @@ Modules (one job each; this package re-exports their public names):
   upstream's numbers) or ``"peft"`` (training-time semantics: rsLoRA honoured);
 * :mod:`.fuse`: ``W' = W + lora_weight * scaling * B @ A`` in place with bit-exact restore
   (:func:`apply_lora`) or into a copy (:func:`fused_transformer`);
-* :mod:`.runtime`: runtime adapters, the low-rank term added per batch row by the ``torch``
-  runtime (:class:`AdapterBank`);
-* :mod:`.registry`: the folder of configured adapters; :mod:`.state` and :mod:`.control`: the
-  adapters a running server serves, loaded and unloaded at runtime by the ``lora_registry`` model;
+* :mod:`.live`: live adapters (loaded while the server runs), the low-rank term added per batch
+  row by the ``torch`` component runtime (:class:`AdapterBank`);
+* :mod:`.registry`: the registry folder (one sub-folder per adapter) and :class:`LoraRegistry`;
+  :mod:`.state` and :mod:`.live_control`: the adapters a running server serves, loaded and
+  unloaded while it runs by the ``lora_registry`` model;
 * :mod:`.variants`: fused variant models (``dit_decoder__rap``) and their ONNX export;
-* :mod:`.served`: the per-request scopes (in-process, fused routing, runtime rows);
-* :mod:`.tiny`: the deterministic tiny test adapter; :mod:`.cli`: ``python -m acestep_triton.lora``.
+* :mod:`.served`: the per-request scopes (in-process, fused routing, live-adapter rows);
+* :mod:`.cli`: ``python -m acestep_triton.lora`` (the deterministic tiny test adapter itself is
+  :mod:`acestep_triton.synthetic.tiny_lora`).
 
 Serving strategy (for the docs)
 -------------------------------
@@ -35,16 +37,16 @@ LoRA lives in the transformer, which is served as two components: ``condition_en
 speaker/genre embedders and the lyric Conformer: upstream's ``linear_q/k/v`` targets) and
 ``dit_decoder`` (the DiT blocks: ``to_q/k/v/out.0``). Per runtime:
 
-(a) **``torch`` runtime: runtime adapters** (any adapter, any strength, per request). The two
+(a) **``torch`` runtime: live adapters** (any adapter, any strength, per request). The two
     components keep one copy of the base weights; each adapted projection adds
-    ``s_row * B (A x)`` for the rows that use an adapter (:mod:`.runtime`). The adapter travels
+    ``s_row * B (A x)`` for the rows that use an adapter (:mod:`.live`). The adapter travels
     as per-row inputs ``lora_index`` INT32 / ``lora_scale`` FP32, so Triton's dynamic batcher
     merges requests using different adapters, or none, into one call. Memory per adapter: its
     A/B tensors (upstream's rap targets at r=256 on the 3.5B shapes: 262 M parameters, against
     2.59 G for the two transformer halves), not a model copy.
     Cost per step: two thin matmuls per adapted projection for the rows that use it (measured
     in ``benchmarks/lora_runtime.py``); rows without adapter cost nothing. Adapters are loaded,
-    unloaded and listed while the server runs (:mod:`.control`), within a memory budget.
+    unloaded and listed while the server runs (:mod:`.live_control`), within a memory budget.
 (b) **``onnx`` / ``tensorrt``: fused variants** from a configured set. Each configured adapter,
     at one configured ``lora_weight``, gets its own fused copies of the components it touches,
     served as ``condition_encoder__<name>`` / ``dit_decoder__<name>`` (:func:`export_lora_variants`).
@@ -52,7 +54,7 @@ speaker/genre embedders and the lyric Conformer: upstream's ``linear_q/k/v`` tar
     ``lora_weight`` than the fused one is rejected naming ``lora_weight``. Zero cost per step, but
     a full copy of each touched component per adapter and strength (about 5 GB for the 3.5B DiT
     in bf16) and one engine build per variant; requests for different adapters never share a
-    batch. Exported graphs and engines have no hook points, hence no runtime adapters there.
+    batch. Exported graphs and engines have no hook points, hence no live adapters there.
 (c) In-process (``--local``): any adapter path at any strength, fused per request
     (:class:`InProcessLoras`) and restored bit-exactly afterwards.
 
@@ -62,7 +64,6 @@ tiny adapter for the tiny checkpoint; ``python -m acestep_triton.lora inspect PA
 
 from __future__ import annotations
 
-from .cli import main
 from .files import (
     ADAPTER_CONFIG_FILE,
     COMPONENT_OF_MODULE,
@@ -88,11 +89,10 @@ from .files import (
     load_lora,
 )
 from .fuse import apply_lora, fuse_in_place, fused_transformer
+from .live import AdapterBank, LiveAdapter, called_modules, live_adapter, lora_rows
 from .registry import LoraRegistry, check_adapter_name, check_weight_range, is_no_lora
-from .runtime import AdapterBank, RuntimeAdapter, called_modules, lora_rows, runtime_adapter
 from .served import InProcessLoras, LoraScope, RoutingCall, RuntimeLoras, ServedLoras, no_lora, served_scope
-from .state import NO_ADAPTER, RUNTIME_FILE, STATE_FILE, LoadedAdapter, LoraState, StateReader
-from .tiny import TINY_LORA_ALPHA_PER_RANK, TINY_LORA_UP_STD, target_module_paths, tiny_lora_config, write_tiny_lora
+from .state import LIVE_POINTER_FILE, NO_ADAPTER, STATE_FILE, LoadedAdapter, LoraState, StateReader
 from .variants import (
     LoraVariant,
     base_component,
@@ -106,14 +106,13 @@ from .variants import (
 
 __all__ = [
     "ADAPTER_CONFIG_FILE", "COMPONENT_OF_MODULE", "DECODER_MODULES", "ENCODER_MODULES", "KEY_PREFIXES",
-    "LORA_COMPONENTS", "LORA_WEIGHTS_FILE", "METADATA_KEY", "NO_ADAPTER", "NO_LORA", "PEFT_WEIGHTS_FILE",
-    "RUNTIME_FILE", "SCALING_MODES", "SERVING_FILE", "STATE_FILE", "TINY_LORA_ALPHA_PER_RANK", "TINY_LORA_UP_STD",
-    "UPSTREAM_TARGET_MODULES", "VARIANTS_FILE", "VARIANT_SEPARATOR", "AdapterBank", "InProcessLoras",
-    "LoadedAdapter", "LoraAdapter", "LoraError", "LoraLayer", "LoraRegistry", "LoraScope", "LoraSettings",
-    "LoraState", "LoraVariant", "RoutingCall", "RuntimeAdapter", "RuntimeLoras", "ServedLoras", "StateReader",
-    "adapter_file", "apply_lora", "base_component", "called_modules", "check_adapter_name",
-    "check_weight_range", "component_of", "export_lora_variants", "fuse_in_place", "fused_transformer", "is_no_lora",
-    "load_lora", "lora_rows", "main", "no_lora", "prepare_lora_onnx_dir", "read_variants_manifest",
-    "runtime_adapter", "served_scope", "target_module_paths", "tiny_lora_config", "variant_model_name",
-    "variant_specs", "write_tiny_lora", "write_variants_manifest",
+    "LIVE_POINTER_FILE", "LORA_COMPONENTS", "LORA_WEIGHTS_FILE", "METADATA_KEY", "NO_ADAPTER", "NO_LORA",
+    "PEFT_WEIGHTS_FILE", "SCALING_MODES", "SERVING_FILE", "STATE_FILE", "UPSTREAM_TARGET_MODULES", "VARIANTS_FILE",
+    "VARIANT_SEPARATOR", "AdapterBank", "InProcessLoras", "LiveAdapter", "LoadedAdapter", "LoraAdapter",
+    "LoraError", "LoraLayer", "LoraRegistry", "LoraScope", "LoraSettings", "LoraState", "LoraVariant",
+    "RoutingCall", "RuntimeLoras", "ServedLoras", "StateReader", "adapter_file", "apply_lora", "base_component",
+    "called_modules", "check_adapter_name", "check_weight_range", "component_of", "export_lora_variants",
+    "fuse_in_place", "fused_transformer", "is_no_lora", "live_adapter", "load_lora", "lora_rows", "no_lora",
+    "prepare_lora_onnx_dir", "read_variants_manifest", "served_scope", "variant_model_name", "variant_specs",
+    "write_variants_manifest",
 ]

@@ -7,8 +7,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..synthetic.tiny_lora import write_tiny_lora
+from ..weights import CheckpointError
 from .files import SCALING_MODES, LoraError, load_lora
-from .tiny import write_tiny_lora
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -25,9 +26,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     inspect.add_argument("path", type=Path)
     inspect.add_argument("--scaling", choices=SCALING_MODES, default="upstream")
     args = parser.parse_args(argv)
-
-    from ..checkpoint import CheckpointError
-
     try:
         if args.command == "tiny":
             print(write_tiny_lora(args.checkpoint, args.out, seed=args.seed, rank=args.rank))

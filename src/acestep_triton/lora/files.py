@@ -14,6 +14,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..models.transformer import unused_key
+from ..weights import CheckpointError, SafetensorsFile, file_sha256
+
 # ---------------------------------------------------------------------------------------------
 # Constants
 
@@ -164,7 +167,7 @@ class LoraAdapter:
             except AttributeError:
                 problems.append(f"{keys}: the transformer has no module {path!r}")
                 continue
-            shape = _target_shape(module)
+            shape = target_shape(module)
             if shape is None:
                 problems.append(f"{keys}: {path} is a {type(module).__name__}; only Linear and 1x1 Conv1d "
                                 "layers can take a LoRA here")
@@ -202,7 +205,7 @@ def component_of(module_path: str) -> str:
                         f"(known top-level modules: {', '.join(COMPONENT_OF_MODULE)})") from None
 
 
-def _target_shape(module: nn.Module) -> tuple[int, int] | None:
+def target_shape(module: nn.Module) -> tuple[int, int] | None:
     """(out, in) of a layer a LoRA can be fused into, or None."""
     if isinstance(module, nn.Linear):
         return module.out_features, module.in_features
@@ -290,68 +293,14 @@ def load_lora(path_or_dir: str | Path, transformer: nn.Module | None = None, *,
     one whose header claims 2^60 bytes, is a :class:`LoraError` naming the file, never an
     allocation of what a corrupt length field says.
     """
-    from ..models.transformer import unused_key
-    from ..weights import CheckpointError, SafetensorsFile, file_sha256
-
     if scaling not in SCALING_MODES:
         raise ValueError(f"scaling must be one of {SCALING_MODES}, got {scaling!r}")
     file = adapter_file(path_or_dir)
-    try:
-        reader = SafetensorsFile(file)
-        header = reader.metadata
-        tensors = {key: reader.read(key) for key in reader}
-    except CheckpointError as e:
-        raise LoraError(f"not a readable adapter file: {e}") from None
+    header, tensors = _read_tensors(file)
     settings = _resolve_settings(header, file.parent, scaling)
-
-    halves: dict[str, dict[str, tuple[str, Tensor]]] = {}
-    ignored: list[str] = []
-    problems: list[str] = []
-    for key in sorted(tensors):
-        stripped = _strip_prefix(key)
-        match = _KEY_RE.match(stripped)
-        if match is None:
-            if "lora_magnitude_vector" in key:
-                problems.append(f"{key}: DoRA adapters are not supported")
-            elif "lora_embedding_" in key:
-                problems.append(f"{key}: LoRA on embeddings is not supported")
-            else:
-                problems.append(f"{key}: not a LoRA key (expected <module>.lora_A.weight / .lora_B.weight)")
-            continue
-        module, part = match["module"], f"{match['half']}.{match['kind']}"
-        if unused_key(f"{module}.weight"):
-            ignored.append(key)
-            continue
-        if part == "A.bias":
-            problems.append(f"{key}: lora_A has no bias in a LoRA")
-            continue
-        if module.split(".", 1)[0] not in COMPONENT_OF_MODULE:
-            problems.append(f"{key}: unknown target module {module!r} (not in the ACE-Step transformer)")
-            continue
-        if part in halves.setdefault(module, {}):
-            problems.append(f"{key}: duplicate of {halves[module][part][0]}")
-            continue
-        halves[module][part] = (key, tensors[key])
-
-    layers: dict[str, LoraLayer] = {}
-    for module, parts in halves.items():
-        if "A.weight" not in parts or "B.weight" not in parts:
-            present = ", ".join(k for k, _ in parts.values())
-            problems.append(f"{present}: {module} needs both lora_A.weight and lora_B.weight")
-            continue
-        down, up = parts["A.weight"][1], parts["B.weight"][1]
-        down = down.squeeze(-1) if down.dim() == 3 and down.shape[-1] == 1 else down
-        up = up.squeeze(-1) if up.dim() == 3 and up.shape[-1] == 1 else up
-        if down.dim() != 2 or up.dim() != 2 or up.shape[1] != down.shape[0]:
-            problems.append(f"{parts['A.weight'][0]}: lora_A {list(down.shape)} and lora_B {list(up.shape)} "
-                            "are not a rank-r pair")
-            continue
-        rank = int(down.shape[0])
-        alpha = settings.alpha_for(module, rank)
-        layer_scaling = alpha / math.sqrt(rank) if settings.use_rslora else alpha / rank
-        bias = parts.get("B.bias", (None, None))[1]
-        layers[module] = LoraLayer(module=module, down=down, up=up, scaling=layer_scaling, bias=bias,
-                                   keys=tuple(k for k, _ in parts.values()))
+    halves, ignored, problems = _group_keys(tensors)
+    layers, pair_problems = _pair_halves(halves, settings)
+    problems += pair_problems
     if problems:
         raise LoraError(f"LoRA {file}: {len(problems)} key(s) cannot be used:\n  " + "\n  ".join(problems))
     if not layers:
@@ -365,3 +314,81 @@ def load_lora(path_or_dir: str | Path, transformer: nn.Module | None = None, *,
         adapter.check(transformer)
     return adapter
 
+
+_Halves = dict[str, dict[str, tuple[str, Tensor]]]
+"""Per module path, its LoRA tensors by part (``"A.weight"``, ``"B.weight"``, ``"B.bias"``), each
+with the file key it came from (for error messages)."""
+
+
+def _read_tensors(file: Path) -> tuple[Mapping[str, str] | None, dict[str, Tensor]]:
+    """The header metadata and every tensor of ``file``; a file that is no readable safetensors
+    file is a :class:`LoraError` (the reader checks the header before allocating anything)."""
+    try:
+        reader = SafetensorsFile(file)
+        return reader.metadata, {key: reader.read(key) for key in reader}
+    except CheckpointError as e:
+        raise LoraError(f"not a readable adapter file: {e}") from None
+
+
+def _not_lora_reason(key: str) -> str:
+    """Why a key that does not look like ``<module>.lora_A/B.weight`` cannot be used."""
+    if "lora_magnitude_vector" in key:
+        return f"{key}: DoRA adapters are not supported"
+    if "lora_embedding_" in key:
+        return f"{key}: LoRA on embeddings is not supported"
+    return f"{key}: not a LoRA key (expected <module>.lora_A.weight / .lora_B.weight)"
+
+
+def _group_keys(tensors: Mapping[str, Tensor]) -> tuple[_Halves, list[str], list[str]]:
+    """Sort the file's keys into per-module halves, the keys of modules inference never uses
+    (``ignored``), and one problem per key that cannot be used; every key is looked at, so the
+    error lists them all at once."""
+    halves: _Halves = {}
+    ignored: list[str] = []
+    problems: list[str] = []
+    for key in sorted(tensors):
+        match = _KEY_RE.match(_strip_prefix(key))
+        if match is None:
+            problems.append(_not_lora_reason(key))
+            continue
+        module, part = match["module"], f"{match['half']}.{match['kind']}"
+        if unused_key(f"{module}.weight"):
+            ignored.append(key)
+        elif part == "A.bias":
+            problems.append(f"{key}: lora_A has no bias in a LoRA")
+        elif module.split(".", 1)[0] not in COMPONENT_OF_MODULE:
+            problems.append(f"{key}: unknown target module {module!r} (not in the ACE-Step transformer)")
+        elif part in halves.setdefault(module, {}):
+            problems.append(f"{key}: duplicate of {halves[module][part][0]}")
+        else:
+            halves[module][part] = (key, tensors[key])
+    return halves, ignored, problems
+
+
+def _squeeze_kernel(t: Tensor) -> Tensor:
+    """A 1x1 conv's [out, in, 1] weight as the [out, in] matrix it is."""
+    return t.squeeze(-1) if t.dim() == 3 and t.shape[-1] == 1 else t
+
+
+def _pair_halves(halves: _Halves, settings: LoraSettings) -> tuple[dict[str, LoraLayer], list[str]]:
+    """One :class:`LoraLayer` per module whose A and B form a rank-r pair, with its scaling
+    (``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA); one problem per module that does not."""
+    layers: dict[str, LoraLayer] = {}
+    problems: list[str] = []
+    for module, parts in halves.items():
+        if "A.weight" not in parts or "B.weight" not in parts:
+            present = ", ".join(k for k, _ in parts.values())
+            problems.append(f"{present}: {module} needs both lora_A.weight and lora_B.weight")
+            continue
+        down, up = _squeeze_kernel(parts["A.weight"][1]), _squeeze_kernel(parts["B.weight"][1])
+        if down.dim() != 2 or up.dim() != 2 or up.shape[1] != down.shape[0]:
+            problems.append(f"{parts['A.weight'][0]}: lora_A {list(down.shape)} and lora_B {list(up.shape)} "
+                            "are not a rank-r pair")
+            continue
+        rank = int(down.shape[0])
+        alpha = settings.alpha_for(module, rank)
+        layer_scaling = alpha / math.sqrt(rank) if settings.use_rslora else alpha / rank
+        bias = parts.get("B.bias", (None, None))[1]
+        layers[module] = LoraLayer(module=module, down=down, up=up, scaling=layer_scaling, bias=bias,
+                                   keys=tuple(k for k, _ in parts.values()))
+    return layers, problems

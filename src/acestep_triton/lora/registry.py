@@ -1,4 +1,11 @@
-"""The configured adapters of a deployment: one folder per adapter, names and strengths."""
+"""The LoRA registry: one folder, one sub-folder per adapter (the folder name is the adapter name).
+
+Everything that reads the registry folder lives here: the name rules, the scan, the checked
+lookup of one adapter folder, and :class:`LoraRegistry`, the snapshot a build or the in-process
+pipeline serves (names, folders, strengths). Live adapters (``torch`` runtime) are loaded from
+the same folder while the server runs; the commands doing that are
+:class:`~.live_control.LiveAdapterControl`, which keeps no registry of its own.
+"""
 
 from __future__ import annotations
 
@@ -29,6 +36,15 @@ def check_adapter_name(name: str) -> str:
     return name
 
 
+def is_valid_adapter_name(name: str) -> bool:
+    """Whether ``name`` passes :func:`check_adapter_name`."""
+    try:
+        check_adapter_name(name)
+    except ValueError:
+        return False
+    return True
+
+
 def is_no_lora(name: str | None) -> bool:
     """Whether a ``lora_name_or_path`` value asks for no adapter (``none``, any case, or empty)."""
     return name is None or name.strip() == "" or name.strip().lower() == NO_LORA
@@ -40,6 +56,47 @@ def check_weight_range(weight: float) -> float:
     if not math.isfinite(weight) or not -3.0 <= weight <= 3.0:
         raise ValueError(f"lora_weight {weight} is outside [-3, 3]")
     return weight
+
+
+def adapter_folders(root: Path) -> list[Path]:
+    """The sub-folders of a registry that may hold an adapter, sorted by name (hidden ones, such
+    as an editor's or a sync tool's, are skipped)."""
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def folder_names(root: Path) -> list[str]:
+    """Names of the registry's adapter folders as they are now (valid names only; none when the
+    folder does not exist): what a live ``load`` accepts. Unlike :meth:`LoraRegistry.from_dir`,
+    nothing is refused here: a bad folder only fails when it is loaded."""
+    if not root.is_dir():
+        return []
+    return [folder.name for folder in adapter_folders(root) if is_valid_adapter_name(folder.name)]
+
+
+def registry_folder(root: Path, name: str) -> Path:
+    """The folder of adapter ``name``, checked: a valid name, present, and really inside the
+    registry (a symlink to a folder elsewhere is refused, so a request can never make the
+    server read outside it). :class:`ParamError` on ``lora_name_or_path`` otherwise."""
+    try:
+        check_adapter_name(name)
+    except ValueError as e:
+        raise ParamError("lora_name_or_path", str(e)) from None
+    folder = root / name
+    real_root = root.resolve()
+    try:
+        present = folder.is_dir()
+        real = folder.resolve()
+    except OSError as e:
+        raise ParamError("lora_name_or_path", f"adapter folder {folder} cannot be read ({e.strerror})") from None
+    if not present:
+        have = ", ".join(folder_names(root)) or "none"
+        raise ParamError("lora_name_or_path", f"no adapter folder {name!r} in the LoRA registry {root} "
+                                              f"(it holds: {have})")
+    if real.parent != real_root:
+        raise ParamError("lora_name_or_path", f"adapter folder {folder} leads to {real}, outside the LoRA "
+                                              f"registry {real_root}: copy the adapter into the registry instead "
+                                              "of linking it")
+    return folder
 
 
 @dataclass(frozen=True)
@@ -64,7 +121,7 @@ class LoraRegistry:
             raise LoraError(f"LoRA folder {root} does not exist")
         adapters: dict[str, Path] = {}
         strengths: dict[str, float] = {}
-        for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for folder in adapter_folders(root):
             try:
                 name = check_adapter_name(folder.name)
             except ValueError as e:

@@ -6,6 +6,8 @@ import contextlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +19,8 @@ from acestep_client.params import ParamError, echo
 from .files import LORA_COMPONENTS, NO_LORA, LoraAdapter, LoraError, load_lora
 from .fuse import apply_lora
 from .registry import LoraRegistry, is_no_lora
-from .state import NO_ADAPTER, StateReader, read_runtime_pointer
-from .variants import LoraVariant
+from .state import NO_ADAPTER, StateReader, read_live_pointer
+from .variants import LoraVariant, read_variants_manifest
 
 LoraScope = Callable[[str, float], AbstractContextManager[Any]]
 """``scope(lora_name_or_path, lora_weight)``: a context manager the generator runs a whole request
@@ -86,30 +88,68 @@ class InProcessLoras:
             yield
 
 
+@dataclass(frozen=True)
+class LoraChoice:
+    """One request's adapter, as every component call of that request must carry it.
+
+    ``routes``: fused variants, e.g. ``dit_decoder`` → ``dit_decoder__rap``. ``rows``: runtime
+    adapters, ``(lora_index, lora_weight)`` sent as per-row inputs; None sends none (a deployment
+    without runtime adapters). Created per request by the scopes below, never changed.
+    """
+
+    routes: Mapping[str, str] = field(default_factory=dict)
+    rows: tuple[int, float] | None = None
+
+
 class RoutingCall:
     """Wraps a ``ComponentCall`` (``call(model, inputs, outputs)``) and adapts it per request.
 
-    Fused variants: ``routes`` maps ``dit_decoder`` → ``dit_decoder__rap`` while a request runs.
-    Runtime adapters: ``lora_rows`` is ``(lora_index, lora_weight)`` and every call of a
-    transformer component gets the per-row inputs ``lora_index`` / ``lora_scale`` (one row per
-    batch row: every guidance branch of a request uses its adapter, as upstream's fused model
-    does); ``None`` sends none (a deployment without runtime adapters).
+    Each call carries the :class:`LoraChoice` of the request it is made for: the one a scope
+    entered with :meth:`choosing` in the calling thread (or asyncio task), else ``default``.
+    The choice lives in a context variable, not on this shared object, so concurrent requests
+    through one instance (threads of one process) each keep their own adapter.
+
+    With ``rows``, every call of a transformer component gets the per-row inputs ``lora_index``
+    / ``lora_scale`` (one row per batch row: every guidance branch of a request uses its
+    adapter, as upstream's fused model does).
     """
 
     def __init__(self, call: Callable[[str, Mapping[str, Tensor], Sequence[str]], list[Tensor]]) -> None:
         self._call = call
-        self.routes: dict[str, str] = {}
-        self.lora_rows: tuple[int, float] | None = None
+        self.default = LoraChoice()
+        """The choice outside any request scope (:class:`RuntimeLoras` sets "no adapter" rows)."""
+        self._choice: ContextVar[LoraChoice | None] = ContextVar("lora_choice", default=None)
+
+    @property
+    def choice(self) -> LoraChoice:
+        """The choice the calling context's component calls carry now."""
+        choice = self._choice.get()
+        return self.default if choice is None else choice
+
+    @property
+    def routes(self) -> Mapping[str, str]:
+        """The model routes of :attr:`choice`."""
+        return self.choice.routes
+
+    @contextlib.contextmanager
+    def choosing(self, choice: LoraChoice) -> Iterator[None]:
+        """Make ``choice`` the one this context's calls carry, until the block ends."""
+        token = self._choice.set(choice)
+        try:
+            yield
+        finally:
+            self._choice.reset(token)
 
     def __call__(self, model: str, inputs: Mapping[str, Tensor], outputs: Sequence[str]) -> list[Tensor]:
-        if self.lora_rows is not None and model in LORA_COMPONENTS:
+        choice = self.choice
+        if choice.rows is not None and model in LORA_COMPONENTS:
             first = next(iter(inputs.values()))
-            index, weight = self.lora_rows
+            index, weight = choice.rows
             rows = int(first.shape[0])
             inputs = {**inputs,
                       "lora_index": torch.full((rows,), index, dtype=torch.int32, device=first.device),
                       "lora_scale": torch.full((rows,), float(weight), dtype=torch.float32, device=first.device)}
-        return self._call(self.routes.get(model, model), inputs, outputs)
+        return self._call(choice.routes.get(model, model), inputs, outputs)
 
 
 class ServedLoras:
@@ -141,12 +181,8 @@ class ServedLoras:
     @contextlib.contextmanager
     def __call__(self, name: str, weight: float) -> Iterator[None]:
         variant = self.select(name, weight)
-        self.routing.routes = dict(variant.routes) if variant is not None else {}
-        try:
+        with self.routing.choosing(LoraChoice(routes=dict(variant.routes) if variant is not None else {})):
             yield
-        finally:
-            self.routing.routes = {}
-
 
 
 class RuntimeLoras:
@@ -162,7 +198,7 @@ class RuntimeLoras:
     def __init__(self, routing: RoutingCall, state: StateReader) -> None:
         self.routing = routing
         self.state = state
-        routing.lora_rows = (NO_ADAPTER, 0.0)
+        routing.default = LoraChoice(rows=(NO_ADAPTER, 0.0))  # the transformer components require rows
 
     def select(self, name: str, weight: float) -> tuple[int, float]:
         if is_no_lora(name):
@@ -180,19 +216,14 @@ class RuntimeLoras:
 
     @contextlib.contextmanager
     def __call__(self, name: str, weight: float) -> Iterator[None]:
-        self.routing.lora_rows = self.select(name, weight)
-        try:
+        with self.routing.choosing(LoraChoice(rows=self.select(name, weight))):
             yield
-        finally:
-            self.routing.lora_rows = (NO_ADAPTER, 0.0)
 
 
 def served_scope(routing: RoutingCall, assets_dir: str | Path) -> LoraScope:
     """The LoRA scope an endpoint serves with: runtime adapters when the deployment has them
-    (:data:`~.state.RUNTIME_FILE` in the assets), else its fused variants (possibly none)."""
-    from .variants import read_variants_manifest
-
-    state_file = read_runtime_pointer(assets_dir)
+    (:data:`~.state.LIVE_POINTER_FILE` in the assets), else its fused variants (possibly none)."""
+    state_file = read_live_pointer(assets_dir)
     if state_file is not None:
         return RuntimeLoras(routing, StateReader(state_file))
     return ServedLoras(routing, read_variants_manifest(assets_dir))

@@ -1,8 +1,8 @@
-"""The set of adapters a running server serves at any strength (runtime adapters, ``torch`` runtime).
+"""The set of adapters a running server serves at any strength (live adapters, ``torch`` runtime).
 
 One JSON file (the *state file*) is the single source of truth shared by three kinds of
 processes that cannot share memory: the ``lora_registry`` control model writes it (load, unload,
-reload; :mod:`.control`), the endpoints read it to turn a request's ``lora_name_or_path`` into an
+reload; :mod:`.live_control`), the endpoints read it to turn a request's ``lora_name_or_path`` into an
 adapter index (or a :class:`ParamError` naming the field), and the ``condition_encoder`` /
 ``dit_decoder`` instances read it to find the file behind an index they are asked to apply.
 Readers re-read it only when its modification time or size changed (one ``stat`` per call),
@@ -25,9 +25,10 @@ from typing import Any
 STATE_FILE = "lora_state.json"
 """Default name of the state file (in the deployment's ``lora_runtime`` folder)."""
 
-RUNTIME_FILE = "lora_runtime.json"
-"""Written into the assets folder of a runtime-adapter deployment: ``{"state_file": ...}``; its
-presence tells the endpoints to send per-row adapter inputs instead of routing to variants."""
+LIVE_POINTER_FILE = "lora_runtime.json"
+"""Written into the assets folder of a live-adapter deployment: ``{"state_file": ...}``; its
+presence tells the endpoints to send per-row adapter inputs instead of routing to variants. (The
+file name predates the "live adapters" name; deployments already built carry it.)"""
 
 NO_ADAPTER = -1
 """``lora_index`` of a batch row without adapter."""
@@ -131,16 +132,16 @@ class StateReader:
         return self._state
 
 
-def write_runtime_pointer(assets_dir: str | Path, state_file: str | Path) -> Path:
-    """Tell the endpoints of a deployment where the state file is (:data:`RUNTIME_FILE`)."""
-    path = Path(assets_dir) / RUNTIME_FILE
+def write_live_pointer(assets_dir: str | Path, state_file: str | Path) -> Path:
+    """Tell the endpoints of a deployment where the state file is (:data:`LIVE_POINTER_FILE`)."""
+    path = Path(assets_dir) / LIVE_POINTER_FILE
     path.write_text(json.dumps({"state_file": str(Path(state_file).resolve())}, indent=2) + "\n")
     return path
 
 
-def read_runtime_pointer(assets_dir: str | Path) -> Path | None:
-    """The state file of a runtime-adapter deployment, or None (fused variants, or no LoRA)."""
-    path = Path(assets_dir) / RUNTIME_FILE
+def read_live_pointer(assets_dir: str | Path) -> Path | None:
+    """The state file of a live-adapter deployment, or None (fused variants, or no LoRA)."""
+    path = Path(assets_dir) / LIVE_POINTER_FILE
     if not path.is_file():
         return None
     return Path(json.loads(path.read_text())["state_file"])

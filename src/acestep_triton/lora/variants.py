@@ -6,7 +6,10 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
+import shutil
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +17,7 @@ from typing import Any
 
 from torch import nn
 
+from ..export import onnx_export, specs
 from .files import LORA_COMPONENTS, VARIANT_SEPARATOR, VARIANTS_FILE, LoraError, _read_json, load_lora
 from .fuse import apply_lora
 from .registry import LoraRegistry, check_adapter_name
@@ -73,8 +77,6 @@ class LoraVariant:
 def variant_specs(variants: Sequence[LoraVariant]) -> list[Any]:
     """Contract specs (``export.specs.ComponentSpec``) renamed to every variant model, for
     ``render_repository(components=[*COMPONENTS.values(), *variant_specs(variants)])``."""
-    from ..export import specs
-
     return [dataclasses.replace(specs.component(c), name=variant_model_name(c, v.name))
             for v in variants for c in v.components]
 
@@ -125,10 +127,6 @@ def export_lora_variants(components: Any, registry: LoraRegistry, onnx_dir: str 
     model, see :func:`prepare_lora_onnx_dir`): without a ``base_key``, only safe in a folder tied
     to one checkpoint and export code, such as ``export_cached``'s keyed folder.
     """
-    import time
-
-    from ..export import onnx_export
-
     transformer = _transformer_of(components)
     onnx_dir = Path(onnx_dir)
     onnx_dir.mkdir(parents=True, exist_ok=True)
@@ -179,8 +177,6 @@ def export_lora_variants(components: Any, registry: LoraRegistry, onnx_dir: str 
 
 def _base_onnx_files(onnx_dir: Path) -> list[Path]:
     """The base components' ONNX graphs and external-data files in ``onnx_dir`` (no variants)."""
-    from ..export import specs
-
     names = {f"{c}.onnx" for c in specs.COMPONENTS} | {f"{c}.onnx.data" for c in specs.COMPONENTS}
     return sorted(p for p in onnx_dir.iterdir() if p.name in names and p.is_file())
 
@@ -194,9 +190,6 @@ def prepare_lora_onnx_dir(components: Any, registry: LoraRegistry, base_onnx_dir
     Variants are reused only when the adapter, strength and base files are unchanged: the base
     files' names, sizes and modification times form the ``base_key``.
     """
-    import os
-    import shutil
-
     base, out = Path(base_onnx_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = _base_onnx_files(base)

@@ -68,6 +68,7 @@ def _load_identifier() -> Any:
         with _identifier_lock:
             if _identifier is None:
                 try:
+                    # py3langid: optional lyric-language package (installed apart), ~0.1 s to import
                     from py3langid.langid import MODEL_FILE, LanguageIdentifier
                 except ImportError as exc:  # pragma: no cover - depends on the environment
                     raise ImportError(LANGID_INSTALL_HINT) from exc

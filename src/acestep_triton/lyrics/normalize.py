@@ -137,6 +137,7 @@ _WHITESPACE_RUN = re.compile(r"\s+")
 
 
 def _num2words(value: float | int, lang: str, **kwargs: object) -> str:
+    # lyric-language package, imported only when a line has numbers to spell out
     from num2words import num2words
 
     return num2words(value, lang="cz" if lang == "cs" else lang, **kwargs)

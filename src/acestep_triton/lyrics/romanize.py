@@ -2,9 +2,9 @@
 
 The lyric vocabulary has almost no CJK characters: upstream feeds Chinese as numbered pinyin
 (pypinyin, TONE3, neutral tone as 5), Korean as academic romanisation (hangul-romanize) and
-Japanese as Hepburn romaji (cutlet over fugashi/unidic-lite). The libraries are imported and
-set up on first use only, because cutlet's dictionary takes about a second to load and a
-process that never sees Japanese should not pay for it. cutlet (MeCab) is not safe to call
+Japanese as Hepburn romaji (cutlet over fugashi/unidic-lite). The libraries are set up (pypinyin
+and cutlet also imported) on first use only, because cutlet's dictionary takes about a second
+to load and a process that never sees Japanese should not pay for it. cutlet (MeCab) is not safe to call
 from several threads at once, so its calls are serialised.
 """
 
@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import threading
 from typing import Any
+
+from hangul_romanize import Transliter
+from hangul_romanize.rule import academic
 
 __all__ = ["hangul_to_latin", "japanese_to_romaji", "pinyin_with_tones"]
 
@@ -23,7 +26,7 @@ _hangul: Any = None
 
 def pinyin_with_tones(text: str) -> str:
     """Han characters → pinyin with tone digits ("的" → "de5"), other characters unchanged."""
-    import pypinyin
+    import pypinyin  # lyric-language package (~0.2 s to import): only for Chinese lines
 
     syllables = pypinyin.pinyin(
         text, style=pypinyin.Style.TONE3, heteronym=False, neutral_tone_with_five=True
@@ -37,9 +40,6 @@ def hangul_to_latin(text: str) -> str:
     if _hangul is None:
         with _lock:
             if _hangul is None:
-                from hangul_romanize import Transliter
-                from hangul_romanize.rule import academic
-
                 _hangul = Transliter(academic)
     return _hangul.translit(text)
 
@@ -50,7 +50,7 @@ def japanese_to_romaji(text: str) -> str:
     if _katsu is None:
         with _lock:
             if _katsu is None:
-                import cutlet
+                import cutlet  # lyric-language package (MeCab dictionary): only for Japanese lines
 
                 _katsu = cutlet.Cutlet()
     with _katsu_lock:

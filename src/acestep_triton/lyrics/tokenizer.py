@@ -22,6 +22,8 @@ import re
 import threading
 from pathlib import Path
 
+from tokenizers import Tokenizer
+
 from acestep_client.limits import LYRIC_MAX_TOKENS
 
 from .language import classify, detect_line_language
@@ -63,8 +65,6 @@ class LyricTokenizer:
     """
 
     def __init__(self, vocab_path: str | Path) -> None:
-        from tokenizers import Tokenizer
-
         self.vocab_path = Path(vocab_path)
         self._bpe = Tokenizer.from_file(str(self.vocab_path))
         size = self._bpe.get_vocab_size(with_added_tokens=True)

@@ -88,6 +88,20 @@ def unscale_latents(latents: Tensor) -> Tensor:
     return latents / LATENT_SCALE + LATENT_SHIFT
 
 
+def _half_arguments(c: Mapping[str, Any], half: str) -> dict[str, Any]:
+    """The arguments the encoder and the decoder read alike from the config, for ``half``
+    (``"encoder"`` or ``"decoder"``: the key prefix of its own block settings)."""
+    return {
+        "in_channels": c["in_channels"],
+        "latent_channels": c["latent_channels"],
+        "attention_head_dim": c["attention_head_dim"],
+        "block_type": c[f"{half}_block_types"],
+        "block_out_channels": tuple(c[f"{half}_block_out_channels"]),
+        "layers_per_block": tuple(c[f"{half}_layers_per_block"]),
+        "qkv_multiscales": c[f"{half}_qkv_multiscales"],
+    }
+
+
 class DCAEEncoder(nn.Module):
     """Log-mel ``[B, 2, 128, T]`` (T a multiple of 8) → scaled latents ``[B, 8, 16, T / 8]``."""
 
@@ -95,13 +109,7 @@ class DCAEEncoder(nn.Module):
         super().__init__()
         c = _full_config(config)
         self.encoder = Encoder(
-            in_channels=c["in_channels"],
-            latent_channels=c["latent_channels"],
-            attention_head_dim=c["attention_head_dim"],
-            block_type=c["encoder_block_types"],
-            block_out_channels=tuple(c["encoder_block_out_channels"]),
-            layers_per_block=tuple(c["encoder_layers_per_block"]),
-            qkv_multiscales=c["encoder_qkv_multiscales"],
+            **_half_arguments(c, "encoder"),
             downsample_block_type=c["downsample_block_type"],
             out_shortcut=c["encoder_out_shortcut"],
         )
@@ -117,13 +125,7 @@ class DCAEDecoder(nn.Module):
         super().__init__()
         c = _full_config(config)
         self.decoder = Decoder(
-            in_channels=c["in_channels"],
-            latent_channels=c["latent_channels"],
-            attention_head_dim=c["attention_head_dim"],
-            block_type=c["decoder_block_types"],
-            block_out_channels=tuple(c["decoder_block_out_channels"]),
-            layers_per_block=tuple(c["decoder_layers_per_block"]),
-            qkv_multiscales=c["decoder_qkv_multiscales"],
+            **_half_arguments(c, "decoder"),
             norm_type=c["decoder_norm_types"],
             act_fn=c["decoder_act_fns"],
             upsample_block_type=c["upsample_block_type"],

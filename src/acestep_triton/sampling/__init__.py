@@ -9,14 +9,23 @@ It knows nothing of Triton: it sees a backend (see ``backend.py``). Modules:
 - ``noise``: seeds and per-item noise exactly as upstream draws them
 - ``conditions``: encoder states of the guidance branches
 - ``config``: ``SamplerConfig``
+- ``hooks``: ``SamplingHooks`` (progress, cancellation, step observer, per-row query scales)
 - ``loop``: the sampling loop (``integrate``, ``run_sampling``, ``sample_text2music``)
 - ``tasks``: retake, audio2audio, repaint, extend, edit (FlowEdit)
 """
 
 from .backend import ComponentBackend
-from .conditions import EncodedConditions, build_conditions, encode_branches, encode_prompt, lyric_inputs
+from .conditions import (
+    EncodedConditions,
+    PromptTokens,
+    build_conditions,
+    encode_branches,
+    encode_prompt,
+    lyric_inputs,
+)
 from .config import SamplerConfig
-from .loop import GuidedVelocity, SamplingCancelled, StepTrace, integrate, run_sampling, sample_text2music
+from .hooks import NO_HOOKS, SamplingHooks, StepTrace
+from .loop import GuidedVelocity, SamplingCancelled, integrate, run_sampling, sample_text2music
 from .noise import SeededNoise, latent_frames, mix_retake_noise, resolve_request_seeds, resolve_seeds
 from .schedule import Schedule, audio2audio_schedule, flow_match_schedule, oss_schedule
 from .tasks import (
@@ -34,13 +43,16 @@ from .tasks import (
 
 __all__ = [
     "EDIT_PRESETS",
+    "NO_HOOKS",
     "ComponentBackend",
     "EditSteps",
     "EncodedConditions",
     "GuidedVelocity",
+    "PromptTokens",
     "RepaintWindow",
     "SamplerConfig",
     "SamplingCancelled",
+    "SamplingHooks",
     "Schedule",
     "SeededNoise",
     "StepTrace",

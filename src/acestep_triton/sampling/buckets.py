@@ -151,20 +151,13 @@ class ShapeBuckets:
                    _parse_ladder(tokens, TOKEN_PARAMETER, DEFAULT_TOKEN_BUCKETS))
 
     @classmethod
-    def from_parameters(cls, parameters: Mapping[str, Any]) -> ShapeBuckets:
-        """From an endpoint's config parameters (keys ``frame_buckets``, ``token_buckets``).
+    def from_parameters(cls, parameters: Mapping[str, str]) -> ShapeBuckets:
+        """From an endpoint's flat config parameters (keys ``frame_buckets``, ``token_buckets``;
+        :func:`acestep_triton.serving.config_params.model_parameters` flattens Triton's form).
 
         A missing key means ``"default"``: bucketing is on unless a deployment turns it off.
-        Values are strings; Triton's raw ``{"string_value": "..."}`` form is accepted too, so a
-        Python backend may pass ``model_config["parameters"]`` as it comes.
         """
-        def value(key: str) -> str:
-            raw = parameters.get(key, "default")
-            if isinstance(raw, Mapping) and "string_value" in raw:
-                raw = raw["string_value"]
-            return raw
-
-        return cls.parse(value(FRAME_PARAMETER), value(TOKEN_PARAMETER))
+        return cls.parse(parameters.get(FRAME_PARAMETER, "default"), parameters.get(TOKEN_PARAMETER, "default"))
 
     def as_parameters(self) -> dict[str, str]:
         """The config parameters that :meth:`from_parameters` turns back into ``self``."""

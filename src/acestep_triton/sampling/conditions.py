@@ -32,6 +32,25 @@ SPEAKER_DIM = 512
 
 
 @dataclass(frozen=True)
+class PromptTokens:
+    """A request's tokenised prompt and lyrics: ids and masks INT64, [B, T] and [B, Tl].
+
+    The four tensors always travel together (the tokenizers produce them per request, every
+    condition builder encodes all four), so they are one argument.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    lyric_ids: torch.Tensor
+    lyric_mask: torch.Tensor
+
+    def to(self, device: torch.device | str) -> PromptTokens:
+        """The same tokens on ``device`` (where the sampling loop runs)."""
+        return PromptTokens(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.lyric_ids,
+                                                      self.lyric_mask)))
+
+
+@dataclass(frozen=True)
 class PromptStates:
     """UMT5 states of the prompt, plus the ERG-weakened ones when ``use_erg_tag`` needs them."""
 
@@ -106,6 +125,14 @@ def encode_prompt(
     return PromptStates(states=states, mask=attention_mask, erg_states=erg)
 
 
+def speaker_or_zeros(speaker: torch.Tensor | None, text_states: torch.Tensor) -> torch.Tensor:
+    """The speaker embedding [B, 512], zeros when none is given: the released checkpoint has no
+    speaker model, so upstream always feeds zeros."""
+    if speaker is not None:
+        return speaker
+    return torch.zeros(text_states.shape[0], SPEAKER_DIM, dtype=torch.float32, device=text_states.device)
+
+
 def encode_branches(
     backend: ComponentBackend,
     prompt: PromptStates,
@@ -120,9 +147,7 @@ def encode_branches(
 ) -> EncodedConditions:
     """Encoder states of the conditional branch and of the requested extra branches."""
     text, text_mask = prompt.states, prompt.mask
-    batch = text.shape[0]
-    if speaker is None:
-        speaker = torch.zeros(batch, SPEAKER_DIM, dtype=torch.float32, device=text.device)
+    speaker = speaker_or_zeros(speaker, text)
     zero_speaker = torch.zeros_like(speaker)
     zero_lyrics = torch.zeros_like(lyric_ids)
     normal = lyric_query_scale(backend.lyric_layers, False, text.device)
@@ -158,24 +183,18 @@ def encode_branches(
 
 
 def build_conditions(
-    backend: ComponentBackend,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    lyric_ids: torch.Tensor,
-    lyric_mask: torch.Tensor,
-    config: SamplerConfig,
-    speaker: torch.Tensor | None = None,
+    backend: ComponentBackend, tokens: PromptTokens, config: SamplerConfig, speaker: torch.Tensor | None = None
 ) -> EncodedConditions:
     """Everything the text2music loop needs from the encoders, for ``config``'s guidance."""
     need_uncond = config.do_guidance
     need_text_only = config.do_guidance and config.double_condition
     with_erg_text = need_uncond and config.use_erg_tag and config.use_erg_lyric
-    prompt = encode_prompt(backend, input_ids, attention_mask, with_erg=with_erg_text)
+    prompt = encode_prompt(backend, tokens.input_ids, tokens.attention_mask, with_erg=with_erg_text)
     return encode_branches(
         backend,
         prompt,
-        lyric_ids,
-        lyric_mask,
+        tokens.lyric_ids,
+        tokens.lyric_mask,
         use_erg_tag=config.use_erg_tag,
         use_erg_lyric=config.use_erg_lyric,
         need_uncond=need_uncond,

@@ -10,7 +10,7 @@ Differences from upstream that do not change results:
   which the component contract expresses as a query-scale vector [Ld] per call. Rows that need
   different vectors therefore go into separate calls (two per guided step with ERG diffusion:
   conditional + text-only, then unconditional), unless the backend takes a per-row scale
-  [B, Ld] (``row_query_scale=True``): then every step is exactly one call.
+  [B, Ld] (``SamplingHooks.row_query_scale``): then every step is exactly one call.
 
 Extension points for the other tasks: ``GuidedVelocity`` is the complete "model + guidance"
 evaluation at one loop index; ``integrate`` is the loop itself, driving any velocity function
@@ -23,21 +23,18 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
-
-from acestep_client.limits import CancelFn
 
 from .backend import ComponentBackend
 from .conditions import EncodedConditions
 from .config import SamplerConfig
 from .erg import dit_query_scale
 from .guidance import GuidanceInterval, MomentumBuffer, apg, cfg, cfg_star, double_condition, scale_at
+from .hooks import NO_HOOKS, SamplingHooks, StepTrace
 from .schedule import Schedule
 from .schedulers import Scheduler, make_scheduler
 
-ProgressFn = Callable[[int, int], None]
 #: ``(latents, global step index, DiT timestep) -> guided velocity`` (``GuidedVelocity`` is one).
 VelocityFn = Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
 
@@ -57,17 +54,6 @@ class Branch(enum.Enum):
     COND = "cond"
     TEXT_ONLY = "text_only"
     UNCOND = "uncond"
-
-
-@dataclass(frozen=True)
-class StepTrace:
-    """One loop iteration, for observers (debugging against upstream traces)."""
-
-    index: int
-    timestep: torch.Tensor
-    sample: torch.Tensor
-    velocity: torch.Tensor
-    next_sample: torch.Tensor
 
 
 class GuidedVelocity:
@@ -189,9 +175,7 @@ def integrate(
     latents: torch.Tensor,
     *,
     first_index: int = 0,
-    progress: ProgressFn | None = None,
-    should_cancel: CancelFn | None = None,
-    on_step: Callable[[StepTrace], None] | None = None,
+    hooks: SamplingHooks = NO_HOOKS,
 ) -> torch.Tensor:
     """The one sampling loop: at each of ``stepper.timesteps`` evaluate, then step.
 
@@ -200,22 +184,22 @@ def integrate(
     sample (any ``Scheduler``: the text2music schedulers, or a task's own update rule).
     ``first_index`` is the global index of ``stepper.timesteps[0]``: tasks that skip the
     first steps of a schedule (repaint, edit) start later but keep upstream's indices.
-    ``progress(done, total)`` and ``SamplingCancelled`` count the iterations of this call.
+    ``hooks.progress(done, total)`` and ``SamplingCancelled`` count the iterations of this call.
     """
     timesteps = stepper.timesteps
     total = int(timesteps.shape[0])
     for k in range(total):
-        if should_cancel is not None and should_cancel():
+        if hooks.should_cancel is not None and hooks.should_cancel():
             raise SamplingCancelled(k, total)
         i = first_index + k
         t = timesteps[k]
         v = velocity(latents, i, t)
         next_latents = stepper.step(v, latents)
-        if on_step is not None:
-            on_step(StepTrace(i, t, latents, v, next_latents))
+        if hooks.on_step is not None:
+            hooks.on_step(StepTrace(i, t, latents, v, next_latents))
         latents = next_latents
-        if progress is not None:
-            progress(k + 1, total)
+        if hooks.progress is not None:
+            hooks.progress(k + 1, total)
     return latents
 
 
@@ -228,28 +212,23 @@ def run_sampling(
     *,
     generator: torch.Generator | None = None,
     latent_mask: torch.Tensor | None = None,
-    progress: ProgressFn | None = None,
-    should_cancel: CancelFn | None = None,
-    row_query_scale: bool = False,
-    on_step: Callable[[StepTrace], None] | None = None,
+    hooks: SamplingHooks = NO_HOOKS,
 ) -> torch.Tensor:
     """Integrate from ``latents`` (at σ = schedule's first point) down to σ = 0.
 
     ``generator`` feeds pingpong's per-step noise (upstream: the first item's seed
     generator after the initial draw, i.e. ``SeededNoise.step_generator``).
-    ``progress(done, total)`` is called after every loop iteration (total = model
-    evaluation points: N, or 2N − 1 for heun); ``should_cancel()`` is checked before each.
+    ``hooks.progress(done, total)`` is called after every loop iteration (total = model
+    evaluation points: N, or 2N − 1 for heun); ``hooks.should_cancel()`` is checked before each.
     """
     items, frames = latents.shape[0], latents.shape[-1]
     if latent_mask is None:
         latent_mask = torch.ones(items, frames, dtype=torch.float32, device=latents.device)
     scheduler = make_scheduler(config.scheduler_type, schedule, config.omega_scale, generator)
     guided = GuidedVelocity(
-        backend, conditions, config, schedule.num_steps, items, latent_mask, row_query_scale
+        backend, conditions, config, schedule.num_steps, items, latent_mask, hooks.row_query_scale
     )
-    return integrate(
-        guided, scheduler, latents, progress=progress, should_cancel=should_cancel, on_step=on_step
-    )
+    return integrate(guided, scheduler, latents, hooks=hooks)
 
 
 def sample_text2music(
@@ -260,26 +239,12 @@ def sample_text2music(
     *,
     generator: torch.Generator | None = None,
     latent_mask: torch.Tensor | None = None,
-    progress: ProgressFn | None = None,
-    should_cancel: CancelFn | None = None,
-    row_query_scale: bool = False,
-    on_step: Callable[[StepTrace], None] | None = None,
+    hooks: SamplingHooks = NO_HOOKS,
 ) -> torch.Tensor:
     """text2music: sample final latents [B,8,16,W] from initial ``noise`` [B,8,16,W].
 
     ``conditions`` come from ``conditions.build_conditions`` (batch 1 or B). For pingpong pass
     ``generator=SeededNoise.step_generator`` to reproduce upstream.
     """
-    return run_sampling(
-        backend,
-        conditions,
-        noise,
-        config.schedule(),
-        config,
-        generator=generator,
-        latent_mask=latent_mask,
-        progress=progress,
-        should_cancel=should_cancel,
-        row_query_scale=row_query_scale,
-        on_step=on_step,
-    )
+    return run_sampling(backend, conditions, noise, config.schedule(), config, generator=generator,
+                        latent_mask=latent_mask, hooks=hooks)

@@ -73,6 +73,14 @@ class _Stepper:
     def _advance(self) -> None:
         self._index += 1
 
+    def _take_step(self, sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(σ, σ_next) of the step being taken, on ``sample``'s device; moves on to the next one."""
+        self._check_not_done()
+        sigma = self._sigma(self._index, sample)
+        sigma_next = self._sigma(self._index + 1, sample)
+        self._advance()
+        return sigma, sigma_next
+
 
 class EulerScheduler(_Stepper):
     """First-order step ``dx = (σ_next − σ)·v`` with the omega mean shift."""
@@ -82,11 +90,8 @@ class EulerScheduler(_Stepper):
         self.omega = omega_rescale(omega_scale)
 
     def step(self, velocity: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
-        self._check_not_done()
         sample = sample.to(torch.float32)
-        sigma = self._sigma(self._index, sample)
-        sigma_next = self._sigma(self._index + 1, sample)
-        self._advance()
+        sigma, sigma_next = self._take_step(sample)
         return mean_shifted_update(sample, (sigma_next - sigma) * velocity, self.omega)
 
 
@@ -145,11 +150,8 @@ class PingPongScheduler(_Stepper):
         return noise.normal_(generator=self.generator).to(like.device)
 
     def step(self, velocity: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
-        self._check_not_done()
         sample = sample.to(torch.float32)
-        sigma = self._sigma(self._index, sample)
-        sigma_next = self._sigma(self._index + 1, sample)
-        self._advance()
+        sigma, sigma_next = self._take_step(sample)
         denoised = sample - sigma * velocity
         return (1 - sigma_next) * denoised + sigma_next * self._fresh_noise(sample)
 

@@ -22,34 +22,36 @@ what lives through all of them, each term an element count derived from the chec
 
 * DiT call (per denoising step): ``rows = batch × branches`` (1 without guidance, 2 with
   cfg/apg/cfg_star, 3 with double-condition guidance: ``guidance_scale_text`` and
-  ``guidance_scale_lyric`` both > 1), ``rows × frames × (K_DIT_WIDTH·D + K_DIT_FF·F)`` (linear
-  self-attention is linear in the frames; the GLU-MBConv holds ~``2F`` wide temporaries) plus
-  the cross-attention ``rows × heads × frames × tokens × K_CROSS`` (tokens = 1 speaker + text +
-  lyric tokens; PyTorch's SDPA kernels do not materialise the scores: measured ~0, a small
-  factor is kept for backends that do);
-* lyric Conformer (once per condition, batch 1): ``heads × T_lyric² × K_LYRIC`` (relative-position
-  attention holds the content, position and softmax matrices);
-* DCAE decode of one window (512 latent frames past 48 s, else the whole song) and DCAE encode of
-  a whole source (it is not windowed): ``frames × max_level(channels_l · 128 · 8 / 4^l) × K_DCAE``;
-* vocoder call (2 channels × 262144 samples past 48 s, else the whole song):
-  ``samples × rows × max_stage(channels_k · upsampled_k / 512) × K_VOCODER``;
-* audio: ``batch × 2 × samples at 48 kHz × K_AUDIO`` (44.1 kHz pieces, the resampled item, the
+  ``guidance_scale_lyric`` both > 1), ``rows × frames × (DIT_ACTIVATIONS_PER_WIDTH·D +
+  DIT_ACTIVATIONS_PER_FF_WIDTH·F)`` (linear self-attention is linear in the frames; the GLU-MBConv
+  holds ~``2F`` wide temporaries) plus the cross-attention ``rows × heads × frames × tokens ×
+  CROSS_ATTENTION_SCORE_COPIES`` (tokens = 1 speaker + text + lyric tokens; PyTorch's SDPA kernels
+  do not materialise the scores: measured ~0, a small factor is kept for backends that do);
+* lyric Conformer (once per condition, batch 1): ``heads × T_lyric² × LYRIC_ATTENTION_MATRICES``
+  (relative-position attention holds the content, position and softmax matrices);
+* DCAE decode of one window (512 latent frames past 48 s, else the whole song) and DCAE encode of a
+  whole source (it is not windowed): ``frames × max_level(channels_l · 128 · 8 / 4^l) ×
+  DCAE_ACTIVATION_COPIES``;
+* vocoder call (2 channels × 262144 samples past 48 s, else the whole song): ``samples × rows ×
+  max_stage(channels_k · upsampled_k / 512) × VOCODER_ACTIVATION_COPIES``;
+* audio: ``batch × 2 × samples at 48 kHz × AUDIO_COPIES`` (44.1 kHz pieces, the resampled item, the
   per-item list and its stack, the endpoint's output tensor) beside the decode phase;
 * a fixed ``REQUEST_OVERHEAD`` (conditions, tokenizer output, allocator slack).
 
-Per-element factors: first fitted in-process by ``benchmarks/memory_estimate.py`` (DiT at width
-512: ``K_DIT_WIDTH = 12``, ``K_DIT_FF = 6``, estimate ÷ measured 1.04–1.05; ``K_CROSS = 0.5``;
-``K_LYRIC = 8``, not calibrated: the tiny Conformer is too small to measure; ``K_AUDIO = 5``),
-then recalibrated at full size through tritonserver by ``benchmarks/full_size.py`` (3.5B
-checkpoint, torch runtime on the CPU, every task at 5 and 10 s, after one unmeasured request per
-endpoint; measured = the sum of every server process's RSS over its value before the request):
-``K_DCAE = 7`` (9 before; the in-process fit at 16–64 frames, 7.7–12 per element, included fixed
-costs), ``K_VOCODER = 12`` (24 before: the in-process 25–48 per element were small windows
+Per-element factors: first fitted in-process by ``benchmarks/memory_estimate.py`` (DiT at width 512:
+``DIT_ACTIVATIONS_PER_WIDTH = 12``, ``DIT_ACTIVATIONS_PER_FF_WIDTH = 6``, estimate ÷ measured
+1.04–1.05; ``CROSS_ATTENTION_SCORE_COPIES = 0.5``; ``LYRIC_ATTENTION_MATRICES = 8``, not calibrated:
+the tiny Conformer is too small to measure; ``AUDIO_COPIES = 5``), then recalibrated at full size
+through tritonserver by ``benchmarks/full_size.py`` (3.5B checkpoint, torch runtime on the CPU,
+every task at 5 and 10 s, after one unmeasured request per endpoint; measured = the sum of every
+server process's RSS over its value before the request): ``DCAE_ACTIVATION_COPIES = 7`` (9 before;
+the in-process fit at 16–64 frames, 7.7–12 per element, included fixed costs),
+``VOCODER_ACTIVATION_COPIES = 12`` (24 before: the in-process 25–48 per element were small windows
 dominated by fixed costs) and ``REQUEST_OVERHEAD = 200 MiB`` (32 before): a served request leaves
 every component process up to its release threshold (64 MiB, ``serving/memory.py``) above its
-post-load size, and the sum over the processes is a constant a request must be budgeted for.
-Full size, 8 requests: estimate ÷ measured 1.08–1.43 (benchmarks/RESULTS.md; in-sample: the
-constants were fitted on those requests).
+post-load size, and the sum over the processes is a constant a request must be budgeted for. Full
+size, 8 requests: estimate ÷ measured 1.08–1.43 (benchmarks/RESULTS.md; in-sample: the constants
+were fitted on those requests).
 
 For the 3.5B checkpoint (D 2560, F 6400, 20 heads, Conformer 16 heads, DCAE channels 128…1024,
 vocoder 1024 initial channels) that is: DiT ``12·2560 + 6·6400 = 69 120`` elements = 270 KiB per
@@ -73,13 +75,20 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import soundfile as sf
+import torch
+
 from acestep_client.errors import UnavailableError
 from acestep_client.limits import MODEL_SAMPLE_RATE as MODEL_RATE
 from acestep_client.limits import OUTPUT_SAMPLE_RATE as OUTPUT_RATE
 from acestep_client.limits import OVERLAP_MIN_DURATION_S
 from acestep_client.params import MAX_DURATION_S, GenerationParams, ParamError
 
+from ..checkpoint import DCAE_DIR, TRANSFORMER_DIR, VOCODER_DIR, CheckpointLayout
 from ..codec import OverlapWindows
+from ..models.transformer import TransformerConfig
+from ..models.vocoder import VocoderConfig
+from ..sampling import SamplingCancelled
 from ..sampling.noise import FRAMES_PER_SECOND, latent_frames
 from .config_params import parse_flag
 from .memory import proc_field_bytes
@@ -92,15 +101,16 @@ RANDOM_DURATION_MAX_S = MAX_DURATION_S  # audio_duration <= 0 draws a duration u
 DCAE_WINDOW = OverlapWindows.dcae_window  # latent frames per windowed DCAE call
 VOCODER_WINDOW = OverlapWindows.vocoder_window  # samples per windowed vocoder call
 
-K_DIT_WIDTH = 12.0
-K_DIT_FF = 6.0
-K_CROSS = 0.5
-K_LYRIC = 8.0
-K_DCAE = 7.0
-K_VOCODER = 12.0
-K_AUDIO = 5.0
+# Per-element factors (module docstring): fp32 elements each term holds per unit of its shape.
+DIT_ACTIVATIONS_PER_WIDTH = 12.0
+DIT_ACTIVATIONS_PER_FF_WIDTH = 6.0
+CROSS_ATTENTION_SCORE_COPIES = 0.5
+LYRIC_ATTENTION_MATRICES = 8.0
+DCAE_ACTIVATION_COPIES = 7.0
+VOCODER_ACTIVATION_COPIES = 12.0
+AUDIO_COPIES = 5.0
 REQUEST_OVERHEAD = 200 * MiB  # allocator slack of the served processes, conditions, tokenizer output
-K_LATENTS = 16.0  # latents, noise, velocities and guidance temporaries per row (float64 in APG)
+LATENT_COPIES_PER_ROW = 16.0  # latents, noise, velocities and guidance temporaries per row (float64 in APG)
 
 SOURCE_TASKS = {"repaint": "src_audio", "edit": "src_audio", "extend": "src_audio", "audio2audio": "ref_audio"}
 
@@ -126,9 +136,6 @@ class ModelDims:
     def from_configs(cls, transformer: Mapping[str, Any], dcae: Mapping[str, Any],
                      vocoder: Mapping[str, Any]) -> ModelDims:
         """From the three ``config.json`` of a checkpoint (or of serving assets)."""
-        from ..models.transformer import TransformerConfig
-        from ..models.vocoder import VocoderConfig
-
         t = TransformerConfig.from_dict(transformer)
         v = VocoderConfig.from_dict(vocoder)
         decoder = tuple(int(c) for c in dcae.get("decoder_block_out_channels", cls.dcae_channels))
@@ -142,8 +149,6 @@ class ModelDims:
     @classmethod
     def from_dir(cls, folder: str | Path) -> ModelDims:
         """From a checkpoint or assets folder (the official four-folder layout)."""
-        from ..checkpoint import DCAE_DIR, TRANSFORMER_DIR, VOCODER_DIR, CheckpointLayout
-
         layout = CheckpointLayout(Path(folder))
         return cls.from_configs(layout.read_config(TRANSFORMER_DIR), layout.read_config(DCAE_DIR),
                                 layout.read_config(VOCODER_DIR))
@@ -151,7 +156,7 @@ class ModelDims:
     @property
     def dit_per_row_frame(self) -> float:
         """Elements of DiT activations per (row, latent frame), cross-attention aside."""
-        return K_DIT_WIDTH * self.dit_width + K_DIT_FF * self.dit_ff
+        return DIT_ACTIVATIONS_PER_WIDTH * self.dit_width + DIT_ACTIVATIONS_PER_FF_WIDTH * self.dit_ff
 
     def dcae_per_frame(self, channels: tuple[int, ...]) -> float:
         """Elements of the largest DCAE level per latent frame (level l: ``c_l`` channels on a
@@ -211,8 +216,6 @@ def audio_seconds(data: bytes | None) -> float | None:
     why); costs no decode, so a refused request costs nothing."""
     if not data:
         return None
-    import soundfile as sf
-
     try:
         info = sf.info(io.BytesIO(data))
     except (RuntimeError, TypeError, ValueError):
@@ -271,14 +274,15 @@ def estimate_memory(shape: RequestShape, dims: ModelDims) -> MemoryEstimate:
     output_samples = math.ceil(model_samples * OUTPUT_RATE / MODEL_RATE)
     parts = {
         "overhead": float(REQUEST_OVERHEAD),
-        "latents": K_LATENTS * rows * 8 * 16 * shape.frames * BYTES,
+        "latents": LATENT_COPIES_PER_ROW * rows * 8 * 16 * shape.frames * BYTES,
         "dit": rows * shape.frames * dims.dit_per_row_frame * BYTES,
-        "cross_attention": K_CROSS * rows * dims.dit_heads * shape.frames * shape.tokens * BYTES,
-        "lyric_encoder": K_LYRIC * dims.lyric_heads * shape.lyric_tokens**2 * BYTES,
-        "source_encode": K_DCAE * shape.source_frames * dims.dcae_per_frame(dims.dcae_encoder_channels) * BYTES,
-        "dcae_window": K_DCAE * decode_frames * dims.dcae_per_frame(dims.dcae_channels) * BYTES,
-        "vocoder_window": K_VOCODER * 2 * vocoder_samples * dims.vocoder_per_sample * BYTES,
-        "audio": K_AUDIO * shape.batch * 2 * output_samples * BYTES,
+        "cross_attention": CROSS_ATTENTION_SCORE_COPIES * rows * dims.dit_heads * shape.frames * shape.tokens * BYTES,
+        "lyric_encoder": LYRIC_ATTENTION_MATRICES * dims.lyric_heads * shape.lyric_tokens**2 * BYTES,
+        "source_encode": (DCAE_ACTIVATION_COPIES * shape.source_frames
+                          * dims.dcae_per_frame(dims.dcae_encoder_channels) * BYTES),
+        "dcae_window": DCAE_ACTIVATION_COPIES * decode_frames * dims.dcae_per_frame(dims.dcae_channels) * BYTES,
+        "vocoder_window": VOCODER_ACTIVATION_COPIES * 2 * vocoder_samples * dims.vocoder_per_sample * BYTES,
+        "audio": AUDIO_COPIES * shape.batch * 2 * output_samples * BYTES,
     }
     return MemoryEstimate(parts)
 
@@ -368,8 +372,6 @@ class MemoryBudget:
             while not self._fits_now(need):
                 left = deadline - time.monotonic()
                 if should_cancel is not None and should_cancel():
-                    from ..sampling import SamplingCancelled
-
                     raise SamplingCancelled(0, 0)
                 if left <= 0:
                     raise UnavailableError(
@@ -444,8 +446,6 @@ class Admission:
                         free_memory: Callable[[Any], int] | None = None) -> Admission:
         """``free_memory(device)``: bytes free on the device now (default: ``cudaMemGetInfo``
         on a GPU, ``MemAvailable`` on the CPU); tests pass a fake."""
-        import torch
-
         device = torch.device(device)
         value = parameters.get("memory_budget_mb", "auto").strip().lower()
         margin = int(float(parameters.get("memory_margin_mb", "2048")) * MiB)

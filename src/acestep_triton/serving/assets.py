@@ -33,7 +33,9 @@ from ..checkpoint import (
     VOCODER_DIR,
     CheckpointLayout,
 )
+from ..lyrics.tokenizer import LyricTokenizer
 from ..models.mel import LogMelSpectrogram
+from ..models.transformer import TransformerConfig
 
 MEL_PREFIX = "mel_transform."
 MEL_FILE = "mel.safetensors"
@@ -77,9 +79,8 @@ class ServingAssets:
 
 def load_assets(assets_dir: str | Path) -> ServingAssets:
     """Read an assets folder written by :func:`write_assets` (errors name the missing file)."""
-    from ..lyrics.tokenizer import LyricTokenizer
+    # deferred: models.text_encoder imports transformers (seconds); writing assets never needs it
     from ..models.text_encoder import PromptTokenizer, read_text_encoder_config
-    from ..models.transformer import TransformerConfig
 
     root = Path(assets_dir)
     layout = CheckpointLayout(root)

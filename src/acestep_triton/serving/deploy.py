@@ -13,20 +13,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import load_components
+from ..checkpoint import load_components, meta_transformer
+from ..export.engine_build import BuildOptions, build_engine
+from ..export.model_configs import check_runtime, load_endpoints
 from ..export.onnx_export import export_cached
-from ..export.render import check_runtime, load_endpoints, render_repository
+from ..export.repository import render_repository
 from ..export.specs import COMPONENTS, LORA_ROW_COMPONENTS, with_lora_rows
 from ..lora import (
+    LoraError,
     LoraRegistry,
     base_component,
     prepare_lora_onnx_dir,
     variant_specs,
     write_variants_manifest,
 )
-from ..lora.control import write_control_model
-from ..lora.state import RUNTIME_FILE
+from ..lora.live import parse_budget_mb
+from ..lora.live_control import LiveAdapterControl, write_control_model
+from ..lora.state import LIVE_POINTER_FILE, STATE_FILE, write_live_pointer
 from .assets import write_assets
+
+LIVE_STATE_DIR = "lora_runtime"
+"""Folder of a torch deployment's workdir that holds the live adapters' state file (the name
+predates the "live adapters" name; tools look for ``lora_runtime/lora_state.json``)."""
 
 
 @dataclass(frozen=True)
@@ -54,22 +62,22 @@ def build_deployment(ckpt_dir: str | Path, workdir: str | Path, *, vocab_path: s
 
     ``components`` may pass already loaded models of the checkpoint (saves loading them again);
     ``onnx_dir`` an existing export of this checkpoint (skips the export);
-    ``render_options`` go to :func:`~acestep_triton.export.render.render_repository`.
+    ``render_options`` go to :func:`~acestep_triton.export.repository.render_repository`.
     LoRA adapters of ``lora_dir``: with ``onnx``/``tensorrt`` they become fused variant models
-    (``<component>__<name>``, exported ONNX/engines); with ``torch`` they are runtime adapters
-    (:func:`add_runtime_loras`): any strength per request, loaded and unloaded while the server
+    (``<component>__<name>``, exported ONNX/engines); with ``torch`` they are live adapters
+    (:func:`live_adapter_parameters`): any strength per request, loaded and unloaded while the server
     runs, within ``lora_memory_mb`` per transformer-component instance.
     """
     runtime = check_runtime(target, runtime)
     workdir = Path(workdir)
     assets = write_assets(ckpt_dir, workdir / "assets", vocab_path)
-    (assets / RUNTIME_FILE).unlink(missing_ok=True)  # runtime adapters only when configured below
+    (assets / LIVE_POINTER_FILE).unlink(missing_ok=True)  # live adapters only when configured below
     specs = list(COMPONENTS.values())
     if runtime == "torch":
         component_parameters: dict[str, dict[str, str]] = {}
         control: dict[str, str] | None = None
         if lora_dir is not None:
-            control = runtime_lora_parameters(ckpt_dir, lora_dir, workdir, assets, lora_memory_mb)
+            control = live_adapter_parameters(ckpt_dir, lora_dir, workdir, assets, lora_memory_mb)
             specs = [with_lora_rows(s) for s in specs]
             for name in LORA_ROW_COMPONENTS:
                 component_parameters[name] = {k: control[k] for k in ("lora_state", "lora_memory_mb")}
@@ -93,8 +101,6 @@ def build_deployment(ckpt_dir: str | Path, workdir: str | Path, *, vocab_path: s
         write_variants_manifest(variants, assets)
         specs += variant_specs(variants)
     if runtime == "tensorrt":  # TensorRT engines, built on (and for) this machine's GPU
-        from ..export.tensorrt import BuildOptions, build_engine
-
         engine_dir = workdir / "engines"
         engine_dir.mkdir(parents=True, exist_ok=True)
         options = BuildOptions(precision=precision, max_items=render_options.get("max_items", 4),
@@ -108,30 +114,24 @@ def build_deployment(ckpt_dir: str | Path, workdir: str | Path, *, vocab_path: s
     return Deployment(repository=repository, assets=assets, onnx_dir=Path(onnx_dir))
 
 
-def runtime_lora_parameters(ckpt_dir: str | Path, lora_dir: str | Path, workdir: Path, assets: Path,
+def live_adapter_parameters(ckpt_dir: str | Path, lora_dir: str | Path, workdir: Path, assets: Path,
                             lora_memory_mb: float | None = None) -> dict[str, str]:
-    """Set up runtime adapters for a torch deployment; returns the control model's parameters.
+    """Set up live adapters for a torch deployment; returns the control model's parameters.
 
     Every adapter folder of ``lora_dir`` is loaded now, checked against the checkpoint (a bad
     adapter fails the build, as with fused variants), into a fresh state file
     ``workdir/lora_runtime/lora_state.json``; the assets get the pointer the endpoints read.
     """
-    from ..checkpoint import meta_transformer
-    from ..lora import LoraError
-    from ..lora.control import RuntimeRegistry
-    from ..lora.runtime import parse_budget_mb
-    from ..lora.state import STATE_FILE, write_runtime_pointer
-
     root = Path(lora_dir).resolve()
     LoraRegistry.from_dir(root)  # the layout checks of the configured registry: errors name the folder
-    state = workdir.resolve() / "lora_runtime" / STATE_FILE
+    state = workdir.resolve() / LIVE_STATE_DIR / STATE_FILE
     if state.parent.exists():
         shutil.rmtree(state.parent)
     memory = "" if lora_memory_mb is None else repr(float(lora_memory_mb))
-    registry = RuntimeRegistry(root, state, meta_transformer(ckpt_dir), budget_bytes=parse_budget_mb(memory))
-    refused = registry.reload()
+    control = LiveAdapterControl(root, state, meta_transformer(ckpt_dir), budget_bytes=parse_budget_mb(memory))
+    refused = control.reload()
     if refused:
         raise LoraError("LoRA adapters that cannot be served:\n  " + "\n  ".join(refused.values()))
-    write_runtime_pointer(assets, state)
+    write_live_pointer(assets, state)
     return {"lora_dir": str(root), "lora_state": str(state), "lora_memory_mb": memory,
             "checkpoint_dir": str(Path(ckpt_dir).resolve())}

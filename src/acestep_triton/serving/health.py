@@ -30,6 +30,8 @@ import json
 import math
 import os
 import re
+import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -41,6 +43,8 @@ from pathlib import Path
 from typing import Any
 
 from acestep_client.auth import ADMIN_HEADER
+
+from .drain import stale_folders
 
 STUB_BINARY = "triton_python_backend_stub"
 STUB_COMM = STUB_BINARY[:15]
@@ -209,8 +213,6 @@ def stale_regions(prefix: str | None = None, *, min_age_s: float = 0.0) -> list[
 def cleanup_orphans(prefix: str | None = None) -> tuple[list[int], list[Path]]:
     """Kill orphaned stubs and remove stale regions (all of ours, or those of ``prefix``):
     (pids killed, regions removed). Run before a server starts and after one stopped."""
-    import signal
-
     killed = []
     for stub in orphaned_stubs():
         if prefix is None or stub.shm_region.startswith(prefix):
@@ -226,10 +228,6 @@ def cleanup_orphans(prefix: str | None = None) -> tuple[list[int], list[Path]]:
             path.unlink()
             removed.append(path)
     if prefix is None:  # the drain folders (serving/drain.py) of servers that are gone
-        import shutil
-
-        from .drain import stale_folders
-
         for folder in stale_folders(_live_prefixes()):
             shutil.rmtree(folder, ignore_errors=True)
     return killed, removed

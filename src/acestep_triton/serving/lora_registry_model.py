@@ -1,8 +1,8 @@
-"""Python-backend model body of ``lora_registry``: the runtime LoRA registry's commands.
+"""Python-backend model body of ``lora_registry``: the commands that change the live LoRA adapters.
 
 ``list`` (open), ``load NAME`` / ``unload NAME`` / ``reload`` (the admin key, as the request
-parameter ``acestep_admin_key``): each runs on the one :class:`~acestep_triton.lora.control.
-RuntimeRegistry` of the deployment, which writes the state file the component instances read.
+parameter ``acestep_admin_key``): each runs on the one :class:`~acestep_triton.lora.live_control.
+LiveAdapterControl` of the deployment, which writes the state file the component instances read.
 Like the other model bodies it lives in ``serving/``; ``model_repository/lora_registry/model.py``
 re-exports it.
 """
@@ -13,11 +13,15 @@ import json
 import os
 from typing import Any
 
+import numpy as np
+
 from acestep_client.auth import ADMIN_KEY_ENV, ADMIN_KEY_PARAMETER, keys_match
+from acestep_client.errors import ErrorCategory, tag_message
 from acestep_client.params import ParamError
 
 from ..checkpoint import meta_transformer
-from ..lora.control import ADMIN_COMMANDS, MAX_MESSAGE_CHARS, RuntimeRegistry, clip
+from ..lora.live import parse_budget_mb
+from ..lora.live_control import ADMIN_COMMANDS, MAX_MESSAGE_CHARS, LiveAdapterControl, clip
 from .config_params import model_parameters
 
 
@@ -25,9 +29,8 @@ class TritonPythonModel:
     """``lora_registry``: one instance (commands run one at a time, the state has one writer)."""
 
     def initialize(self, args: dict[str, Any]) -> None:
+        # only importable inside Triton's Python-backend stub process
         import triton_python_backend_utils as pb_utils
-
-        from ..lora.runtime import parse_budget_mb
 
         self.pb = pb_utils
         config = json.loads(args["model_config"])
@@ -37,18 +40,14 @@ class TritonPythonModel:
             if not params.get(key):
                 raise ValueError(f"{self.name}: config parameter {key!r} is required")
         self.admin_key = os.environ.get(ADMIN_KEY_ENV) or None  # set by `acestep-triton serve`
-        self.registry = RuntimeRegistry(params["lora_dir"], params["lora_state"],
-                                        meta_transformer(params["checkpoint_dir"]),
-                                        budget_bytes=parse_budget_mb(params.get("lora_memory_mb")),
-                                        scaling=params.get("lora_scaling") or "upstream")
-        pb_utils.Logger.log_info(f"{self.name}: registry {self.registry.root}, "
-                                 f"{len(self.registry.state.loaded)} adapter(s) loaded")
+        self.control = LiveAdapterControl(params["lora_dir"], params["lora_state"],
+                                          meta_transformer(params["checkpoint_dir"]),
+                                          budget_bytes=parse_budget_mb(params.get("lora_memory_mb")),
+                                          scaling=params.get("lora_scaling") or "upstream")
+        pb_utils.Logger.log_info(f"{self.name}: registry {self.control.root}, "
+                                 f"{len(self.control.state.loaded)} adapter(s) loaded")
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        import numpy as np
-
-        from acestep_client.errors import ErrorCategory, tag_message
-
         pb = self.pb
         responses = []
         for request in requests:
@@ -66,7 +65,7 @@ class TritonPythonModel:
                     message = tag_message(ErrorCategory.PERMISSION_DENIED, denied)
                     responses.append(pb.InferenceResponse(output_tensors=[], error=pb.TritonError(message)))
                     continue
-                listing = self.registry.command(command, text("lora_name_or_path"))
+                listing = self.control.command(command, text("lora_name_or_path"))
             except ParamError as e:
                 message = tag_message(ErrorCategory.INVALID_ARGUMENT, clip(str(e), MAX_MESSAGE_CHARS))
                 responses.append(pb.InferenceResponse(output_tensors=[], error=pb.TritonError(message)))

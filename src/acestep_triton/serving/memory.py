@@ -101,7 +101,7 @@ class MemoryReleaser:
             gc.collect()  # tensors held only by reference cycles (e.g. a kept traceback) go first
             released = malloc_trim()
         if self.cuda:
-            import torch
+            import torch  # heavy: only a CUDA instance gets here (this module stays torch-free)
 
             if torch.cuda.is_available():
                 cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)

@@ -38,7 +38,7 @@ class OnnxComponentModel(BatchedComponentModel):
     """``TritonPythonModel`` for one ONNX component (see the module docstring)."""
 
     def load(self, args: dict[str, str]) -> None:
-        import onnxruntime as ort
+        import onnxruntime as ort  # optional heavy dependency (the serve extra): only onnx-runtime instances
 
         if int(np.__version__.split(".")[0]) >= 2:
             raise RuntimeError(f"numpy {np.__version__} in the Python-backend stub's environment: the "

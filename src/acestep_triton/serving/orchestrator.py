@@ -37,10 +37,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.dlpack import to_dlpack
 
 from acestep_client.errors import ErrorCategory, UnavailableError, means_unavailable, tag_message
+from acestep_client.limits import MAX_AUDIO_BYTES, MAX_UPLOAD_ENV
 from acestep_client.params import (
-    MAX_AUDIO_BYTES,
     TASKS,
     GenerationParams,
     ParamError,
@@ -49,7 +50,7 @@ from acestep_client.params import (
     params_from_wire,
 )
 
-from ..export.specs import SAMPLING_DEVICES
+from ..export.specs import COMPONENTS, SAMPLING_DEVICES, with_lora_rows
 from ..lora import RoutingCall, base_component, served_scope
 from ..pipeline import MusicGenerator
 from ..sampling import SamplingCancelled
@@ -145,10 +146,6 @@ COMPONENT_RESTARTING = ("{model} is unavailable: its process stopped and the ser
 
 def bls_call(pb_utils: Any, device: torch.device = CPU) -> ComponentCall:
     """A :data:`ComponentCall` issuing synchronous BLS requests; tensors cross by DLPack."""
-    from torch.utils.dlpack import to_dlpack
-
-    from ..export.specs import COMPONENTS, with_lora_rows
-
     preferred = preferred_memory(pb_utils, device)
 
     def call(model: str, inputs: Mapping[str, torch.Tensor], outputs: Sequence[str]) -> list[torch.Tensor]:
@@ -206,12 +203,6 @@ def read_request_fields(get_input: Callable[[str], Any], task: str) -> Generatio
         raise ParamError("task", f"{sent!r} sent to the {task!r} endpoint; send it to the {sent!r} endpoint "
                                  f"or leave task out")
     return params_from_wire(arrays)
-
-
-MAX_UPLOAD_ENV = "ACESTEP_MAX_UPLOAD_MB"
-"""Deployment setting: the largest ``src_audio``/``ref_audio`` upload an endpoint accepts, in MiB
-(default :data:`~acestep_client.params.MAX_AUDIO_BYTES`, 128 MiB: a 240 s stereo float WAV at
-48 kHz is 92 MB). ``acestep-triton serve --max-upload-mb`` sets it for the server's models."""
 
 
 def upload_limit_bytes() -> int:
@@ -280,6 +271,7 @@ class TritonPythonModel:
     """The decoupled endpoint model (the ``model.py`` shims re-export this class)."""
 
     def initialize(self, args: dict[str, Any]) -> None:
+        # only importable inside Triton's Python-backend stub process
         import triton_python_backend_utils as pb_utils
 
         self.pb = pb_utils

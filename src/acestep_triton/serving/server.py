@@ -57,7 +57,7 @@ from acestep_client.auth import (
     check_key,
     env_key,
 )
-from acestep_client.params import MAX_AUDIO_BYTES
+from acestep_client.limits import MAX_AUDIO_BYTES, MAX_UPLOAD_ENV
 
 from . import drain as drain_files
 from .health import (
@@ -97,8 +97,6 @@ benchmarks/RESULTS.md). Allocating them per request costs nothing next to a gene
 REGION_HEADROOM_BYTES = 64 * 2**20
 """Room in an endpoint stub's ``/dev/shm`` region beyond two uploads: responses (a 240 s stereo
 float32 response is 92 MB) and the small inputs."""
-MAX_UPLOAD_ENV = "ACESTEP_MAX_UPLOAD_MB"
-"""The endpoints' upload limit in MiB (:func:`acestep_triton.serving.orchestrator.upload_limit_bytes`)."""
 NO_STUBS_GRACE_S = 3.0
 """On stop: a server that had stub processes when it was signalled and has none left for this
 long has unloaded every Python model; if it still runs it waits for the unload of a version the

@@ -15,9 +15,9 @@ Config parameters: ``component``, ``checkpoint_dir`` (required); ``precision`` (
 (``auto`` = on for the DiT decoder on a GPU), ``max_graphs``, ``compile_backend``, ``warmup``
 (shapes run in ``initialize``, so before the model reports ready: ``batch:frames:tokens,...``,
 ``default``, ``none``, ``auto``), ``torch_threads`` (CPU), ``lora_fast_path`` and
-``lora_slots`` (runtime adapters on the compiled DiT), and for
-LoRA variants ``lora_path``, ``lora_weight``, ``lora_scaling``. Runtime adapters
-(:mod:`acestep_triton.lora.runtime`, condition encoder and DiT decoder): ``lora_state`` (the
+``lora_slots`` (live adapters on the compiled DiT), and for
+LoRA variants ``lora_path``, ``lora_weight``, ``lora_scaling``. Live adapters
+(:mod:`acestep_triton.lora.live`, condition encoder and DiT decoder): ``lora_state`` (the
 state file listing the loaded adapters) and ``lora_memory_mb`` (budget of the resident A/B
 tensors per instance, least recently used evicted); the config then has the optional per-row
 inputs ``lora_index`` / ``lora_scale``.
@@ -38,7 +38,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from torch.utils.dlpack import to_dlpack
 
+from ..export.specs import component
 from . import component_model
 from .component_model import BatchedComponentModel
 from .component_stats import ComponentMemoryMetrics, module_bytes
@@ -81,8 +83,6 @@ class TorchComponentModel(BatchedComponentModel):
     """``TritonPythonModel`` for one component run by torch (see the module docstring)."""
 
     def load(self, args: dict[str, str]) -> None:
-        from ..export.specs import component
-
         params = self.parameters
         name = params.get("component", "")
         spec = component(name)
@@ -132,8 +132,6 @@ class TorchComponentModel(BatchedComponentModel):
         return outputs
 
     def output_tensor(self, name: str, array: torch.Tensor) -> Any:
-        from torch.utils.dlpack import to_dlpack
-
         return component_model.pb_utils.Tensor.from_dlpack(name, to_dlpack(array.contiguous()))
 
     def finalize(self) -> None:

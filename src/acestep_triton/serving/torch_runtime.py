@@ -13,7 +13,7 @@ Python-backend model (:mod:`acestep_triton.serving.torch_component`) calls per b
 :func:`runner_call` plugs the very same runners into the Triton backend in-process, so a
 benchmark can compare "through Triton" with "the same compiled components called directly".
 
-Runtime LoRA adapters (:class:`RuntimeLoraOptions`, :mod:`acestep_triton.lora.runtime`): the
+Runtime LoRA adapters (:class:`RuntimeLoraOptions`, :mod:`acestep_triton.lora.live`): the
 condition encoder and DiT decoder keep the checkpoint's weights only, and each batch row may
 name an adapter and strength (``lora_index`` / ``lora_scale``), so one instance serves every
 loaded adapter at any strength, mixed in one batch.
@@ -28,17 +28,19 @@ rounding). Every component's inputs and outputs stay FP32 on the wire, as the co
 from __future__ import annotations
 
 import contextlib
+import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from acestep_client.limits import PROMPT_MAX_TOKENS
+from acestep_client.params import ParamError
 
 from ..checkpoint import (
     CheckpointLayout,
@@ -50,13 +52,16 @@ from ..checkpoint import (
 )
 from ..component_graphs import ComponentGraph, component_graph
 from ..export.specs import COMPONENTS, ComponentSpec
-from ..sampling.buckets import WarmupShape, parse_warmup
+from ..gpu import CUDAGraphDecoder, GraphBackend
+from ..lora import fuse_in_place, load_lora
+from ..lora.live import AdapterBank, AdapterStack, called_modules, parse_budget_mb
+from ..lora.state import StateReader
+from ..pipeline import MusicGenerator
+from ..sampling.buckets import BucketedBackend, ShapeBuckets, WarmupShape, parse_warmup
+from .assets import load_assets, write_assets
 from .config_params import parse_flag
 from .memory import malloc_trim
-
-if TYPE_CHECKING:
-    from ..gpu import GraphBackend
-    from ..lora.runtime import AdapterBank, AdapterStack
+from .orchestrator import TritonBackend
 
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 """Values of the ``precision`` config parameter."""
@@ -84,7 +89,7 @@ class RuntimeOptions:
 
     ``warmup``: the ``dit_decoder`` shapes run once at load, before the model reports ready
     (:meth:`ComponentRunner.warm_up`). ``lora_fast_path``/``lora_slots``: runtime adapters on a
-    compiled or graphed DiT go through the static :class:`~acestep_triton.lora.runtime.
+    compiled or graphed DiT go through the static :class:`~acestep_triton.lora.live.
     AdapterStack` of that many initial slots (off: such batches run the blocks eagerly)."""
 
     device: torch.device
@@ -187,8 +192,6 @@ def _fuse_variant(layout: CheckpointLayout, transformer: nn.Module, lora_path: s
     """Fuse a LoRA variant's adapter into the served half of the transformer, in place. The
     adapter is checked against the whole transformer (built on the meta device, no memory), so
     a key for the other half is fine and a key for no module at all is still an error."""
-    from ..lora import fuse_in_place, load_lora
-
     adapter = load_lora(lora_path, meta_transformer(layout.root), scaling=scaling)
     fuse_in_place(transformer, adapter, weight)
 
@@ -207,10 +210,9 @@ class RuntimeLoraOptions:
     @classmethod
     def from_parameters(cls, model_name: str, parameters: Mapping[str, str]) -> RuntimeLoraOptions | None:
         """None unless the config names a ``lora_state`` file (runtime adapters are on)."""
-        import os
-
-        from ..lora.control import STATUS_DIR
-        from ..lora.runtime import parse_budget_mb
+        # lora.live_control imports tritonclient (through export.triton_config): importing this
+        # module stays free of it
+        from ..lora.live_control import STATUS_DIR
 
         if not parameters.get("lora_state"):
             return None
@@ -244,8 +246,8 @@ class ComponentRunner:
 
     With ``loras`` (transformer components only), the optional inputs ``lora_index`` /
     ``lora_scale`` select a runtime adapter and strength per batch row
-    (:class:`~acestep_triton.lora.runtime.AdapterBank`). On a compiled or graphed DiT decoder
-    the adapters live in the bank's static :class:`~acestep_triton.lora.runtime.AdapterStack`:
+    (:class:`~acestep_triton.lora.live.AdapterBank`). On a compiled or graphed DiT decoder
+    the adapters live in the bank's static :class:`~acestep_triton.lora.live.AdapterStack`:
     a batch with adapter rows, mixed with base rows or not, runs the same compiled blocks, and
     replays a CUDA graph per shape captured with the adapter term (the per-row ``slot`` and
     ``scale`` are two more graph inputs). Batches without any adapter row run exactly as without
@@ -276,7 +278,7 @@ class ComponentRunner:
         if spec.name == "dit_decoder":
             transformer = self.graph.transformer
             if options.compile:
-                import torch._dynamo
+                import torch._dynamo  # heavy (~1 s to import): only compiled instances need it
 
                 # Every (batch, bucket) shape is a new specialisation: allow enough of them, and
                 # let dynamo switch to shape-generic kernels after the first recompile (dynamic=None)
@@ -287,8 +289,6 @@ class ComponentRunner:
                     block.compile(backend=options.compile_backend)
                 self.compiled = True
             if options.cuda_graphs and (self.device.type == "cuda" or graph_backend is not None):
-                from ..gpu import CUDAGraphDecoder
-
                 # max_graphs counts shapes: with runtime adapters on the fast path a shape has two
                 # graphs (base rows only / with adapter rows), so the graph limit doubles
                 per_shape = 2 if loras is not None and options.lora_fast_path else 1
@@ -304,9 +304,6 @@ class ComponentRunner:
     def _adapter_bank(self, module: nn.Module, loras: RuntimeLoraOptions) -> AdapterBank:
         """The instance's adapter cache; probes which projections the forward really calls (once,
         before any compilation, on a one-item example)."""
-        from ..lora.runtime import AdapterBank, called_modules
-        from ..lora.state import StateReader
-
         if self.spec.name not in ("condition_encoder", "dit_decoder"):
             raise ValueError(f"{self.spec.name}: runtime LoRA adapters touch only the transformer components")
         example = [t.to(self.device) for t in self.graph.example_inputs(1, 4).values()]
@@ -425,8 +422,6 @@ class ComponentRunner:
         paid before the model reports ready (Triton calls ``initialize``, which builds this
         runner, before readiness). Returns the seconds it took (also ``warmup_seconds``)."""
         started = time.perf_counter()
-        from acestep_client.params import ParamError
-
         adapters = self._warmup_adapters()
         try:
             for index in adapters:
@@ -484,20 +479,15 @@ def runner_call(runners: Mapping[str, ComponentRunner]) -> Any:
     return call
 
 
-def runtime_generator(ckpt_dir: str | Path, vocab_path: str | Path | None = None, *,
-                      device: torch.device | str = "cpu",
-                      parameters: Mapping[str, Mapping[str, str]] | None = None,
-                      buckets: Any = None) -> Any:
+def in_process_twin_generator(ckpt_dir: str | Path, vocab_path: str | Path | None = None, *,
+                              device: torch.device | str = "cpu",
+                              parameters: Mapping[str, Mapping[str, str]] | None = None,
+                              buckets: ShapeBuckets | None = None) -> MusicGenerator:
     """The in-process twin of a torch-runtime deployment: a ``MusicGenerator`` whose backend
     calls the same :class:`ComponentRunner` objects the served models run (compiled DiT and
     CUDA graphs on a GPU), padded to the same shape ``buckets`` (default: the endpoints'
     default ladder; ``ShapeBuckets()`` for none). Only the Triton layer is missing, which is
     what a "Triton vs in-process" benchmark needs to isolate."""
-    from ..pipeline import MusicGenerator
-    from ..sampling.buckets import BucketedBackend, ShapeBuckets
-    from .assets import load_assets, write_assets
-    from .orchestrator import TritonBackend
-
     device = torch.device(device)
     runners = load_runners(ckpt_dir, device, parameters)
     with tempfile.TemporaryDirectory() as tmp:

@@ -44,13 +44,14 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from acestep_client.limits import EDIT_PRESETS, CancelFn
+from acestep_client.limits import EDIT_PRESETS
 
 from ..backend import ComponentBackend
-from ..conditions import SPEAKER_DIM, EncodedConditions, encode_prompt
+from ..conditions import EncodedConditions, PromptTokens, encode_prompt, speaker_or_zeros
 from ..config import SamplerConfig
 from ..erg import lyric_query_scale
-from ..loop import GuidedVelocity, ProgressFn, StepTrace, integrate
+from ..hooks import NO_HOOKS, SamplingHooks
+from ..loop import GuidedVelocity, integrate
 from ..noise import SeededNoise
 from ..schedule import flow_match_schedule
 from .steps import TimestepEuler, euler_update, pingpong_update
@@ -110,13 +111,7 @@ def edit_guidance_config(config: SamplerConfig) -> SamplerConfig:
 
 
 def encode_edit_conditions(
-    backend: ComponentBackend,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    lyric_ids: torch.Tensor,
-    lyric_mask: torch.Tensor,
-    config: SamplerConfig,
-    speaker: torch.Tensor | None = None,
+    backend: ComponentBackend, tokens: PromptTokens, config: SamplerConfig, speaker: torch.Tensor | None = None
 ) -> EncodedConditions:
     """Encoder states of one side of an edit (call once for source, once for target).
 
@@ -125,10 +120,9 @@ def encode_edit_conditions(
     states with the prompt's mask, zero speaker, zero lyric ids with a zero lyric mask; its
     encoder mask therefore differs and travels as ``uncond_mask``.
     """
-    prompt = encode_prompt(backend, input_ids, attention_mask, with_erg=False)
-    text = prompt.states
-    if speaker is None:
-        speaker = torch.zeros(text.shape[0], SPEAKER_DIM, dtype=torch.float32, device=text.device)
+    attention_mask, lyric_ids, lyric_mask = tokens.attention_mask, tokens.lyric_ids, tokens.lyric_mask
+    text = encode_prompt(backend, tokens.input_ids, attention_mask, with_erg=False).states
+    speaker = speaker_or_zeros(speaker, text)
     normal = lyric_query_scale(backend.lyric_layers, False, text.device)
     cond, mask = backend.encode_conditions(text, attention_mask, speaker, lyric_ids, lyric_mask, normal)
     if not config.do_guidance:
@@ -218,10 +212,7 @@ def sample_edit(
     edit_n_min: float = 0.0,
     edit_n_max: float = 1.0,
     edit_n_avg: int = 1,
-    progress: ProgressFn | None = None,
-    should_cancel: CancelFn | None = None,
-    row_query_scale: bool = False,
-    on_step: Callable[[StepTrace], None] | None = None,
+    hooks: SamplingHooks = NO_HOOKS,
 ) -> torch.Tensor:
     """edit: FlowEdit ``source`` latents [1 or B, 8, 16, W] from the source to the target conditions.
 
@@ -230,7 +221,7 @@ def sample_edit(
     *retake*-seed ``SeededNoise`` (B = its batch size); it is drawn from as the edit goes.
     ``config`` supplies ``infer_step``, ``guidance_scale`` and ``scheduler_type`` (pingpong
     or not); the other guidance fields do not apply to edit (see the module docstring).
-    ``progress``/``should_cancel`` count the N − n_min loop steps. Returns [B, 8, 16, W].
+    ``hooks.progress``/``hooks.should_cancel`` count the N − n_min loop steps. Returns [B, 8, 16, W].
     """
     steps = EditSteps.from_request(edit_n_min, edit_n_max, edit_n_avg, config.infer_step)
     items, frames = noise.batch_size, source.shape[-1]
@@ -244,7 +235,7 @@ def sample_edit(
     def guided(conditions: EncodedConditions, momentum: bool) -> GuidedVelocity:
         conf = guide if momentum else replace(guide, apg_momentum=0.0)  # 0: no running average
         return GuidedVelocity(backend, conditions, conf, steps.num_steps, items, latent_mask,
-                              row_query_scale)
+                              hooks.row_query_scale)
 
     def enter_sampling(z_edit: torch.Tensor) -> torch.Tensor:
         sigma = schedule.sigmas[steps.n_max].to(x_src.device)
@@ -266,5 +257,4 @@ def sample_edit(
     start = x_src.clone()
     if steps.n_min == steps.n_max and steps.samples_after:
         start = enter_sampling(start)
-    return integrate(velocity, stepper, start, first_index=steps.n_min, progress=progress,
-                     should_cancel=should_cancel, on_step=on_step)
+    return integrate(velocity, stepper, start, first_index=steps.n_min, hooks=hooks)

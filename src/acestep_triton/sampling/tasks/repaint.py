@@ -49,17 +49,15 @@ Deliberate differences from upstream (each is a bug or crash there):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from acestep_client.limits import CancelFn
-
 from ..backend import ComponentBackend
 from ..conditions import EncodedConditions
 from ..config import SamplerConfig
-from ..loop import GuidedVelocity, ProgressFn, StepTrace, integrate
+from ..hooks import NO_HOOKS, SamplingHooks
+from ..loop import GuidedVelocity, integrate
 from ..noise import FRAMES_PER_SECOND, MAX_FRAMES, latent_frames, mix_retake_noise
 from .retake import sample_retake
 from .steps import TimestepEuler, euler_update, noised
@@ -236,10 +234,7 @@ def sample_window(
     config: SamplerConfig,
     *,
     generator: torch.Generator | None = None,
-    progress: ProgressFn | None = None,
-    should_cancel: CancelFn | None = None,
-    row_query_scale: bool = False,
-    on_step: Callable[[StepTrace], None] | None = None,
+    hooks: SamplingHooks = NO_HOOKS,
 ) -> torch.Tensor:
     """Regenerate ``window`` of ``source`` [1 or B, 8, 16, W]; returns [B, 8, 16, window.frames].
 
@@ -253,11 +248,9 @@ def sample_window(
     _check_latents("noise", noise, items, width, batch_one_ok=False)
     _check_latents("retake_noise", retake_noise, items, window.retake_noise_frames, batch_one_ok=False)
     _check_latents("source latents", source, items, width, batch_one_ok=True)
-    common = dict(progress=progress, should_cancel=should_cancel, row_query_scale=row_query_scale,
-                  on_step=on_step)
     if window.is_whole_clip:
         return sample_retake(backend, conditions, noise, retake_noise, retake_variance, config,
-                             generator=generator, **common)
+                             generator=generator, hooks=hooks)
 
     source = source.to(device=noise.device, dtype=torch.float32).expand(items, -1, -1, -1)
     x0, z0 = window.layout(source, noise, retake_noise, retake_variance)
@@ -270,9 +263,8 @@ def sample_window(
     start = x0 + noised(x0, z0, stepper.sigmas[first]) - x0
     latent_mask = torch.ones(items, window.frames, dtype=torch.float32, device=noise.device)
     guided = GuidedVelocity(backend, conditions, config, schedule.num_steps, items, latent_mask,
-                            row_query_scale)
-    return integrate(guided, stepper, start, first_index=first, progress=progress,
-                     should_cancel=should_cancel, on_step=on_step)
+                            hooks.row_query_scale)
+    return integrate(guided, stepper, start, first_index=first, hooks=hooks)
 
 
 def sample_repaint(
@@ -287,10 +279,7 @@ def sample_repaint(
     config: SamplerConfig,
     *,
     generator: torch.Generator | None = None,
-    progress: ProgressFn | None = None,
-    should_cancel: CancelFn | None = None,
-    row_query_scale: bool = False,
-    on_step: Callable[[StepTrace], None] | None = None,
+    hooks: SamplingHooks = NO_HOOKS,
 ) -> torch.Tensor:
     """repaint: regenerate ``[repaint_start, repaint_end)`` seconds of the source latents.
 
@@ -301,11 +290,8 @@ def sample_repaint(
     generator of item 0). Returns [B, 8, 16, frames].
     """
     window = RepaintWindow.from_seconds(repaint_start, repaint_end, source.shape[-1])
-    return sample_window(
-        backend, conditions, window, source, noise, retake_noise, retake_variance, config,
-        generator=generator, progress=progress, should_cancel=should_cancel,
-        row_query_scale=row_query_scale, on_step=on_step,
-    )
+    return sample_window(backend, conditions, window, source, noise, retake_noise, retake_variance, config,
+                         generator=generator, hooks=hooks)
 
 
 def sample_extend(
@@ -320,10 +306,7 @@ def sample_extend(
     config: SamplerConfig,
     *,
     retake_variance: float = 1.0,
-    progress: ProgressFn | None = None,
-    should_cancel: CancelFn | None = None,
-    row_query_scale: bool = False,
-    on_step: Callable[[StepTrace], None] | None = None,
+    hooks: SamplingHooks = NO_HOOKS,
 ) -> torch.Tensor:
     """extend: add ``left_extend_length``/``right_extend_length`` seconds of new music.
 
@@ -334,8 +317,5 @@ def sample_extend(
     """
     window = RepaintWindow.for_extension(left_extend_length, right_extend_length, source_duration,
                                          source.shape[-1])
-    return sample_window(
-        backend, conditions, window, source, noise, retake_noise, retake_variance, config,
-        progress=progress, should_cancel=should_cancel, row_query_scale=row_query_scale,
-        on_step=on_step,
-    )
+    return sample_window(backend, conditions, window, source, noise, retake_noise, retake_variance, config,
+                         hooks=hooks)

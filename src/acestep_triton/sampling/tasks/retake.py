@@ -9,16 +9,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
-
-from acestep_client.limits import CancelFn
 
 from ..backend import ComponentBackend
 from ..conditions import EncodedConditions
 from ..config import SamplerConfig
-from ..loop import ProgressFn, StepTrace, run_sampling
+from ..hooks import NO_HOOKS, SamplingHooks
+from ..loop import run_sampling
 from ..noise import mix_retake_noise, noise_reference
 from ..schedule import audio2audio_schedule
 
@@ -32,28 +29,14 @@ def sample_retake(
     config: SamplerConfig,
     *,
     generator: torch.Generator | None = None,
-    progress: ProgressFn | None = None,
-    should_cancel: CancelFn | None = None,
-    row_query_scale: bool = False,
-    on_step: Callable[[StepTrace], None] | None = None,
+    hooks: SamplingHooks = NO_HOOKS,
 ) -> torch.Tensor:
     """retake: text2music from the cos/sin mix of the seed noise and the retake-seed noise.
 
     ``generator`` (pingpong's step noise) is the *manual-seed* generator of item 0, as upstream.
     """
     start = mix_retake_noise(noise, retake_noise, retake_variance)
-    return run_sampling(
-        backend,
-        conditions,
-        start,
-        config.schedule(),
-        config,
-        generator=generator,
-        progress=progress,
-        should_cancel=should_cancel,
-        row_query_scale=row_query_scale,
-        on_step=on_step,
-    )
+    return run_sampling(backend, conditions, start, config.schedule(), config, generator=generator, hooks=hooks)
 
 
 def sample_audio2audio(
@@ -65,10 +48,7 @@ def sample_audio2audio(
     config: SamplerConfig,
     *,
     generator: torch.Generator | None = None,
-    progress: ProgressFn | None = None,
-    should_cancel: CancelFn | None = None,
-    row_query_scale: bool = False,
-    on_step: Callable[[StepTrace], None] | None = None,
+    hooks: SamplingHooks = NO_HOOKS,
 ) -> torch.Tensor:
     """audio2audio: partially re-noise the reference latents [B,8,16,W] and sample from there.
 
@@ -78,15 +58,4 @@ def sample_audio2audio(
     """
     schedule = audio2audio_schedule(ref_audio_strength, config.num_steps)
     start = noise_reference(reference, noise, schedule)
-    return run_sampling(
-        backend,
-        conditions,
-        start,
-        schedule,
-        config,
-        generator=generator,
-        progress=progress,
-        should_cancel=should_cancel,
-        row_query_scale=row_query_scale,
-        on_step=on_step,
-    )
+    return run_sampling(backend, conditions, start, schedule, config, generator=generator, hooks=hooks)

@@ -1,6 +1,9 @@
-"""Adding and removing runtime adapters while the server runs: the ``lora_registry`` control model.
+"""Adding and removing live adapters while the server runs: the ``lora_registry`` control model.
 
-The registry folder holds one sub-folder per adapter (as for :class:`~.registry.LoraRegistry`).
+The registry folder holds one sub-folder per adapter (:mod:`.registry` reads it, as for
+:class:`~.registry.LoraRegistry`); :class:`LiveAdapterControl` is not a second registry but the
+commands that change which of its adapters are served.
+
 Nothing in it is served until it is loaded, explicitly: the control model answers four commands
 (``command`` BYTES [1], plus ``lora_name_or_path`` BYTES [1] naming a folder of the registry):
 
@@ -28,7 +31,7 @@ and so is every error message (:data:`MAX_MESSAGE_CHARS`, well under gRPC's 16 K
 where a longer message would lose its category tag).
 
 The loaded set lives in the state file (:mod:`.state`), written only here; the component
-instances keep the tensors they use within ``lora_memory_mb`` (:class:`~.runtime.AdapterBank`,
+instances keep the tensors they use within ``lora_memory_mb`` (:class:`~.live.AdapterBank`,
 least recently used evicted, re-read from the registry folder on their next use).
 """
 
@@ -45,9 +48,11 @@ from torch import nn
 
 from acestep_client.params import ParamError, echo
 
+from ..export.project_files import default_sources_root
+from ..export.triton_config import ModelConfigSpec, TensorConfig, render_config
 from .files import LoraError, adapter_file, load_lora
-from .registry import check_adapter_name, is_no_lora
-from .runtime import component_part
+from .live import component_part
+from .registry import folder_names, is_no_lora, is_valid_adapter_name, registry_folder
 from .state import LoadedAdapter, LoraState
 
 CONTROL_MODEL = "lora_registry"
@@ -79,8 +84,10 @@ STATUS_DIR = "resident"
 """Folder beside the state file where each component instance records its resident adapters."""
 
 
-class RuntimeRegistry:
-    """The operations behind the control model, on a registry folder and a state file."""
+class LiveAdapterControl:
+    """The commands behind the control model: which adapters of the registry folder ``root`` are
+    served, recorded in ``state_file``. Every adapter is checked against ``transformer`` (the
+    checkpoint's, on the meta device) and the per-component ``budget_bytes`` before it is served."""
 
     def __init__(self, root: str | Path, state_file: str | Path, transformer: nn.Module, *,
                  budget_bytes: int, scaling: str = "upstream", bytes_per_parameter: int = 4) -> None:
@@ -97,45 +104,12 @@ class RuntimeRegistry:
 
     def folders(self) -> list[str]:
         """Adapter folders of the registry (names a ``load`` accepts)."""
-        if not self.root.is_dir():
-            return []
-        names = []
-        for folder in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            try:
-                names.append(check_adapter_name(folder.name))
-            except ValueError:
-                continue
-        return names
-
-    def _folder(self, name: str) -> Path:
-        """The registry folder of ``name``, checked: a valid name, present, and really inside
-        the registry (a symlink to a folder elsewhere is refused, as is one to an adapter file
-        elsewhere). :class:`ParamError` on ``lora_name_or_path`` otherwise."""
-        try:
-            check_adapter_name(name)
-        except ValueError as e:
-            raise ParamError("lora_name_or_path", str(e)) from None
-        folder = self.root / name
-        root = self.root.resolve()
-        try:
-            present = folder.is_dir()
-            real = folder.resolve()
-        except OSError as e:
-            raise ParamError("lora_name_or_path", f"adapter folder {folder} cannot be read ({e.strerror})") from None
-        if not present:
-            have = ", ".join(self.folders()) or "none"
-            raise ParamError("lora_name_or_path", f"no adapter folder {name!r} in the LoRA registry {self.root} "
-                                                  f"(it holds: {have})")
-        if real.parent != root:
-            raise ParamError("lora_name_or_path", f"adapter folder {folder} leads to {real}, outside the LoRA "
-                                                  f"registry {root}: copy the adapter into the registry instead "
-                                                  "of linking it")
-        return folder
+        return folder_names(self.root)
 
     def _validate(self, name: str, index: int) -> LoadedAdapter:
         """Read and check ``name``'s adapter; :class:`ParamError` on ``lora_name_or_path`` naming
         the folder for anything wrong with it (a bad file never reads as an internal error)."""
-        folder = self._folder(name)
+        folder = registry_folder(self.root, name)
         try:
             file = adapter_file(folder)
             real = file.resolve()
@@ -168,7 +142,7 @@ class RuntimeRegistry:
         try:
             entry = self._validate(name, state.next_index)
         except ParamError as e:
-            if _valid_name(name):  # an invalid name is no folder: nothing to remember about it
+            if is_valid_adapter_name(name):  # an invalid name is no folder: nothing to remember about it
                 failed = {k: v for k, v in state.failed.items() if k != name}
                 failed[name] = clip(e.reason, MAX_REASON_CHARS)
                 self._write(state.loaded, state.next_index, dict(list(failed.items())[-MAX_FAILED:]))
@@ -249,37 +223,25 @@ class RuntimeRegistry:
 # The Triton model
 
 
-def _valid_name(name: str) -> bool:
-    try:
-        check_adapter_name(name)
-    except ValueError:
-        return False
-    return True
-
-
 def control_config(parameters: Mapping[str, str]) -> str:
     """``config.pbtxt`` of the control model (CPU, one instance, no batching)."""
-    from ..export.render import ModelConfigSpec, TensorConfig, render_config
-
     model = ModelConfigSpec(
         name=CONTROL_MODEL, backend="python", max_batch_size=0, instance_kind="KIND_CPU", instance_count=1,
         inputs=(TensorConfig("command", "BYTES", (1,)),
                 TensorConfig("lora_name_or_path", "BYTES", (1,), optional=True)),
         outputs=(TensorConfig("loras_json", "BYTES", (1,)),), parameters=dict(parameters))
-    return render_config(model, comment="Rendered by acestep_triton.lora.control: runtime LoRA registry commands.")
+    return render_config(model, comment="Rendered by acestep_triton.lora.live_control: live LoRA adapter commands.")
 
 
 def write_control_model(repository: str | Path, parameters: Mapping[str, str],
                         sources_root: str | Path | None = None) -> Path:
     """Add ``lora_registry/{config.pbtxt, 1/model.py}`` to a rendered repository."""
-    from ..export.render import SOURCES_ROOT
-
     folder = Path(repository) / CONTROL_MODEL
     (folder / "1").mkdir(parents=True, exist_ok=True)
     (folder / "config.pbtxt").write_text(control_config(parameters))
-    shutil.copy2(Path(sources_root or SOURCES_ROOT) / CONTROL_SOURCE / "model.py", folder / "1" / "model.py")
+    shutil.copy2(Path(sources_root or default_sources_root()) / CONTROL_SOURCE / "model.py", folder / "1" / "model.py")
     return folder
 
 
-__all__ = ["COMMANDS", "CONTROL_MODEL", "RuntimeRegistry",
+__all__ = ["COMMANDS", "CONTROL_MODEL", "LiveAdapterControl",
            "control_config", "write_control_model"]

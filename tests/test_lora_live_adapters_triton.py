@@ -37,11 +37,12 @@ from acestep_client.cli import main as client_main
 from acestep_client.client import AccessDenied, AceStepClient, GenerationResult, InvalidRequest
 from acestep_client.params import GenerationParams
 from acestep_triton.checkpoint import Components
-from acestep_triton.export.render import DynamicBatching
-from acestep_triton.lora import LORA_WEIGHTS_FILE, InProcessLoras, LoraRegistry, write_tiny_lora
+from acestep_triton.export.triton_config import DynamicBatching
+from acestep_triton.lora import LORA_WEIGHTS_FILE, InProcessLoras, LoraRegistry
 from acestep_triton.pipeline import MusicGenerator, TorchBackend
 from acestep_triton.serving.deploy import build_deployment
 from acestep_triton.serving.server import TritonServer
+from acestep_triton.synthetic.tiny_lora import write_tiny_lora
 
 TOL = 1e-4
 STEPS = 3

@@ -14,22 +14,29 @@ seen the 7.7 GiB checkpoint. Two variants:
 parameters. With fewer than 20 blocks, ERG (which weakens blocks 15-19) only touches the blocks
 that exist: fine for speed and memory measurements, not a faithful model.
 
-Command line: ``python -m acestep_triton.export.full_random OUT [--layers N] [--seed S]``.
+Command line: ``python -m acestep_triton.synthetic full-size OUT [--layers N] [--seed S]``
+(or ``acestep-triton random-checkpoint``).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from ..checkpoint import CONFIG_FILE, DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS, VOCAB_FILENAMES, CheckpointLayout
+from ..lyrics.vocab import write_tiny_vocab
+from ..models.dcae import DCAEDecoder, DCAEEncoder
+from ..models.text_encoder import TIED_KEYS, TextEncoder
+from ..models.transformer import ACEStepTransformer
+from ..models.vocoder import Vocoder
+from .checkpoint_files import fill_zero_matrices, save_weights, write_json, write_tiny_tokenizer
 
 TRANSFORMER_CONFIG: dict[str, Any] = {
     "_class_name": "ACEStepTransformer2DModel",
@@ -120,16 +127,6 @@ def transformer_config(layers: int | None = None) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------- random init
-def fill_zero_matrices(module: nn.Module, generator: torch.Generator | None = None) -> None:
-    """Give all-zero matrices (adaLN tables, relative-position biases: our constructors start them
-    at zero, trained checkpoints never have them zero) a normal start of scale 1/sqrt(width), so
-    every path computes something, as with real weights."""
-    with torch.no_grad():
-        for param in module.parameters():
-            if param.ndim >= 2 and param.is_floating_point() and not param.any():
-                param.normal_(0.0, param.shape[-1] ** -0.5, generator=generator)
-
-
 def _finish(module: nn.Module, dtype: torch.dtype, device: torch.device) -> nn.Module:
     # .to(device) too: buffers made from numpy (the mel filterbank) are created on the CPU.
     module = module.to(device=device, dtype=dtype)
@@ -187,10 +184,6 @@ def build_random_models(device: str | torch.device = "cpu", dtype: torch.dtype =
     vocoder's weight norm into plain weights (what serving runs). Deterministic for a given
     seed, device and torch version.
     """
-    from acestep_triton.models.dcae import DCAEDecoder, DCAEEncoder
-    from acestep_triton.models.transformer import ACEStepTransformer
-    from acestep_triton.models.vocoder import Vocoder
-
     wanted = list(parts)
     unknown = sorted(set(wanted) - set(PARTS))
     if unknown:
@@ -202,8 +195,6 @@ def build_random_models(device: str | torch.device = "cpu", dtype: torch.dtype =
         models.transformer = _finish(_build(lambda: ACEStepTransformer.from_config(configs.transformer),
                                             device, seed + 2), dtype, device)
     if "text_encoder" in wanted:
-        from acestep_triton.models.text_encoder import TextEncoder
-
         config = dict(configs.text_encoder)
         config.setdefault("vocab_size", UMT5_VOCAB_SIZE)
         models.text_encoder = _finish(_build(lambda: TextEncoder(config), device, seed + 1), dtype, device)
@@ -220,35 +211,6 @@ def build_random_models(device: str | torch.device = "cpu", dtype: torch.dtype =
 
 
 # ------------------------------------------------------------------------------- checkpoint
-def _save(state: Mapping[str, torch.Tensor], path: Path, dtype: torch.dtype | None = None) -> int:
-    """Write ``state`` as safetensors (floating tensors cast to ``dtype``); return the bytes written.
-
-    Tensors are cast one at a time and not cloned when already contiguous and owned, so peak
-    memory stays near one copy of the model.
-    """
-    from safetensors.torch import save_file
-
-    out: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for key in sorted(state):
-        tensor = state[key].detach()
-        if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
-            tensor = tensor.to(dtype)
-        if tensor.device.type != "cpu":
-            tensor = tensor.cpu()
-        pointer = tensor.untyped_storage().data_ptr()
-        if not tensor.is_contiguous() or pointer in seen:
-            tensor = tensor.clone().contiguous()  # safetensors refuses shared storage
-        seen.add(tensor.untyped_storage().data_ptr())
-        out[key] = tensor
-    save_file(out, str(path), metadata={"format": "pt"})
-    return path.stat().st_size
-
-
-def _write_json(path: Path, data: Mapping[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n")
-
-
 def write_full_random_checkpoint(out_dir: str | Path, *, seed: int = 0, layers: int | None = None,
                                  configs: FullSizeConfigs | None = None, device: str | torch.device = "cpu",
                                  progress: bool = False) -> Path:
@@ -261,16 +223,6 @@ def write_full_random_checkpoint(out_dir: str | Path, *, seed: int = 0, layers: 
     written from CPU copies one model at a time. About 9 GB for the full model; the DiT alone
     needs about 12 GB of (host) memory while it is written, less with ``layers``.
     """
-    from acestep_triton.checkpoint import (
-        CONFIG_FILE,
-        DIFFUSERS_WEIGHTS,
-        TRANSFORMERS_WEIGHTS,
-        CheckpointLayout,
-        _write_tiny_tokenizer,
-    )
-    from acestep_triton.lyrics.vocab import write_tiny_vocab
-    from acestep_triton.models.text_encoder import TIED_KEYS
-
     configs = (configs or FullSizeConfigs()).with_layers(layers)
     out = Path(out_dir)
     layout = CheckpointLayout(out)
@@ -280,82 +232,54 @@ def write_full_random_checkpoint(out_dir: str | Path, *, seed: int = 0, layers: 
         if progress:
             print(f"[{time.monotonic() - started:6.1f} s] {message}", file=sys.stderr, flush=True)
 
-    # Text encoder: stand-in tokenizer, umt5-base-shaped weights.
-    folder = layout.text_encoder_dir
-    folder.mkdir(parents=True, exist_ok=True)
-    pieces = _write_tiny_tokenizer(folder)
-    text_config = dict(configs.text_encoder)
-    text_config.setdefault("vocab_size", pieces)
-    if int(text_config["vocab_size"]) < pieces:
-        raise ValueError(f"text encoder vocab_size {text_config['vocab_size']} < tokenizer size {pieces}")
-    _write_json(folder / CONFIG_FILE, text_config)
-    parts = build_random_models(device, torch.float32, seed=seed, parts=("text_encoder",),
-                                configs=FullSizeConfigs(configs.transformer, configs.dcae, configs.vocoder,
-                                                        text_config))
-    state = {k: v for k, v in parts.text_encoder.umt5.state_dict().items() if k not in TIED_KEYS}
-    size = _save(state, folder / TRANSFORMERS_WEIGHTS, torch.float32)
-    del parts, state
+    size = _write_text_encoder(layout.text_encoder_dir, configs, device, seed)
     note(f"text encoder: {size / 1e9:.2f} GB")
-
     # DiT: bf16 on disk, as the official file.
-    folder = layout.transformer_dir
-    folder.mkdir(parents=True, exist_ok=True)
-    _write_json(folder / CONFIG_FILE, configs.transformer)
-    parts = build_random_models(device, torch.bfloat16, seed=seed, parts=("transformer",), configs=configs)
-    size = _save(parts.transformer.state_dict(), folder / DIFFUSERS_WEIGHTS, torch.bfloat16)
-    del parts
+    size = _write_part(layout.transformer_dir, configs.transformer, torch.bfloat16,
+                       lambda: build_random_models(device, torch.bfloat16, seed=seed, parts=("transformer",),
+                                                   configs=configs).transformer.state_dict())
     note(f"transformer ({configs.transformer['num_layers']} blocks): {size / 1e9:.2f} GB")
-
     # DCAE: both halves in one file, as the official one.
-    folder = layout.dcae_dir
-    folder.mkdir(parents=True, exist_ok=True)
-    _write_json(folder / CONFIG_FILE, configs.dcae)
-    parts = build_random_models(device, torch.float32, seed=seed, parts=("dcae_encoder", "dcae_decoder"),
-                                configs=configs)
-    size = _save({**parts.dcae_encoder.state_dict(), **parts.dcae_decoder.state_dict()},
-                 folder / DIFFUSERS_WEIGHTS, torch.float32)
-    del parts
+    size = _write_part(layout.dcae_dir, configs.dcae, torch.float32, lambda: _dcae_state(device, seed, configs))
     note(f"DCAE: {size / 1e9:.2f} GB")
-
     # Vocoder: keep the official weight_g/weight_v pairs (not folded).
-    folder = layout.vocoder_dir
-    folder.mkdir(parents=True, exist_ok=True)
-    _write_json(folder / CONFIG_FILE, configs.vocoder)
-    parts = build_random_models(device, torch.float32, seed=seed, parts=("vocoder",), configs=configs,
-                                fold_vocoder=False)
-    size = _save(parts.vocoder.state_dict(), folder / DIFFUSERS_WEIGHTS, torch.float32)
-    del parts
+    size = _write_part(layout.vocoder_dir, configs.vocoder, torch.float32,
+                       lambda: build_random_models(device, torch.float32, seed=seed, parts=("vocoder",),
+                                                   configs=configs, fold_vocoder=False).vocoder.state_dict())
     note(f"vocoder: {size / 1e9:.2f} GB")
 
-    write_tiny_vocab(out / "lyrics_vocab.json")
+    write_tiny_vocab(out / VOCAB_FILENAMES[0])
     layout.validate()
     return out
 
 
-# ------------------------------------------------------------------------------- CLI
-def main(argv: Sequence[str] | None = None) -> int:
-    """``OUT [--layers N] [--seed S] [--device cuda]``: write the random full-size checkpoint."""
-    parser = argparse.ArgumentParser(prog="python -m acestep_triton.export.full_random",
-                                     description="Write an ACE-Step checkpoint with the official configs and "
-                                                 "random weights (no download), in the official layout.")
-    parser.add_argument("out", type=Path)
-    parser.add_argument("--layers", type=int, default=None,
-                        help=f"DiT blocks (default: the official 24; at least {MIN_ERG_LAYERS} for ERG)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu", help="where to initialise the weights (cuda is faster)")
-    args = parser.parse_args(argv)
-    if args.layers is not None and args.layers < MIN_ERG_LAYERS:
-        print(f"note: {args.layers} DiT blocks: ERG-diffusion (blocks 15-19) is only partly there; "
-              f"use this checkpoint for speed and memory measurements", file=sys.stderr)
-    try:
-        path = write_full_random_checkpoint(args.out, seed=args.seed, layers=args.layers, device=args.device,
-                                            progress=True)
-    except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(path)
-    return 0
+def _write_part(folder: Path, config: Mapping[str, Any], dtype: torch.dtype,
+                state: Callable[[], Mapping[str, torch.Tensor]]) -> int:
+    """One official folder: ``config.json`` and the weights ``state()`` makes (built only now, and
+    dropped once written, so one model at a time is in memory); returns the bytes written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / CONFIG_FILE, config)
+    return save_weights(state(), folder / DIFFUSERS_WEIGHTS, dtype)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def _dcae_state(device: str | torch.device, seed: int, configs: FullSizeConfigs) -> dict[str, torch.Tensor]:
+    parts = build_random_models(device, torch.float32, seed=seed, parts=("dcae_encoder", "dcae_decoder"),
+                                configs=configs)
+    return {**parts.dcae_encoder.state_dict(), **parts.dcae_decoder.state_dict()}
+
+
+def _write_text_encoder(folder: Path, configs: FullSizeConfigs, device: str | torch.device, seed: int) -> int:
+    """The stand-in tokenizer and umt5-base-shaped weights (``vocab_size`` at least the
+    tokenizer's); returns the bytes of the weights."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pieces = write_tiny_tokenizer(folder)
+    text_config = dict(configs.text_encoder)
+    text_config.setdefault("vocab_size", pieces)
+    if int(text_config["vocab_size"]) < pieces:
+        raise ValueError(f"text encoder vocab_size {text_config['vocab_size']} < tokenizer size {pieces}")
+    write_json(folder / CONFIG_FILE, text_config)
+    parts = build_random_models(device, torch.float32, seed=seed, parts=("text_encoder",),
+                                configs=FullSizeConfigs(configs.transformer, configs.dcae, configs.vocoder,
+                                                        text_config))
+    state = {k: v for k, v in parts.text_encoder.umt5.state_dict().items() if k not in TIED_KEYS}
+    return save_weights(state, folder / TRANSFORMERS_WEIGHTS, torch.float32)

@@ -1,4 +1,9 @@
-"""The deterministic tiny test adapter for the tiny checkpoint."""
+"""The deterministic tiny test adapter for the tiny checkpoint (or any checkpoint's shapes).
+
+Shaped like upstream's rap adapter (its ``target_modules``, alpha, rsLoRA flag) at a small rank,
+with non-zero lora_B so it visibly changes the output. Command line:
+``python -m acestep_triton.lora tiny --checkpoint C --out D``.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save
 from torch import Tensor, nn
 
-from .files import ADAPTER_CONFIG_FILE, LORA_WEIGHTS_FILE, METADATA_KEY, UPSTREAM_TARGET_MODULES, _target_shape
+from ..checkpoint import meta_transformer
+from ..lora.files import ADAPTER_CONFIG_FILE, LORA_WEIGHTS_FILE, METADATA_KEY, UPSTREAM_TARGET_MODULES, target_shape
+from ..models.transformer import unused_key
 
 TINY_LORA_ALPHA_PER_RANK = 2.0
 """Tiny adapter: ``lora_alpha = 2 * r`` (upstream scaling 2, peft rsLoRA scaling 2 sqrt(r)), so a
@@ -29,8 +37,6 @@ def _save_canonical(tensors: Mapping[str, Tensor], metadata: Mapping[str, str], 
     runs once it has two entries; the header JSON is therefore re-emitted with sorted keys (tensor
     offsets are explicit, so the data block is unchanged) and padded with spaces to 8 bytes.
     """
-    from safetensors.torch import save
-
     blob = save({k: v.contiguous() for k, v in sorted(tensors.items())}, metadata=dict(metadata))
     size = int.from_bytes(blob[:8], "little")
     header = json.dumps(json.loads(blob[8:8 + size]), sort_keys=True, separators=(",", ":")).encode()
@@ -48,11 +54,9 @@ def tiny_lora_config(rank: int) -> dict[str, Any]:
 def target_module_paths(transformer: nn.Module, target_modules: Sequence[str] = UPSTREAM_TARGET_MODULES) -> list[str]:
     """Module paths that peft's ``target_modules`` list selects (exact name or ``.``-suffix match)
     among the layers a LoRA can be fused into, skipping modules inference never uses."""
-    from ..models.transformer import unused_key
-
     return sorted(name for name, module in transformer.named_modules()
                   if name and any(name == t or name.endswith(f".{t}") for t in target_modules)
-                  and _target_shape(module) is not None and not unused_key(f"{name}.weight"))
+                  and target_shape(module) is not None and not unused_key(f"{name}.weight"))
 
 
 def write_tiny_lora(ckpt_dir: str | Path, out_dir: str | Path, seed: int = 0, rank: int = 4) -> Path:
@@ -64,18 +68,13 @@ def write_tiny_lora(ckpt_dir: str | Path, out_dir: str | Path, seed: int = 0, ra
     lora_B ~ N(0, :data:`TINY_LORA_UP_STD`): non-zero, so the output changes. Same arguments →
     byte-identical files. Returns ``out_dir``.
     """
-    from ..checkpoint import TRANSFORMER_DIR, CheckpointLayout
-    from ..models.transformer import ACEStepTransformer
-
     if rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}")
-    config = CheckpointLayout(Path(ckpt_dir)).read_config(TRANSFORMER_DIR)
-    with torch.device("meta"):  # structure and shapes only: no weights are materialised
-        model = ACEStepTransformer.from_config(config)
+    model = meta_transformer(ckpt_dir)  # structure and shapes only: no weights are materialised
     generator = torch.Generator().manual_seed(seed)
     tensors: dict[str, Tensor] = {}
     for path in target_module_paths(model):
-        out_features, in_features = _target_shape(model.get_submodule(path))  # type: ignore[misc]
+        out_features, in_features = target_shape(model.get_submodule(path))  # type: ignore[misc]
         tensors[f"{path}.lora_A.weight"] = torch.randn(rank, in_features, generator=generator) * in_features ** -0.5
         tensors[f"{path}.lora_B.weight"] = torch.randn(out_features, rank, generator=generator) * TINY_LORA_UP_STD
     lora_config = tiny_lora_config(rank)

@@ -1,4 +1,7 @@
-"""Runtime adapters: one copy of the base weights, each batch row with its own adapter and strength.
+"""Live adapters: one copy of the base weights, each batch row with its own adapter and strength.
+
+"Live" because they are loaded and unloaded while the server runs (:mod:`.live_control`) and
+applied per request, as opposed to fused variants, which are baked into exported models.
 
 Fused variants (:mod:`.variants`) cost a full copy of every touched component per adapter and
 strength. Here the transformer half of a ``condition_encoder`` / ``dit_decoder`` instance keeps
@@ -65,12 +68,12 @@ from torch.nn import functional as F
 
 from acestep_client.params import ParamError
 
-from .files import LoraAdapter, LoraError, _target_shape, component_of, load_lora
+from .files import LoraAdapter, LoraError, component_of, load_lora, target_shape
 from .state import NO_ADAPTER, LoadedAdapter, StateReader
 
 
 @dataclass(frozen=True)
-class RuntimeLayer:
+class LiveLayer:
     """One adapted projection, ready to apply: ``down`` [r, in], ``up`` [out, r] on the device."""
 
     down: Tensor
@@ -89,13 +92,13 @@ class RuntimeLayer:
 
 
 @dataclass(frozen=True)
-class RuntimeAdapter:
+class LiveAdapter:
     """The layers of one adapter that one component runs, resident on the component's device."""
 
     name: str
     index: int
     sha256: str
-    layers: Mapping[str, RuntimeLayer]
+    layers: Mapping[str, LiveLayer]
 
     @property
     def nbytes(self) -> int:
@@ -109,9 +112,9 @@ def component_part(adapter: LoraAdapter, component: str) -> LoraAdapter:
                                                 if component_of(p) == component})
 
 
-def runtime_adapter(adapter: LoraAdapter, component: str, module: nn.Module, *, index: int = 0,
+def live_adapter(adapter: LoraAdapter, component: str, module: nn.Module, *, index: int = 0,
                     device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                    reachable: set[str] | None = None) -> RuntimeAdapter:
+                    reachable: set[str] | None = None) -> LiveAdapter:
     """Check ``adapter``'s layers of ``component`` against ``module`` (its transformer half) and
     put them on ``device`` in ``dtype``. :class:`LoraError` names every key that does not fit,
     including layers a hook cannot reach (not in ``reachable``, when given)."""
@@ -121,23 +124,23 @@ def runtime_adapter(adapter: LoraAdapter, component: str, module: nn.Module, *, 
         unreachable = [", ".join(part.layers[p].keys) or p for p in targets if p not in reachable]
         if unreachable:
             raise LoraError(f"LoRA {adapter.path}: {len(unreachable)} key(s) adapt modules whose weights "
-                            f"{component} uses without calling them, so a runtime adapter cannot reach them "
+                            f"{component} uses without calling them, so a live adapter cannot reach them "
                             "(serve this adapter fused instead):\n  " + "\n  ".join(unreachable))
     layers = {}
     for path, layer in part.layers.items():
         def put(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.detach().to(device=device, dtype=dtype).contiguous()
 
-        layers[path] = RuntimeLayer(down=put(layer.down), up=put(layer.up), scaling=layer.scaling,  # type: ignore[arg-type]
+        layers[path] = LiveLayer(down=put(layer.down), up=put(layer.up), scaling=layer.scaling,  # type: ignore[arg-type]
                                     bias=put(layer.bias), conv=isinstance(targets[path], nn.Conv1d))
-    return RuntimeAdapter(name=adapter.name, index=index, sha256=adapter.sha256, layers=layers)
+    return LiveAdapter(name=adapter.name, index=index, sha256=adapter.sha256, layers=layers)
 
 
 @dataclass(frozen=True)
 class RowGroup:
     """The rows of one call that use one adapter: ``rows`` (None: every row) and their strengths."""
 
-    adapter: RuntimeAdapter
+    adapter: LiveAdapter
     rows: Tensor | None
     weights: Tensor
 
@@ -188,7 +191,7 @@ def called_modules(module: nn.Module, run: Callable[[], Any]) -> set[str]:
     seen: set[str] = set()
     handles = []
     for name, sub in module.named_modules():
-        if name and _target_shape(sub) is not None:
+        if name and target_shape(sub) is not None:
             handles.append(sub.register_forward_hook(lambda m, a, o, name=name: seen.add(name)))
     try:
         run()
@@ -291,7 +294,7 @@ class AdapterStack:
         self._handles: dict[str, Any] = {}
         for path in sorted(reachable):
             sub = module.get_submodule(path)
-            if _target_shape(sub) is None:
+            if target_shape(sub) is None:
                 continue
             for name in self.BUFFERS:
                 sub.register_buffer(name, None, persistent=False)
@@ -332,7 +335,7 @@ class AdapterStack:
         """New, larger stacks: the old contents copied in, hooks on newly stacked paths."""
         for path, bias in paths.items():
             sub = self.module.get_submodule(path)
-            shape = _target_shape(sub)
+            shape = target_shape(sub)
             assert shape is not None, path
             out_features, in_features = shape
             old = {name: getattr(sub, name, None) for name in self.BUFFERS}
@@ -354,13 +357,13 @@ class AdapterStack:
         self.layout, self.rank, self.slots = paths, rank, slots
         self.generation += 1
 
-    def place(self, adapter: RuntimeAdapter) -> RuntimeAdapter:
+    def place(self, adapter: LiveAdapter) -> LiveAdapter:
         """Write ``adapter`` into a free slot (growing the layout if it does not fit) and return it
         with its layers as views into the stack, so its tensors are not held twice."""
         with torch.inference_mode():  # like every call's tensors: updated in place inside requests
             return self._place(adapter)
 
-    def _place(self, adapter: RuntimeAdapter) -> RuntimeAdapter:
+    def _place(self, adapter: LiveAdapter) -> LiveAdapter:
         paths = dict(self.layout)
         for path, layer in adapter.layers.items():
             for sibling in self._siblings(path):  # siblings get a bias stack too: one structure
@@ -390,7 +393,7 @@ class AdapterStack:
         self._occupants[k] = occupant
         return self.view(adapter)
 
-    def view(self, adapter: RuntimeAdapter) -> RuntimeAdapter:
+    def view(self, adapter: LiveAdapter) -> LiveAdapter:
         """``adapter`` with its layers as views into its slot (after a re-layout: the new tensors)."""
         k = self.slot_of(adapter.index)
         if k is None:
@@ -400,7 +403,7 @@ class AdapterStack:
         layers = {}
         for path, (r, scaling, has_bias) in occupant.layers.items():
             sub = self.module.get_submodule(path)
-            layers[path] = RuntimeLayer(down=sub.lora_down[k, :r], up=sub.lora_up[k, :, :r], scaling=scaling,
+            layers[path] = LiveLayer(down=sub.lora_down[k, :r], up=sub.lora_up[k, :, :r], scaling=scaling,
                                         bias=sub.lora_bias[k] if has_bias else None,
                                         conv=isinstance(sub, nn.Conv1d))
         return dataclasses.replace(adapter, layers=layers)
@@ -444,7 +447,7 @@ class AdapterBank:
         self.budget_bytes = int(budget_bytes)
         self.status_file = Path(status_file) if status_file is not None else None
         self.model_name = model_name or component
-        self._resident: OrderedDict[int, RuntimeAdapter] = OrderedDict()
+        self._resident: OrderedDict[int, LiveAdapter] = OrderedDict()
         self.loads = 0
         self.evictions = 0
         self.stack: AdapterStack | None = None
@@ -490,7 +493,7 @@ class AdapterBank:
                                                   "while the request ran?); list them with list_loras()")
         return entry
 
-    def adapter(self, index: int, keep: set[int] | None = None) -> RuntimeAdapter:
+    def adapter(self, index: int, keep: set[int] | None = None) -> LiveAdapter:
         """The resident adapter for ``index``, loaded from its file on first use (with a stack:
         into a slot, evicting the least recently used adapter not in ``keep`` if it is full)."""
         cached = self._resident.get(index)
@@ -500,7 +503,7 @@ class AdapterBank:
         entry = self._entry(index)
         try:
             adapter = load_lora(entry.file, scaling=entry.scaling, name=entry.name)
-            loaded = runtime_adapter(adapter, self.component, self.module, index=index, device=self.device,
+            loaded = live_adapter(adapter, self.component, self.module, index=index, device=self.device,
                                      dtype=self.dtype, reachable=self.reachable)
         except LoraError as e:
             raise ParamError("lora_name_or_path", f"adapter {entry.name!r}: {e}") from e
@@ -613,6 +616,5 @@ def parse_budget_mb(value: str | float | None, default_mb: float = 2048.0) -> in
     return int(mb * 2**20)
 
 
-__all__ = ["NO_ADAPTER", "AdapterBank", "AdapterStack", "RowGroup", "RowSelection", "RuntimeAdapter",
-           "RuntimeLayer", "called_modules", "component_part", "group_rows", "lora_rows", "parse_budget_mb",
-           "runtime_adapter"]
+__all__ = ["NO_ADAPTER", "AdapterBank", "AdapterStack", "LiveAdapter", "LiveLayer", "RowGroup", "RowSelection",
+           "called_modules", "component_part", "group_rows", "live_adapter", "lora_rows", "parse_budget_mb"]

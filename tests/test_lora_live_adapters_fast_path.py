@@ -1,7 +1,7 @@
-"""Runtime LoRA adapters on the DiT's fast path (compiled blocks, CUDA graphs) and load-time warm-up.
+"""Live LoRA adapters on the DiT's fast path (compiled blocks, CUDA graphs) and load-time warm-up.
 
 On a GPU the DiT decoder's blocks are TorchInductor-compiled and each shape is replayed from a
-CUDA graph. Runtime adapters there live in the bank's static stack (``lora.runtime.AdapterStack``),
+CUDA graph. Live adapters there live in the bank's static stack (``lora.live.AdapterStack``),
 so a batch with adapter rows, alone or mixed with base rows, runs the same compiled blocks and
 graphs. On this CPU-only machine:
 
@@ -14,7 +14,7 @@ graphs. On this CPU-only machine:
 
 "Equal" for a compiled path against the eager one: 1e-5 relative (the stacked matmuls at the
 padded rank re-associate fp32 sums); base rows of the eager path stay bit-exact (tested in
-``test_lora_runtime``).
+``test_lora_live_adapters``).
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ from typing import Any
 
 import pytest
 import torch
+from lora_helpers import CPU, MIB, _rel, live_control, live_runner
+from lora_helpers import live_adapters_dir as live_adapters_dir
 from torch._dynamo.testing import CompileCounter
 
-from acestep_triton.checkpoint import meta_transformer
 from acestep_triton.component_graphs import component_graph
 from acestep_triton.export.specs import COMPONENTS
-from acestep_triton.lora import NO_ADAPTER, write_tiny_lora
-from acestep_triton.lora.control import RuntimeRegistry
+from acestep_triton.lora import NO_ADAPTER
 from acestep_triton.sampling.buckets import DEFAULT_WARMUP, WarmupShape, parse_warmup
 from acestep_triton.serving import torch_runtime
 from acestep_triton.serving.torch_runtime import (
@@ -44,9 +44,7 @@ from acestep_triton.serving.torch_runtime import (
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-CPU = torch.device("cpu")
 RTOL = 1e-5
-MIB = 2**20
 INDUCTOR = shutil.which("g++") is not None or shutil.which("c++") is not None
 
 
@@ -70,37 +68,23 @@ class ReplayGraphs:
         return replay
 
 
-@pytest.fixture(scope="module")
-def adapters_dir(tiny_onnx_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Three tiny adapters: a and b at rank 4, c at rank 8 (a larger rank re-lays the stack out)."""
-    root = tmp_path_factory.mktemp("fast_loras")
-    for name, seed, rank in (("a", 0, 4), ("b", 1, 4), ("c", 2, 8)):
-        write_tiny_lora(tiny_onnx_ckpt, root / name, seed=seed, rank=rank)
-    return root
-
-
 @pytest.fixture
-def loaded(adapters_dir: Path, tiny_onnx_ckpt: Path, tmp_path: Path) -> tuple[Path, dict[str, int]]:
+def loaded(live_adapters_dir: Path, tiny_onnx_ckpt: Path, tmp_path: Path) -> tuple[Path, dict[str, int]]:
     """A state file with a, b and c loaded; their indices."""
     state = tmp_path / "state.json"
-    registry = RuntimeRegistry(adapters_dir, state, meta_transformer(tiny_onnx_ckpt), budget_bytes=64 * MIB)
+    registry = live_control(live_adapters_dir, tiny_onnx_ckpt, state)
     return state, {name: registry.load(name).index for name in ("a", "b", "c")}
 
 
 def _runner(ckpt: Path, state: Path | None, graph_backend: Any = None, **options: Any) -> ComponentRunner:
-    loras = RuntimeLoraOptions(state_file=state, budget_bytes=64 * MIB) if state is not None else None
-    return ComponentRunner(COMPONENTS["dit_decoder"], load_component_module("dit_decoder", ckpt),
-                           RuntimeOptions(device=CPU, **options), loras, graph_backend=graph_backend)
+    """The DiT decoder serving the live adapters of ``state``."""
+    return live_runner("dit_decoder", ckpt, state, graph_backend=graph_backend, **options)
 
 
 def _rows(index: list[int], weights: list[float]) -> dict[str, torch.Tensor]:
     """The rows as Triton hands them over: [B, 1]."""
     return {"lora_index": torch.tensor(index, dtype=torch.int32)[:, None],
             "lora_scale": torch.tensor(weights, dtype=torch.float32)[:, None]}
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
 
 
 def _inputs(ckpt_runner: ComponentRunner, batch: int, length: int, seed: int) -> dict[str, torch.Tensor]:
@@ -231,7 +215,8 @@ def test_warmup_parameter_parses_and_defaults() -> None:
     assert RuntimeOptions.for_component("vocoder", gpu).warmup == ()
     assert RuntimeOptions.for_component("dit_decoder", CPU).warmup == ()
     assert RuntimeOptions.for_component("dit_decoder", CPU, {"warmup": "1:32:64"}).warmup == (WarmupShape(1, 32, 64),)
-    from acestep_triton.export.render import check_config, component_config, render_config
+    from acestep_triton.export.model_configs import component_config
+    from acestep_triton.export.triton_config import check_config, render_config
 
     rendered = check_config(render_config(component_config(COMPONENTS["dit_decoder"], "gpu", runtime="torch")))
     assert rendered.parameters["warmup"].string_value == "auto"

@@ -1,7 +1,7 @@
-"""Runtime adapters (``acestep_triton.lora.runtime``, ``.state``, ``.control``, the runtime scope):
+"""Live adapters (``acestep_triton.lora.live``, ``.state``, ``.live_control``, the live scope):
 per-row application against fusing, the resident cache and its budget, the control operations.
 
-Runs on the session's tiny checkpoint, in-process (the Triton path is ``test_lora_runtime_triton``).
+Runs on the session's tiny checkpoint, in-process (the Triton path is ``test_lora_live_adapters_triton``).
 "per row equals fused" means the output row of a batch with mixed adapters equals the same
 input run alone through the transformer with that adapter fused at that strength, within 1e-5
 relative (fp32 re-association of ``W x + s B (A x)`` vs ``(W + s B A) x``); rows without an
@@ -17,11 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from lora_helpers import _rel, live_control, live_runner
+from lora_helpers import live_adapters_dir as live_adapters_dir
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from acestep_client.params import ParamError
-from acestep_triton.checkpoint import meta_transformer
 from acestep_triton.component_graphs import component_graph
 from acestep_triton.export.specs import COMPONENTS, LORA_ROW_INPUTS, with_lora_rows
 from acestep_triton.lora import (
@@ -35,42 +36,14 @@ from acestep_triton.lora import (
     fused_transformer,
     load_lora,
     served_scope,
-    write_tiny_lora,
 )
-from acestep_triton.lora.control import RuntimeRegistry
-from acestep_triton.lora.runtime import AdapterBank, called_modules, group_rows
-from acestep_triton.lora.state import write_runtime_pointer
-from acestep_triton.serving.torch_runtime import (
-    ComponentRunner,
-    RuntimeLoraOptions,
-    RuntimeOptions,
-    load_component_module,
-)
+from acestep_triton.lora.live import AdapterBank, called_modules, group_rows
+from acestep_triton.lora.state import write_live_pointer
+from acestep_triton.serving.torch_runtime import load_component_module
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-CPU = torch.device("cpu")
 ROW_RTOL = 1e-5
-MIB = 2**20
-
-
-@pytest.fixture(scope="module")
-def registry_dir(tiny_onnx_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Three tiny adapters (seeds 0, 1, 2; rank 4, 4, 8)."""
-    root = tmp_path_factory.mktemp("runtime_loras")
-    for name, seed, rank in (("a", 0, 4), ("b", 1, 4), ("c", 2, 8)):
-        write_tiny_lora(tiny_onnx_ckpt, root / name, seed=seed, rank=rank)
-    return root
-
-
-def _registry(root: Path, ckpt: Path, state: Path, budget_mb: float = 64.0) -> RuntimeRegistry:
-    return RuntimeRegistry(root, state, meta_transformer(ckpt), budget_bytes=int(budget_mb * MIB))
-
-
-def _runner(component: str, ckpt: Path, state: Path, budget_bytes: int = 64 * MIB,
-            status: Path | None = None) -> ComponentRunner:
-    return ComponentRunner(COMPONENTS[component], load_component_module(component, ckpt), RuntimeOptions(device=CPU),
-                           RuntimeLoraOptions(state_file=state, budget_bytes=budget_bytes, status_file=status))
 
 
 def _rows(index: list[int], weights: list[float]) -> dict[str, torch.Tensor]:
@@ -88,24 +61,21 @@ def _out(graph: torch.nn.Module, inputs: list[torch.Tensor]) -> torch.Tensor:
     return out[0] if isinstance(out, tuple | list) else out
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
-
-
 @pytest.mark.parametrize("component", ["condition_encoder", "dit_decoder"])
-def test_mixed_rows_equal_each_adapter_fused_alone(component: str, registry_dir: Path, tiny_onnx_ckpt: Path,
+def test_mixed_rows_equal_each_adapter_fused_alone(component: str, live_adapters_dir: Path, tiny_onnx_ckpt: Path,
                                                    tiny_onnx_components, tmp_path: Path) -> None:
     state = tmp_path / "state.json"
-    registry = _registry(registry_dir, tiny_onnx_ckpt, state)
+    registry = live_control(live_adapters_dir, tiny_onnx_ckpt, state)
     ia, ib = registry.load("a").index, registry.load("b").index
-    runner = _runner(component, tiny_onnx_ckpt, state)
+    runner = live_runner(component, tiny_onnx_ckpt, state)
     transformer = tiny_onnx_components.transformer
     inputs = component_graph(component, transformer).example_inputs(5, 7, seed=3)
     plan = [(ia, 0.7), (ib, -1.5), (NO_ADAPTER, 0.9), (ia, 0.0), (ia, 2.0)]
     mixed = _first(runner({**inputs, **_rows([i for i, _ in plan], [w for _, w in plan])}))
     base = _first(runner(inputs))  # no row inputs: the plain model
 
-    adapters = {ia: load_lora(registry_dir / "a", transformer), ib: load_lora(registry_dir / "b", transformer)}
+    adapters = {ia: load_lora(live_adapters_dir / "a", transformer),
+                ib: load_lora(live_adapters_dir / "b", transformer)}
     for row, (index, weight) in enumerate(plan):
         if index == NO_ADAPTER or weight == 0:
             assert torch.equal(mixed[row], base[row]), f"row {row} without adapter differs from the base model"
@@ -116,13 +86,13 @@ def test_mixed_rows_equal_each_adapter_fused_alone(component: str, registry_dir:
         assert _rel(mixed[row], base[row]) > 1e-3, f"row {row}: the adapter did not change the output"
 
 
-def test_bank_keeps_the_budget_least_recently_used_first(registry_dir: Path, tiny_onnx_ckpt: Path,
+def test_bank_keeps_the_budget_least_recently_used_first(live_adapters_dir: Path, tiny_onnx_ckpt: Path,
                                                          tmp_path: Path) -> None:
     state, status = tmp_path / "state.json", tmp_path / "resident" / "dit.json"
-    registry = _registry(registry_dir, tiny_onnx_ckpt, state)
+    registry = live_control(live_adapters_dir, tiny_onnx_ckpt, state)
     index = {n: registry.load(n).index for n in ("a", "b", "c")}
     sizes = {n: registry.state.loaded[n].parameters["dit_decoder"] * 4 for n in index}
-    runner = _runner("dit_decoder", tiny_onnx_ckpt, state, budget_bytes=sizes["a"] + sizes["c"], status=status)
+    runner = live_runner("dit_decoder", tiny_onnx_ckpt, state, budget_bytes=sizes["a"] + sizes["c"], status=status)
     bank: AdapterBank = runner.loras
     inputs = component_graph("dit_decoder", load_component_module("dit_decoder", tiny_onnx_ckpt)).example_inputs(2, 5)
 
@@ -151,7 +121,7 @@ def test_bank_keeps_the_budget_least_recently_used_first(registry_dir: Path, tin
     assert group_rows([3, -1, 3, 5], [1.0, 1.0, 0.5, 0.0]) == {3: ([0, 2], [1.0, 0.5])}
 
 
-def test_projections_the_forward_never_calls_are_refused(registry_dir: Path, tiny_onnx_ckpt: Path,
+def test_projections_the_forward_never_calls_are_refused(live_adapters_dir: Path, tiny_onnx_ckpt: Path,
                                                          tmp_path: Path) -> None:
     module = load_component_module("dit_decoder", tiny_onnx_ckpt)
     graph = component_graph("dit_decoder", module)
@@ -169,20 +139,20 @@ def test_projections_the_forward_never_calls_are_refused(registry_dir: Path, tin
     save_file({f"{target}.lora_A.weight": torch.randn(2, conv.in_channels),
                f"{target}.lora_B.weight": torch.randn(conv.out_channels, 2)}, str(folder / LORA_WEIGHTS_FILE))
     state = tmp_path / "state.json"
-    entry = _registry(tmp_path / "reg", tiny_onnx_ckpt, state).load("ff")  # fits the checkpoint: can be fused
-    runner = _runner("dit_decoder", tiny_onnx_ckpt, state)
+    entry = live_control(tmp_path / "reg", tiny_onnx_ckpt, state).load("ff")  # fits the checkpoint: can be fused
+    runner = live_runner("dit_decoder", tiny_onnx_ckpt, state)
     with pytest.raises(ParamError, match=rf"(?s)lora_name_or_path.*{re.escape(target)}\.lora_A"):
         runner({**example, **_rows([entry.index], [1.0])})
     assert len(runner(example)) == 1, "the instance keeps serving after a refused adapter"
 
 
-def test_control_load_unload_reload_and_refusals(registry_dir: Path, tiny_onnx_ckpt: Path, tmp_path: Path) -> None:
+def test_control_load_unload_reload_and_refusals(live_adapters_dir: Path, tiny_onnx_ckpt: Path, tmp_path: Path) -> None:
     root = tmp_path / "reg"
     root.mkdir()
     for name in ("a", "b"):  # copies: a folder linked from outside the registry is refused (issue 19)
-        shutil.copytree(registry_dir / name, root / name)
+        shutil.copytree(live_adapters_dir / name, root / name)
     state = tmp_path / "rt" / "state.json"
-    registry = _registry(root, tiny_onnx_ckpt, state)
+    registry = live_control(root, tiny_onnx_ckpt, state)
     assert registry.reload() == {}
     listing = registry.command("list")
     assert [a["name"] for a in listing["loaded"]] == ["a", "b"] and listing["available"] == []
@@ -201,7 +171,7 @@ def test_control_load_unload_reload_and_refusals(registry_dir: Path, tiny_onnx_c
     # keys that do not fit the checkpoint: refused naming the key, recorded, nothing else changes
     bad = root / "bad"
     bad.mkdir()
-    with safe_open(str(registry_dir / "a" / LORA_WEIGHTS_FILE), framework="pt") as f:
+    with safe_open(str(live_adapters_dir / "a" / LORA_WEIGHTS_FILE), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     tensors["transformer_blocks.0.attn.to_q.lora_A.weight"] = torch.zeros(4, 31)
     save_file(tensors, str(bad / LORA_WEIGHTS_FILE))
@@ -210,7 +180,7 @@ def test_control_load_unload_reload_and_refusals(registry_dir: Path, tiny_onnx_c
     assert "bad" in registry.state.failed and set(registry.state.loaded) == {"a", "b"}
     assert registry.reload().keys() == {"bad"}
 
-    small = _registry(root, tiny_onnx_ckpt, tmp_path / "small.json", budget_mb=0.001)
+    small = live_control(root, tiny_onnx_ckpt, tmp_path / "small.json", budget_mb=0.001)
     with pytest.raises(ParamError, match="memory budget"):
         small.load("a")
 
@@ -230,16 +200,16 @@ def test_state_reader_follows_the_writer(tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".s.json.*")), "the atomic write leaves no temporary file"
 
 
-def test_endpoint_scope_sends_rows_for_every_transformer_call(registry_dir: Path, tiny_onnx_ckpt: Path,
+def test_endpoint_scope_sends_rows_for_every_transformer_call(live_adapters_dir: Path, tiny_onnx_ckpt: Path,
                                                               tmp_path: Path) -> None:
     seen: list[tuple[str, dict]] = []
     routing = RoutingCall(lambda model, inputs, outputs: seen.append((model, dict(inputs))) or [])
     state = tmp_path / "state.json"
-    index = _registry(registry_dir, tiny_onnx_ckpt, state).load("b").index
+    index = live_control(live_adapters_dir, tiny_onnx_ckpt, state).load("b").index
     assets = tmp_path / "assets"
     assets.mkdir()
     assert isinstance(served_scope(RoutingCall(lambda *a: []), assets), ServedLoras)
-    write_runtime_pointer(assets, state)
+    write_live_pointer(assets, state)
     scope = served_scope(routing, assets)
     assert isinstance(scope, RuntimeLoras)
     x = torch.zeros(3, 2)
