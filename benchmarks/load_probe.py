@@ -65,8 +65,12 @@ def measure_load(tree: Path, name: str, ckpt: str) -> dict[str, Any]:
     started = time.perf_counter()
     module = load_component_module(name, ckpt)
     seconds = time.perf_counter() - started
-    return {"seconds": seconds, "base_rss": base, "peak_rss": memory.proc_field_bytes("/proc/self/status", "VmHWM"),
-            "steady_rss": memory.rss_bytes(), "weights": stats.module_bytes(module)}
+    steady = memory.rss_bytes()
+    # The high-water mark only grows: read after the RSS, it is never below it (read first, the
+    # RSS can pass it by a page in between).
+    peak = memory.proc_field_bytes("/proc/self/status", "VmHWM")
+    return {"seconds": seconds, "base_rss": base, "peak_rss": peak, "steady_rss": steady,
+            "weights": stats.module_bytes(module)}
 
 
 def main(argv: list[str]) -> int:
