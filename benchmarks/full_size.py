@@ -10,12 +10,12 @@ One command, Markdown tables for RESULTS.md (and ``--json`` for the raw figures)
    peak and steady RSS, the bytes of the weights it serves. With ``--before REV`` the same is
    measured with the loader of git revision ``REV`` (a temporary worktree), same checkpoint,
    same table.
-4. **Serving**: the torch-runtime CPU repository (six endpoints, six components, runtime LoRA
+4. **Serving**: the torch-runtime CPU repository (six endpoints, six components, live LoRA
    registry) through tritonserver: time from process start to ready, per model load seconds,
    per process peak (during load) and steady RSS, against the tiny checkpoint's on the same
    machine (the fixed cost of the stub processes).
 5. **Requests**: one per task (text2music 10 s, twice with the same seed; retake, repaint,
-   extend, edit, audio2audio at 5 s; text2music with a rank-64 runtime LoRA), 3 steps each:
+   extend, edit, audio2audio at 5 s; text2music with a rank-64 live LoRA), 3 steps each:
    seconds, seconds per ``dit_decoder`` execution (Triton's statistics), the admission estimate
    against the measured peak (the sum of every server process's RSS, sampled every 20 ms, less
    its value before the request), finite audio, and whether the two identical requests gave
@@ -104,7 +104,7 @@ class Plan:
     warm_restart: bool = True
     warm_pass: bool = True
     """Send every request once unmeasured first: each endpoint is its own process, and its first
-    request grows it for good (resampling kernels, oneDNN primitives, a runtime adapter made
+    request grows it for good (resampling kernels, oneDNN primitives, a live adapter made
     resident), which is not the request's transient memory the admission estimate is about."""
     baseline: bool = True
 

@@ -9,7 +9,7 @@ The sections live in ``benchmarks/acestep_serving_check/`` (one module each, see
     python benchmarks/gpu_serving.py measure --checkpoint C --repository R --out DIR [--triton-root T] [--dry-run]
 
 ``measure`` runs (a) Triton vs the same compiled components in-process, (b) vs eager sequential
-CFG, (c) throughput at concurrency 1/4/8, (e) runtime LoRA cost (``--no-lora`` skips it) and (d)
+CFG, (c) throughput at concurrency 1/4/8, (e) live LoRA cost (``--no-lora`` skips it) and (d)
 memory, each guarded: a section that fails is recorded in ``sections`` and the others still
 report. ``--dry-run`` runs the same code on the CPU with tiny settings (the test suite does,
 against a real tritonserver). Results: ``DIR/gpu_serving.md`` (tables for ``RESULTS.md``),

@@ -137,7 +137,7 @@ def torch_lora_dir(tiny_lora_dir: Path, tmp_path_factory: pytest.TempPathFactory
 def torch_deployment(tiny_onnx_ckpt: Path, tiny_onnx_components: Components, torch_lora_dir: Path,
                      tmp_path_factory: pytest.TempPathFactory) -> Deployment:
     """The tiny checkpoint with the ``torch`` component runtime (fp32 CPU), every endpoint and
-    the tiny LoRA as a runtime adapter (any strength, plus the ``lora_registry`` control model):
+    the tiny LoRA as a live adapter (any strength, plus the ``lora_registry`` control model):
     the GPU target's runtime, served here on the CPU."""
     return build_deployment(tiny_onnx_ckpt, tmp_path_factory.mktemp("torch_deploy"), runtime="torch",
                             components=tiny_onnx_components, lora_dir=torch_lora_dir, intra_op_threads=1)

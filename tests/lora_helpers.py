@@ -30,7 +30,7 @@ from acestep_triton.lora import (
 from acestep_triton.lora.live_control import LiveAdapterControl
 from acestep_triton.serving.torch_runtime import (
     ComponentRunner,
-    RuntimeLoraOptions,
+    LiveAdapterOptions,
     RuntimeOptions,
     load_component_module,
 )
@@ -117,7 +117,7 @@ def live_runner(component: str, ckpt: Path, state: Path | None, *, budget_bytes:
                 status: Path | None = None, graph_backend=None, **options) -> ComponentRunner:
     """``component`` of ``ckpt`` on the CPU serving the live adapters of ``state`` (None: no
     adapters); ``options`` go to :class:`RuntimeOptions`."""
-    loras = None if state is None else RuntimeLoraOptions(state_file=state, budget_bytes=budget_bytes,
+    loras = None if state is None else LiveAdapterOptions(state_file=state, budget_bytes=budget_bytes,
                                                           status_file=status)
     return ComponentRunner(COMPONENTS[component], load_component_module(component, ckpt),
                            RuntimeOptions(device=CPU, **options), loras, graph_backend=graph_backend)

@@ -2,7 +2,7 @@
 
 The smoke run takes the very code path of the 3.5B measurement (random checkpoint written by
 ``synthetic.full_size`` in the official layout, the torch-runtime CPU repository through a real
-tritonserver, one request per task plus a runtime LoRA request, the load probes in fresh
+tritonserver, one request per task plus a live LoRA request, the load probes in fresh
 processes) on a 2-block, 32-wide model with short audio. The figures themselves are not judged
 here (no timed asserts); what is checked is that every section produced its figures and that the
 invariants hold at any size: finite audio, identical requests give identical audio, every task

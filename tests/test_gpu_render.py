@@ -160,7 +160,7 @@ def test_build_cli_takes_endpoint_instances_and_lora_memory(tiny_onnx_ckpt: Path
     control = json.dumps({k: v.string_value for k, v in config(repository, "lora_registry").parameters.items()})
     assert "96" in control
     capsys.readouterr()
-    # refused before any work: no adapters to size, or a runtime without runtime adapters
+    # refused before any work: no adapters to size, or a runtime without live adapters
     assert cli.main(["build", "--checkpoint", str(tiny_onnx_ckpt), "--workdir", str(workdir),
                      "--runtime", "torch", "--lora-memory-mb", "96"]) == 2
     assert "--lora-memory-mb" in capsys.readouterr().err

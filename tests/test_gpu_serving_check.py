@@ -63,7 +63,7 @@ def test_dry_run_writes_every_section_with_finite_numbers(dry_run: tuple[Path, s
     data = json.loads((out / "gpu_serving.json").read_text())
     assert "DRY RUN" in markdown and "phase measure" in output
     for title in ("(a) Triton vs the same components in-process", "(b) Triton + compiled torch vs eager",
-                  "(c) throughput", "(d) memory at peak", "(d) per served component", "(e) runtime LoRA", "goals"):
+                  "(c) throughput", "(d) memory at peak", "(d) per served component", "(e) live LoRA", "goals"):
         assert title in markdown, title
     # every section ran under its guard and wrote its own record
     assert {k: v["status"] for k, v in data["sections"].items()} == dict.fromkeys(

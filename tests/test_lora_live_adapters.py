@@ -28,9 +28,9 @@ from acestep_triton.export.specs import COMPONENTS, LORA_ROW_INPUTS, with_lora_r
 from acestep_triton.lora import (
     LORA_WEIGHTS_FILE,
     NO_ADAPTER,
+    LiveLoras,
     LoraState,
     RoutingCall,
-    RuntimeLoras,
     ServedLoras,
     StateReader,
     fused_transformer,
@@ -211,7 +211,7 @@ def test_endpoint_scope_sends_rows_for_every_transformer_call(live_adapters_dir:
     assert isinstance(served_scope(RoutingCall(lambda *a: []), assets), ServedLoras)
     write_live_pointer(assets, state)
     scope = served_scope(routing, assets)
-    assert isinstance(scope, RuntimeLoras)
+    assert isinstance(scope, LiveLoras)
     x = torch.zeros(3, 2)
     with scope("b", 2.5):
         for model in ("text_encoder", "condition_encoder", "dit_decoder"):
@@ -232,7 +232,7 @@ def test_endpoint_scope_sends_rows_for_every_transformer_call(live_adapters_dir:
 def test_benchmark_prints_memory_and_per_step_tables(capsys: pytest.CaptureFixture[str]) -> None:
     from test_benchmarks_smoke import load_benchmark
 
-    bench = load_benchmark("lora_runtime")
+    bench = load_benchmark("lora_live_adapters")
     assert bench.main(["--width", "256", "--frames", "8", "--tokens", "8", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert all(f"| r={rank} " in out for rank in (16, 64, 256)) and "| none " in out

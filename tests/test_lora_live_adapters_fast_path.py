@@ -37,7 +37,7 @@ from acestep_triton.sampling.buckets import DEFAULT_WARMUP, WarmupShape, parse_w
 from acestep_triton.serving import torch_runtime
 from acestep_triton.serving.torch_runtime import (
     ComponentRunner,
-    RuntimeLoraOptions,
+    LiveAdapterOptions,
     RuntimeOptions,
     load_component_module,
 )
@@ -162,7 +162,7 @@ def test_full_stack_evicts_least_recently_used_and_state_dict_is_the_checkpoints
     status = tmp_path / "status.json"
     fast = ComponentRunner(COMPONENTS["dit_decoder"], load_component_module("dit_decoder", tiny_onnx_ckpt),
                            RuntimeOptions(device=CPU, compile=True, compile_backend="eager", lora_slots=1),
-                           RuntimeLoraOptions(state_file=state, budget_bytes=64 * MIB, status_file=status))
+                           LiveAdapterOptions(state_file=state, budget_bytes=64 * MIB, status_file=status))
     keys = set(fast.graph.transformer.state_dict())
     inputs = _inputs(fast, 2, 6, seed=2)
     fast({**inputs, **_rows([index["a"], NO_ADAPTER], [1.0, 1.0])})

@@ -1,4 +1,4 @@
-"""Runtime LoRA adapters through a real tritonserver (``torch`` runtime, fp32 CPU).
+"""Live LoRA adapters through a real tritonserver (``torch`` runtime, fp32 CPU).
 
 One server for the module: text2music, the ``lora_registry`` control model, and a DiT batcher
 that waits (up to 10 s) for six rows, i.e. three concurrent single-song requests with two

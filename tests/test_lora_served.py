@@ -18,10 +18,10 @@ from lora_helpers import transformer as transformer
 from acestep_client.params import ParamError
 from acestep_triton.lora import (
     InProcessLoras,
+    LiveLoras,
     LoraScope,
     LoraVariant,
     RoutingCall,
-    RuntimeLoras,
     ServedLoras,
     base_component,
     no_lora,
@@ -112,12 +112,12 @@ def test_concurrent_requests_route_to_their_own_fused_variants() -> None:
 
 
 def test_concurrent_requests_send_their_own_runtime_adapter_rows(tmp_path: Path) -> None:
-    """The same with runtime adapters: each request's rows carry its adapter's index, and the
+    """The same with live adapters: each request's rows carry its adapter's index, and the
     "no adapter" rows after its scope."""
     state = tmp_path / "state.json"
     LoraState(loaded={"a": LoadedAdapter(name="a", index=3, file="a", sha256=""),
                       "b": LoadedAdapter(name="b", index=7, file="b", sha256="")}, next_index=8).write(state)
-    seen = _two_requests_at_once(lambda routing: RuntimeLoras(routing, StateReader(state)), ("a", 1.0), ("b", 0.5))
+    seen = _two_requests_at_once(lambda routing: LiveLoras(routing, StateReader(state)), ("a", 1.0), ("b", 0.5))
     assert seen == {"a": [("dit_decoder", [3, 3]), ("dit_decoder", [NO_ADAPTER] * 2)],
                     "b": [("dit_decoder", [7, 7]), ("dit_decoder", [NO_ADAPTER] * 2)]}
 

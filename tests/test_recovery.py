@@ -148,10 +148,12 @@ def wait_recovered(server: TritonServer, killed_at: float) -> tuple[float, list[
     before that). Readiness must stay false the whole time."""
     early: list[float] = []
     seen_unhealthy = False
+    assert server.http_port is not None
     while True:
         elapsed = time.monotonic() - killed_at
-        assert elapsed < RECOVERY_BOUND_S, f"not recovered within {RECOVERY_BOUND_S:.0f} s"
-        if healthy(server):
+        report = check_health(server.http_port, server_pid=server.pid, status_file=server.status_file)
+        assert elapsed < RECOVERY_BOUND_S, f"not recovered within {RECOVERY_BOUND_S:.0f} s: {report.problems}"
+        if report.healthy:
             if seen_unhealthy:
                 return elapsed, early
             if elapsed > DETECT_BOUND_S:
@@ -421,3 +423,53 @@ def test_check_health_follows_the_watchdog_status(tmp_path: Path) -> None:
         httpd.server_close()
     closed = check_health(port, server_pid=os.getpid(), status_file=status_file)
     assert not closed.healthy and "answered nothing" in closed.problems[0]
+
+
+def test_the_watchdog_keeps_watching_a_model_whose_config_could_not_be_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Right after a reload a busy server may not answer a config request in time. The model
+    must stay watched: before, it dropped out of the watch for good, so its next death went
+    unnoticed and health stayed false (a CI run: "not recovered within 120 s", no reload logged)."""
+    import http.server
+
+    from acestep_triton.serving import health
+
+    config = {"backend": "python", "instance_group": [{"count": 1, "kind": "KIND_CPU"}]}
+    busy = threading.Event()
+
+    class Configs(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b"" if busy.is_set() else json.dumps(config).encode()
+            self.send_response(503 if busy.is_set() else 200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Configs)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    (tmp_path / "repo" / "text2music").mkdir(parents=True)
+    (tmp_path / "repo" / "text2music" / "config.pbtxt").write_text('backend: "python"\n')
+    stub = health.StubProcess(pid=os.getpid(), instance="text2music_0_0", model="text2music",
+                              shm_region="acestep_0000aaaa_1", server_pid=os.getpid())
+    stubs = [stub]
+    monkeypatch.setattr(health, "stub_processes", lambda *args, **kwargs: list(stubs))
+    watchdog = health.Watchdog(server_pid=os.getpid(), http_port=httpd.server_address[1],
+                               repository=tmp_path / "repo", admin_token="t", status_file=tmp_path / "s.json")
+    try:
+        watchdog._refresh_expected()
+        assert watchdog.broken_models() == []
+        busy.set()  # the refresh after a reload finds the server too busy to answer
+        watchdog._refresh_expected()
+        assert watchdog.broken_models() == []
+        stubs.clear()  # then its stub dies
+        assert watchdog.broken_models() == ["text2music"]
+        busy.clear()
+        stubs.append(stub)
+        watchdog._read_unread()
+        assert watchdog._unread == set() and watchdog.broken_models() == []
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

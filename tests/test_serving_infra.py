@@ -695,6 +695,8 @@ def test_install_copies_the_stub_once_and_builds_the_environment(tmp_path: Path)
     assert libs[0] == str(tmp_path / "libs") and libs[-1] == "/opt/x"
     assert libs[1] == sysconfig.get_config_var("LIBDIR")
     assert env["PATH"].split(os.pathsep) == [sysconfig.get_path("scripts"), "/usr/bin"]
+    assert env["MALLOC_ARENA_MAX"] == "1"  # a refused upload's memory comes back (test_uploads)
+    assert install.environment({"MALLOC_ARENA_MAX": "4"})["MALLOC_ARENA_MAX"] == "4"  # an operator's choice stays
 
 
 def test_failed_render_leaves_the_previous_repository(tmp_path: Path) -> None:

@@ -3,7 +3,7 @@
 The torch runtime is what the gpu target serves by default (compiled DiT blocks + CUDA graphs
 there); here it runs fp32 on the CPU, where it must give the same audio as the in-process
 pipeline and as the ``onnx`` runtime for every task (1e-4 absolute), reproduce upstream's golden
-cases a and m (1e-4), serve runtime LoRA adapters at any strength, and let Triton's dynamic batcher merge DiT
+cases a and m (1e-4), serve live LoRA adapters at any strength, and let Triton's dynamic batcher merge DiT
 calls of concurrent requests whose lengths fall into one shape bucket (proved from Triton's own
 statistics: fewer ``dit_decoder`` executions than requests).
 """
@@ -177,7 +177,7 @@ def test_every_task_same_audio_as_in_process_and_onnx(task: str, torch_client: A
     assert max_err(served.audio[0], served.audio[1]) > 1e-4, "batch items with different seeds are identical"
 
 
-def test_runtime_lora_served_at_any_strength_by_the_torch_runtime(torch_client: AceStepClient,
+def test_live_lora_served_at_any_strength_by_the_torch_runtime(torch_client: AceStepClient,
                                                                   tiny_onnx_components: Components,
                                                                   torch_lora_dir: Path) -> None:
     """The torch runtime applies the adapter at run time: any lora_weight (not only the 0.5 its

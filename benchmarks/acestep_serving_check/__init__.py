@@ -11,7 +11,7 @@ on ONE device, so the ratios printed side by side compare like with like:
   ``/metrics``, :mod:`acestep_triton.serving.component_stats`), the in-process paths, ``nvidia-smi``
   and host RSS per served model (:mod:`acestep_triton.serving.health` finds the stubs,
   :mod:`acestep_triton.serving.memory` reads their RSS);
-* ``lora`` — (e) what runtime LoRA adapters cost per DiT step;
+* ``lora`` — (e) what live LoRA adapters cost per DiT step;
 * ``measure`` — the order, the server, and the guard that runs each section on its own: a section
   that fails is recorded (its error and traceback in ``sections``) and the others still run.
 

@@ -296,7 +296,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     run.add_argument("--server-timeout", type=float, default=300.0, help="seconds for tritonserver to load")
     run.add_argument("--threads", type=int, default=None, help="in-process torch threads (0: default; dry run 1)")
     run.add_argument("--no-lora", action="store_true",
-                     help="skip (e) runtime LoRA: extra time per DiT step at r=16,64,256 (benchmarks/lora_runtime.py)")
+                     help="skip (e) live LoRA: extra time per DiT step at r=16,64,256 "
+                          "(benchmarks/lora_live_adapters.py)")
     return parser.parse_args(argv)
 
 

@@ -88,7 +88,7 @@ def _build(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.lora_memory_mb is not None and (args.lora_dir is None or runtime != "torch"):
-        print("error: --lora-memory-mb sizes the runtime adapters of the torch runtime: it needs --lora-dir "
+        print("error: --lora-memory-mb sizes the live adapters of the torch runtime: it needs --lora-dir "
               f"and --runtime torch (this build: runtime {runtime}"
               f"{', no --lora-dir' if args.lora_dir is None else ''})", file=sys.stderr)
         return 2
@@ -221,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--lora-dir", type=Path, default=None,
                        help="LoRA registry: one folder per adapter (+ serving.json with its lora_weight)")
     build.add_argument("--lora-memory-mb", type=float, default=None,
-                       help="torch runtime with --lora-dir: MiB of runtime adapters each condition_encoder / "
+                       help="torch runtime with --lora-dir: MiB of live adapters each condition_encoder / "
                             "dit_decoder instance keeps resident (least recently used evicted; default 2048)")
     build.add_argument("--endpoint-instances", default=None,
                        help="instances per endpoint: one count for all (8) or per endpoint "

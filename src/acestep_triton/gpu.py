@@ -136,7 +136,7 @@ class CUDAGraphDecoder:
 
     ``decode`` replaces ``transformer.decode`` as the captured function; it receives every
     tensor the call was given, so a caller may append inputs of its own after ``decode``'s six
-    (the runtime LoRA path appends the per-row adapter ``slot`` and ``scale``). Calls with a
+    (the live LoRA path appends the per-row adapter ``slot`` and ``scale``). Calls with a
     different number of inputs are different graphs. :meth:`drop` forgets graphs whose captured
     code reads tensors that are about to go away.
     """

@@ -220,10 +220,10 @@ def component(name: str) -> ComponentSpec:
         raise KeyError(f"unknown component {name!r}; known: {', '.join(COMPONENTS)}") from None
 
 
-# ------------------------------------------------------------------------------ runtime LoRA rows
+# ------------------------------------------------------------------------------ live LoRA rows
 LORA_ROW_INPUTS = (
     TensorSpec("lora_index", "INT32", (BATCH,), optional=True,
-               description="runtime LoRA adapter per row (-1: none); sent as [B, 1] like timestep"),
+               description="live LoRA adapter per row (-1: none); sent as [B, 1] like timestep"),
     TensorSpec("lora_scale", "FP32", (BATCH,), optional=True,
                description="lora_weight per row (0: none)"),
 )

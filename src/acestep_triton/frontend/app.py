@@ -656,7 +656,7 @@ def served_loras(service: FrontendService) -> list[str]:
     try:
         return [a["name"] for a in service.client.list_loras().get("loaded", [])]
     except Exception as exc:  # a fused-variant or LoRA-less server, or none yet
-        log.info("no runtime LoRA listing from the model server (%s)", exc)
+        log.info("no live LoRA listing from the model server (%s)", exc)
         return []
 
 

@@ -45,7 +45,7 @@ speaker/genre embedders and the lyric Conformer: upstream's ``linear_q/k/v`` tar
     A/B tensors (upstream's rap targets at r=256 on the 3.5B shapes: 262 M parameters, against
     2.59 G for the two transformer halves), not a model copy.
     Cost per step: two thin matmuls per adapted projection for the rows that use it (measured
-    in ``benchmarks/lora_runtime.py``); rows without adapter cost nothing. Adapters are loaded,
+    in ``benchmarks/lora_live_adapters.py``); rows without adapter cost nothing. Adapters are loaded,
     unloaded and listed while the server runs (:mod:`.live_control`), within a memory budget.
 (b) **``onnx`` / ``tensorrt``: fused variants** from a configured set. Each configured adapter,
     at one configured ``lora_weight``, gets its own fused copies of the components it touches,
@@ -91,7 +91,7 @@ from .files import (
 from .fuse import apply_lora, fuse_in_place, fused_transformer
 from .live import AdapterBank, LiveAdapter, called_modules, live_adapter, lora_rows
 from .registry import LoraRegistry, check_adapter_name, check_weight_range, is_no_lora
-from .served import InProcessLoras, LoraScope, RoutingCall, RuntimeLoras, ServedLoras, no_lora, served_scope
+from .served import InProcessLoras, LiveLoras, LoraScope, RoutingCall, ServedLoras, no_lora, served_scope
 from .state import LIVE_POINTER_FILE, NO_ADAPTER, STATE_FILE, LoadedAdapter, LoraState, StateReader
 from .variants import (
     LoraVariant,
@@ -108,9 +108,9 @@ __all__ = [
     "ADAPTER_CONFIG_FILE", "COMPONENT_OF_MODULE", "DECODER_MODULES", "ENCODER_MODULES", "KEY_PREFIXES",
     "LIVE_POINTER_FILE", "LORA_COMPONENTS", "LORA_WEIGHTS_FILE", "METADATA_KEY", "NO_ADAPTER", "NO_LORA",
     "PEFT_WEIGHTS_FILE", "SCALING_MODES", "SERVING_FILE", "STATE_FILE", "UPSTREAM_TARGET_MODULES", "VARIANTS_FILE",
-    "VARIANT_SEPARATOR", "AdapterBank", "InProcessLoras", "LiveAdapter", "LoadedAdapter", "LoraAdapter",
+    "VARIANT_SEPARATOR", "AdapterBank", "InProcessLoras", "LiveAdapter", "LiveLoras", "LoadedAdapter", "LoraAdapter",
     "LoraError", "LoraLayer", "LoraRegistry", "LoraScope", "LoraSettings", "LoraState", "LoraVariant",
-    "RoutingCall", "RuntimeLoras", "ServedLoras", "StateReader", "adapter_file", "apply_lora", "base_component",
+    "RoutingCall", "ServedLoras", "StateReader", "adapter_file", "apply_lora", "base_component",
     "called_modules", "check_adapter_name", "check_weight_range", "component_of", "export_lora_variants",
     "fuse_in_place", "fused_transformer", "is_no_lora", "live_adapter", "load_lora", "lora_rows", "no_lora",
     "prepare_lora_onnx_dir", "read_variants_manifest", "served_scope", "variant_model_name", "variant_specs",

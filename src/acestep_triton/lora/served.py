@@ -94,7 +94,7 @@ class LoraChoice:
 
     ``routes``: fused variants, e.g. ``dit_decoder`` → ``dit_decoder__rap``. ``rows``: runtime
     adapters, ``(lora_index, lora_weight)`` sent as per-row inputs; None sends none (a deployment
-    without runtime adapters). Created per request by the scopes below, never changed.
+    without live adapters). Created per request by the scopes below, never changed.
     """
 
     routes: Mapping[str, str] = field(default_factory=dict)
@@ -117,7 +117,7 @@ class RoutingCall:
     def __init__(self, call: Callable[[str, Mapping[str, Tensor], Sequence[str]], list[Tensor]]) -> None:
         self._call = call
         self.default = LoraChoice()
-        """The choice outside any request scope (:class:`RuntimeLoras` sets "no adapter" rows)."""
+        """The choice outside any request scope (:class:`LiveLoras` sets "no adapter" rows)."""
         self._choice: ContextVar[LoraChoice | None] = ContextVar("lora_choice", default=None)
 
     @property
@@ -185,7 +185,7 @@ class ServedLoras:
             yield
 
 
-class RuntimeLoras:
+class LiveLoras:
     """The Triton scope of a ``torch``-runtime deployment: any loaded adapter at any strength.
 
     The request's ``lora_name_or_path`` is looked up in the state file (:mod:`.state`, re-read
@@ -221,9 +221,9 @@ class RuntimeLoras:
 
 
 def served_scope(routing: RoutingCall, assets_dir: str | Path) -> LoraScope:
-    """The LoRA scope an endpoint serves with: runtime adapters when the deployment has them
+    """The LoRA scope an endpoint serves with: live adapters when the deployment has them
     (:data:`~.state.LIVE_POINTER_FILE` in the assets), else its fused variants (possibly none)."""
     state_file = read_live_pointer(assets_dir)
     if state_file is not None:
-        return RuntimeLoras(routing, StateReader(state_file))
+        return LiveLoras(routing, StateReader(state_file))
     return ServedLoras(routing, read_variants_manifest(assets_dir))

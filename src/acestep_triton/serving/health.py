@@ -253,10 +253,22 @@ def _http_json(url: str, *, method: str = "GET", timeout: float = 3.0,
 
 def python_instances(base_url: str, models: Iterable[str], timeout: float = 3.0) -> dict[str, list[str]]:
     """Instance names of the Python-backend models among ``models`` (from the served configs)."""
+    return read_instances(base_url, models, timeout)[0]
+
+
+def read_instances(base_url: str, models: Iterable[str],
+                   timeout: float = 3.0) -> tuple[dict[str, list[str]], list[str]]:
+    """Instance names of the Python-backend models among ``models``, and the models whose config
+    could not be read (not loaded, mid-reload, or the server too busy to answer in ``timeout``):
+    a caller must not take those for "no Python instances"."""
     out: dict[str, list[str]] = {}
+    unread: list[str] = []
     for model in models:
         code, config = _http_json(f"{base_url}/v2/models/{model}/config", timeout=timeout)
-        if code != 200 or not isinstance(config, dict) or config.get("backend") != "python":
+        if code != 200 or not isinstance(config, dict):
+            unread.append(model)
+            continue
+        if config.get("backend") != "python":
             continue
         names = []
         for index, group in enumerate(config.get("instance_group", [])):
@@ -266,7 +278,7 @@ def python_instances(base_url: str, models: Iterable[str], timeout: float = 3.0)
                 count *= len(group["gpus"])  # ``count`` instances on each listed GPU
             names += [f"{group_name}_{i}" for i in range(count)]
         out[model] = names
-    return out
+    return out, unread
 
 
 def repository_models(repository: Path) -> list[str]:
@@ -442,6 +454,7 @@ class Watchdog(threading.Thread):
         self.status = Status(server_pid=server_pid)
         self._stop_event = threading.Event()
         self._expected: dict[str, list[str]] = {}
+        self._unread: set[str] = set()  # models whose config the last refresh could not read
         self._known: dict[str, int] = {}  # instance -> pid of the stub serving it
         self._generation = 0
         self.region_limit = region_limit
@@ -463,10 +476,30 @@ class Watchdog(threading.Thread):
 
     def _refresh_expected(self, replaced: set[int] | frozenset[int] = frozenset()) -> None:
         """What should run now; ``replaced``: stubs of versions a reload replaced, which may still
-        finish requests under the same instance names."""
-        self._expected = python_instances(self.base, repository_models(self.repository))
+        finish requests under the same instance names.
+
+        A model whose config cannot be read now (the server busy right after a reload) keeps
+        what was expected of it and is read again at the next poll: dropping it would stop the
+        watch on it for good (its next death would go unnoticed, and health stay false).
+        """
+        fresh, unread = read_instances(self.base, repository_models(self.repository))
+        for model in unread:
+            if model in self._expected:
+                fresh[model] = self._expected[model]
+        self._expected, self._unread = fresh, set(unread)
         live = {s.instance: s.pid for s in stub_processes(self.server_pid) if s.pid not in replaced}
         self._known = {i: live[i] for names in self._expected.values() for i in names if i in live}
+
+    def _read_unread(self) -> None:
+        """Read the configs that the last refresh could not; a model seen for the first time
+        is bound to its live stubs."""
+        fresh, unread = read_instances(self.base, sorted(self._unread))
+        live = {s.instance: s.pid for s in stub_processes(self.server_pid)}
+        for model, names in fresh.items():
+            if model not in self._expected:
+                self._known.update({i: live[i] for i in names if i in live})
+            self._expected[model] = names
+        self._unread = set(unread)
 
     def broken_models(self) -> list[str]:
         """Models with an instance whose stub is gone (died, or never seen alive)."""
@@ -509,6 +542,8 @@ class Watchdog(threading.Thread):
             while not self._stop_event.wait(self.poll_s):
                 if not process_alive(self.server_pid):
                     return
+                if self._unread:
+                    self._read_unread()
                 broken = self.broken_models()
                 if broken:
                     self._recover(broken)

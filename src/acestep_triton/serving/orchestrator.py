@@ -149,7 +149,7 @@ def bls_call(pb_utils: Any, device: torch.device = CPU) -> ComponentCall:
     preferred = preferred_memory(pb_utils, device)
 
     def call(model: str, inputs: Mapping[str, torch.Tensor], outputs: Sequence[str]) -> list[torch.Tensor]:
-        # LoRA variants (dit_decoder__rap) share the contract; runtime adapters add per-row inputs
+        # LoRA variants (dit_decoder__rap) share the contract; live adapters add per-row inputs
         spec = with_lora_rows(COMPONENTS[base_component(model)])
         tensors = []
         for name, value in inputs.items():

@@ -44,7 +44,7 @@ from ..export.specs import component
 from . import component_model
 from .component_model import BatchedComponentModel
 from .component_stats import ComponentMemoryMetrics, module_bytes
-from .torch_runtime import ComponentRunner, RuntimeLoraOptions, RuntimeOptions, load_component_module
+from .torch_runtime import ComponentRunner, LiveAdapterOptions, RuntimeOptions, load_component_module
 
 REQUIRE_DEVICE_INPUTS_ENV = "ACESTEP_REQUIRE_DEVICE_INPUTS"
 _TRUE = ("1", "true", "yes", "on")
@@ -102,7 +102,7 @@ class TorchComponentModel(BatchedComponentModel):
                     "lora_scaling": params.get("lora_scaling", "upstream")}
         started = time.perf_counter()
         module = load_component_module(spec.name, ckpt, dtype=options.dtype, **lora)
-        loras = RuntimeLoraOptions.from_parameters(self.name, params)
+        loras = LiveAdapterOptions.from_parameters(self.name, params)
         self.runner = ComponentRunner(spec, module, options, loras)
         self.require_device_inputs = requires_device_inputs(params)
         self.memory_metrics: ComponentMemoryMetrics | None = None

@@ -13,7 +13,7 @@ Python-backend model (:mod:`acestep_triton.serving.torch_component`) calls per b
 :func:`runner_call` plugs the very same runners into the Triton backend in-process, so a
 benchmark can compare "through Triton" with "the same compiled components called directly".
 
-Runtime LoRA adapters (:class:`RuntimeLoraOptions`, :mod:`acestep_triton.lora.live`): the
+Live LoRA adapters (:class:`LiveAdapterOptions`, :mod:`acestep_triton.lora.live`): the
 condition encoder and DiT decoder keep the checkpoint's weights only, and each batch row may
 name an adapter and strength (``lora_index`` / ``lora_scale``), so one instance serves every
 loaded adapter at any strength, mixed in one batch.
@@ -88,7 +88,7 @@ class RuntimeOptions:
     a C++ compiler; ``compile_backend`` picks another torch.compile backend, e.g. ``aot_eager``).
 
     ``warmup``: the ``dit_decoder`` shapes run once at load, before the model reports ready
-    (:meth:`ComponentRunner.warm_up`). ``lora_fast_path``/``lora_slots``: runtime adapters on a
+    (:meth:`ComponentRunner.warm_up`). ``lora_fast_path``/``lora_slots``: live adapters on a
     compiled or graphed DiT go through the static :class:`~acestep_triton.lora.live.
     AdapterStack` of that many initial slots (off: such batches run the blocks eagerly)."""
 
@@ -197,8 +197,8 @@ def _fuse_variant(layout: CheckpointLayout, transformer: nn.Module, lora_path: s
 
 
 @dataclass(frozen=True)
-class RuntimeLoraOptions:
-    """Runtime adapters of a transformer-component instance (config parameters ``lora_state``,
+class LiveAdapterOptions:
+    """Live adapters of a transformer-component instance (config parameters ``lora_state``,
     ``lora_memory_mb``): the state file naming the loaded adapters, the byte budget of the
     resident A/B tensors, and where the instance reports what it holds."""
 
@@ -208,8 +208,8 @@ class RuntimeLoraOptions:
     model_name: str | None = None
 
     @classmethod
-    def from_parameters(cls, model_name: str, parameters: Mapping[str, str]) -> RuntimeLoraOptions | None:
-        """None unless the config names a ``lora_state`` file (runtime adapters are on)."""
+    def from_parameters(cls, model_name: str, parameters: Mapping[str, str]) -> LiveAdapterOptions | None:
+        """None unless the config names a ``lora_state`` file (live adapters are on)."""
         # lora.live_control imports tritonclient (through export.triton_config): importing this
         # module stays free of it
         from ..lora.live_control import STATUS_DIR
@@ -245,7 +245,7 @@ class ComponentRunner:
     device. Inputs may come from any device (they are moved, a no-op when already there).
 
     With ``loras`` (transformer components only), the optional inputs ``lora_index`` /
-    ``lora_scale`` select a runtime adapter and strength per batch row
+    ``lora_scale`` select a live adapter and strength per batch row
     (:class:`~acestep_triton.lora.live.AdapterBank`). On a compiled or graphed DiT decoder
     the adapters live in the bank's static :class:`~acestep_triton.lora.live.AdapterStack`:
     a batch with adapter rows, mixed with base rows or not, runs the same compiled blocks, and
@@ -260,7 +260,7 @@ class ComponentRunner:
     """
 
     def __init__(self, spec: ComponentSpec, module: nn.Module, options: RuntimeOptions,
-                 loras: RuntimeLoraOptions | None = None, *, graph_backend: GraphBackend | None = None) -> None:
+                 loras: LiveAdapterOptions | None = None, *, graph_backend: GraphBackend | None = None) -> None:
         self.spec = spec
         self.options = options
         self.device = options.device
@@ -289,7 +289,7 @@ class ComponentRunner:
                     block.compile(backend=options.compile_backend)
                 self.compiled = True
             if options.cuda_graphs and (self.device.type == "cuda" or graph_backend is not None):
-                # max_graphs counts shapes: with runtime adapters on the fast path a shape has two
+                # max_graphs counts shapes: with live adapters on the fast path a shape has two
                 # graphs (base rows only / with adapter rows), so the graph limit doubles
                 per_shape = 2 if loras is not None and options.lora_fast_path else 1
                 self.forward = CUDAGraphDecoder(transformer, max_graphs=per_shape * options.max_graphs,
@@ -301,11 +301,11 @@ class ComponentRunner:
         if options.warmup:
             self.warm_up(options.warmup)
 
-    def _adapter_bank(self, module: nn.Module, loras: RuntimeLoraOptions) -> AdapterBank:
+    def _adapter_bank(self, module: nn.Module, loras: LiveAdapterOptions) -> AdapterBank:
         """The instance's adapter cache; probes which projections the forward really calls (once,
         before any compilation, on a one-item example)."""
         if self.spec.name not in ("condition_encoder", "dit_decoder"):
-            raise ValueError(f"{self.spec.name}: runtime LoRA adapters touch only the transformer components")
+            raise ValueError(f"{self.spec.name}: live LoRA adapters touch only the transformer components")
         example = [t.to(self.device) for t in self.graph.example_inputs(1, 4).values()]
         with torch.inference_mode():
             reachable = called_modules(module, lambda: self.graph(*example))
@@ -336,7 +336,7 @@ class ComponentRunner:
             parts.append("CUDA graphs per shape")
         if self.loras is not None:
             where = "; on the compiled path" if self.stack is not None else ""
-            parts.append(f"runtime LoRA adapters (budget {self.loras.budget_bytes / 2**20:.0f} MiB{where})")
+            parts.append(f"live LoRA adapters (budget {self.loras.budget_bytes / 2**20:.0f} MiB{where})")
         if self.warmup_seconds is not None:
             parts.append(f"{len(self.options.warmup)} shape(s) warmed up in {self.warmup_seconds:.1f} s")
         return ", ".join(parts)
@@ -406,7 +406,7 @@ class ComponentRunner:
         return {t.name: graph.fill(t, t.resolve(sizes), generator) for t in self.spec.inputs}
 
     def _warmup_adapters(self) -> list[int]:
-        """Indices of the loaded runtime adapters to make resident at warm-up (at most the stack's
+        """Indices of the loaded live adapters to make resident at warm-up (at most the stack's
         slots on the fast path, one otherwise), so no first request reads an adapter file or
         re-lays the stack out; the first is used for the adapter variant of each warm-up shape."""
         if self.loras is None:
@@ -416,7 +416,7 @@ class ComponentRunner:
         return [a.index for a in loaded if self.spec.name in a.components][:wanted]
 
     def warm_up(self, shapes: Sequence[WarmupShape]) -> float:
-        """Run each shape once (and, with runtime adapters loaded, once more with an adapter row
+        """Run each shape once (and, with live adapters loaded, once more with an adapter row
         mixed into base rows), so TorchInductor compiles, each CUDA graph is captured, and the
         one-time costs of the first calls (allocator growth, kernel selection, adapter files) are
         paid before the model reports ready (Triton calls ``initialize``, which builds this

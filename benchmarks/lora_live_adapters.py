@@ -1,11 +1,11 @@
-"""Runtime LoRA adapters: what N adapters cost in memory, and what an adapter costs per DiT step.
+"""Live LoRA adapters: what N adapters cost in memory, and what an adapter costs per DiT step.
 
 Two tables:
 
 1. **Memory of N adapters** for the real ACE-Step v1 3.5B shapes (the transformer built on the
    meta device from the published sizes: every shape, no weights) and upstream's adapter
    targets (``speaker_embedder``, the Conformer's ``linear_q/k/v``, the DiT's ``to_q/k/v/out.0``):
-   runtime adapters cost the base transformer once plus each adapter's A/B tensors; fused
+   live adapters cost the base transformer once plus each adapter's A/B tensors; fused
    variants cost a full copy of every touched component per adapter and strength. The runtime
    column is also *measured* on the benchmark model below: the bytes an ``AdapterBank`` holds
    for N resident adapters, next to the base weights' bytes.
@@ -15,7 +15,7 @@ Two tables:
    weights: every row with one adapter, and half the rows with an adapter and half without
    (rows without cost nothing; the adapter rows are gathered, computed and added back).
 
-Usage: ``python benchmarks/lora_runtime.py [--device cpu|cuda] [--frames 128] [--rows 2]
+Usage: ``python benchmarks/lora_live_adapters.py [--device cpu|cuda] [--frames 128] [--rows 2]
 [--blocks 1] [--repeats 5] [--threads 1] [--dtype fp32|bf16] [--width 2560]``
 (``benchmarks/gpu_serving.py measure`` runs it on the GPU as section (e)). Timings on a shared CPU vary by
 a few percent between runs; compare the columns of one run.
@@ -149,7 +149,7 @@ def measured_memory(model: nn.Module, args: argparse.Namespace, rank: int = 64) 
     return bench.format_table(("adapters", "base weights (MiB)", "resident A/B (MiB)", "runtime total (MiB)",
                                "fused: base + N copies (MiB)"), rows,
                               f"Measured: bytes held by the benchmark DiT ({args.blocks} block(s), width {args.width}) "
-                              f"with N rank-{rank} runtime adapters")
+                              f"with N rank-{rank} live adapters")
 
 
 def time_steps(model: nn.Module, args: argparse.Namespace) -> str:
