@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 ruff check .
-python -m pytest -q "$@"
+python -m pytest -q --durations=25 "$@"  # the slowest tests, in every CI log
