@@ -60,7 +60,7 @@ bench.ensure_project_importable()
 import numpy as np  # noqa: E402
 import soundfile as sf  # noqa: E402
 import torch  # noqa: E402
-from process_memory import reset_peak, status_bytes  # noqa: E402
+from process_memory import machine_summary, reset_peak, status_bytes  # noqa: E402
 
 from acestep_client.client import AceStepClient  # noqa: E402
 from acestep_client.params import GenerationParams  # noqa: E402
@@ -70,7 +70,7 @@ from acestep_triton.serving import admission as adm  # noqa: E402
 from acestep_triton.serving.assets import load_assets  # noqa: E402
 from acestep_triton.serving.deploy import build_deployment  # noqa: E402
 from acestep_triton.serving.health import stub_processes  # noqa: E402
-from acestep_triton.serving.memory import proc_field_bytes, rss_bytes  # noqa: E402
+from acestep_triton.serving.memory import rss_bytes  # noqa: E402
 from acestep_triton.serving.server import TritonServer  # noqa: E402
 from acestep_triton.synthetic.full_size import FullSizeConfigs, write_full_random_checkpoint  # noqa: E402
 from acestep_triton.synthetic.tiny_checkpoint import (  # noqa: E402
@@ -463,9 +463,7 @@ def _met(value: Any, bound: str) -> str:
 
 
 def environment() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return (f"machine: {cpu}, {os.cpu_count()} cores, {proc_field_bytes('/proc/meminfo', 'MemTotal') / GiB:.1f} GiB; "
+    return (f"machine: {machine_summary()}; "
             f"python {platform.python_version()}, torch {torch.__version__}, tritonclient {version('tritonclient')}, "
             f"tritonserver 2.51.0 (nvidia-pytriton {version('nvidia-pytriton')})")
 

@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -207,26 +208,22 @@ def _edit_file(path: Path, edit) -> None:
     save_file(state, str(path), metadata={"format": "pt"})
 
 
-def test_extra_key_fails_naming_it(tiny_ckpt: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("folder", "edit", "component", "problem", "key"), [
+    (ckpt.TRANSFORMER_DIR, lambda s: s.update({"transformer_blocks.3.attn.extra.weight": torch.zeros(2)}),
+     "transformer (ace_step_transformer)", "unexpected keys (1)", "transformer_blocks.3.attn.extra.weight"),
+    (ckpt.VOCODER_DIR, lambda s: s.pop("head.conv_post.weight_g"),
+     "vocoder (music_vocoder)", "missing keys (1)", "head.conv_post.weight_g"),
+], ids=["extra_key", "missing_key"])
+def test_a_wrong_key_fails_naming_it(tiny_ckpt: Path, tmp_path: Path, folder: str,
+                                     edit: Callable[[dict[str, torch.Tensor]], object], component: str,
+                                     problem: str, key: str) -> None:
     root = _copy(tiny_ckpt, tmp_path / "ckpt")
-    weights = root / ckpt.TRANSFORMER_DIR / ckpt.DIFFUSERS_WEIGHTS
-    _edit_file(weights, lambda s: s.update({"transformer_blocks.3.attn.extra.weight": torch.zeros(2)}))
+    _edit_file(root / folder / ckpt.DIFFUSERS_WEIGHTS, edit)
     with pytest.raises(CheckpointError) as info:
         load_components(root)
     msg = str(info.value)
-    assert "transformer (ace_step_transformer)" in msg and "unexpected keys (1)" in msg
-    assert "transformer_blocks.3.attn.extra.weight" in msg
-
-
-def test_missing_key_fails_naming_it(tiny_ckpt: Path, tmp_path: Path) -> None:
-    root = _copy(tiny_ckpt, tmp_path / "ckpt")
-    weights = root / ckpt.VOCODER_DIR / ckpt.DIFFUSERS_WEIGHTS
-    _edit_file(weights, lambda s: s.pop("head.conv_post.weight_g"))
-    with pytest.raises(CheckpointError) as info:
-        load_components(root)
-    msg = str(info.value)
-    assert "vocoder (music_vocoder)" in msg and "missing keys (1)" in msg
-    assert "head.conv_post.weight_g" in msg
+    assert component in msg and problem in msg
+    assert key in msg
 
 
 def test_problems_of_all_components_are_reported_together(tiny_ckpt: Path, tmp_path: Path) -> None:

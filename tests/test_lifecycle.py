@@ -323,6 +323,25 @@ def test_drain_gate_marks_requests_and_refuses_once_draining(tmp_path: Path) -> 
     assert issubclass(drain.DrainingError, UnavailableError)
 
 
+def test_a_zombie_stub_has_nothing_in_flight(tmp_path: Path) -> None:
+    """A stub killed while serving stays a zombie (Triton never reaps it), and ``kill(pid, 0)``
+    succeeds on a zombie: its marker used to count as in flight, so every drain after such a
+    kill waited its whole timeout ("0 of 1 request(s) in flight finished in 60.2 s")."""
+    from acestep_triton.serving import drain
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        deadline = time.monotonic() + 10
+        while process_alive(child.pid):  # exited but not reaped (no wait yet): a zombie
+            assert time.monotonic() < deadline, "the child did not exit"
+            time.sleep(0.05)
+        os.kill(child.pid, 0)  # still there as a zombie: what the old check asked
+        (tmp_path / f"{drain.MARKER_PREFIX}{child.pid}-0").touch()
+        assert drain.in_flight(tmp_path) == 0 and not list(tmp_path.glob(f"{drain.MARKER_PREFIX}*"))
+    finally:
+        child.wait()
+
+
 def test_drain_folders_of_dead_servers_are_recognised(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import tempfile
 

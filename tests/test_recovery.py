@@ -164,6 +164,15 @@ def wait_recovered(server: TritonServer, killed_at: float) -> tuple[float, list[
         time.sleep(0.1)
 
 
+def kill_at_first_step(server: TritonServer, model: str, killed_at: list[float]) -> Callable[[int], None]:
+    """A progress callback that kills ``model``'s stub at the first step, noting when in ``killed_at``."""
+    def on_progress(step: int) -> None:
+        if step == 1:
+            kill_stub(server, model)
+            killed_at.append(time.monotonic())
+    return on_progress
+
+
 # ----------------------------------------------------------------------------------- recovery
 @pytest.mark.triton
 def test_component_killed_while_idle_comes_back(recovering_server: TritonServer) -> None:
@@ -185,13 +194,8 @@ def test_component_killed_while_idle_comes_back(recovering_server: TritonServer)
 def test_component_killed_in_flight_gives_a_retryable_error(recovering_server: TritonServer) -> None:
     server = recovering_server
     killed_at: list[float] = []
-
-    def kill_on_first_step(step: int) -> None:
-        if step == 1:
-            kill_stub(server, "dit_decoder")
-            killed_at.append(time.monotonic())
-
-    outcome = stream(server.grpc_url, "text2music", fast(infer_step=SLOW_STEPS), on_progress=kill_on_first_step)
+    outcome = stream(server.grpc_url, "text2music", fast(infer_step=SLOW_STEPS),
+                     on_progress=kill_at_first_step(server, "dit_decoder", killed_at))
     assert killed_at, "the request finished before its first step"
     assert not outcome.ok, "the request survived its component's death"
     category, message = parse_message(outcome.error.split("] ", 1)[-1] if outcome.error.startswith("[Status")
@@ -223,13 +227,8 @@ def test_endpoint_killed_while_idle_comes_back(recovering_server: TritonServer) 
 def test_endpoint_killed_in_flight_ends_the_request(recovering_server: TritonServer) -> None:
     server = recovering_server
     killed_at: list[float] = []
-
-    def kill_on_first_step(step: int) -> None:
-        if step == 1:
-            kill_stub(server, "text2music")
-            killed_at.append(time.monotonic())
-
-    outcome = stream(server.grpc_url, "text2music", fast(infer_step=SLOW_STEPS), on_progress=kill_on_first_step)
+    outcome = stream(server.grpc_url, "text2music", fast(infer_step=SLOW_STEPS),
+                     on_progress=kill_at_first_step(server, "text2music", killed_at))
     assert killed_at and not outcome.ok
     # The endpoint's own process is gone, so the message is Triton's (untagged): it names the
     # instance and says "not healthy", which a client can classify as retryable.

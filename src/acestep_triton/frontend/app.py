@@ -488,6 +488,18 @@ def _retake_tab(endpoints: Endpoints, shared: _SharedInputs) -> _Click:
                        "memory": shared.memory})
 
 
+def _source_task_click(ui: _SourceTaskUI, shared: _SharedInputs, handler: Callable[..., Any], api_name: str,
+                       inputs: dict[str, Any]) -> _Click:
+    """The click of a source-task tab under upstream's endpoint name. Its inputs, in upstream's
+    order (``gradio_client`` scripts pass them by position): the Text2Music tab's JSON, the tab's
+    own ``inputs``, the explicit source audio, then the shared tail; it answers the audio, the
+    parameters JSON and the shared memory."""
+    return functools.partial(
+        ui.button.click, handler, api_name=api_name, outputs=[ui.audio, ui.params_json, shared.memory],
+        inputs_kwargs={"text2music_json_data": shared.text2music_json, **inputs, "source_audio": ui.explicit,
+                       **shared.tail()})
+
+
 def _repaint_tab(endpoints: Endpoints, shared: _SharedInputs) -> _Click:
     """``/repaint_process_func``: regenerates a window of a source song."""
     with gr.Tab("Repainting", id="repaint"):
@@ -497,13 +509,10 @@ def _repaint_tab(endpoints: Endpoints, shared: _SharedInputs) -> _Click:
         start = _seconds_slider("repaint_start", "Repaint Start Time")
         end = _seconds_slider("repaint_end", "Repaint End Time")
         ui = _source_task_ui("repaint", "Repaint")
-    return functools.partial(
-        ui.button.click, endpoints.repaint, api_name="repaint_process_func",
-        outputs=[ui.audio, ui.params_json, shared.memory],
-        inputs_kwargs={"text2music_json_data": shared.text2music_json, "repaint_json_data": ui.params_json,
-                       "retake_variance": variance, "retake_seeds": seeds, "repaint_start": start,
-                       "repaint_end": end, "repaint_source": ui.source, "repaint_source_audio_upload": ui.upload,
-                       **shared.settings, "source_audio": ui.explicit, **shared.tail()})
+    return _source_task_click(ui, shared, endpoints.repaint, "repaint_process_func", {
+        "repaint_json_data": ui.params_json, "retake_variance": variance, "retake_seeds": seeds,
+        "repaint_start": start, "repaint_end": end, "repaint_source": ui.source,
+        "repaint_source_audio_upload": ui.upload, **shared.settings})
 
 
 def _edit_tab(endpoints: Endpoints, shared: _SharedInputs) -> _Click:
@@ -524,15 +533,11 @@ def _edit_tab(endpoints: Endpoints, shared: _SharedInputs) -> _Click:
                          queue=False)
         ui = _source_task_ui("edit", "Edit")
     settings = {k: v for k, v in shared.settings.items() if k not in ("prompt", "lyrics")}
-    return functools.partial(
-        ui.button.click, endpoints.edit, api_name="edit_process_func",
-        outputs=[ui.audio, ui.params_json, shared.memory],
-        inputs_kwargs={"text2music_json_data": shared.text2music_json, "edit_input_params_json": ui.params_json,
-                       "edit_source": ui.source, "edit_source_audio_upload": ui.upload,
-                       "prompt": shared.settings["prompt"], "lyrics": shared.settings["lyrics"],
-                       "edit_prompt": edit_prompt, "edit_lyrics": edit_lyrics, "edit_n_min": n_min,
-                       "edit_n_max": n_max, **settings, "retake_seeds": seeds, "edit_type": edit_type,
-                       "edit_n_avg": n_avg, "source_audio": ui.explicit, **shared.tail()})
+    return _source_task_click(ui, shared, endpoints.edit, "edit_process_func", {
+        "edit_input_params_json": ui.params_json, "edit_source": ui.source, "edit_source_audio_upload": ui.upload,
+        "prompt": shared.settings["prompt"], "lyrics": shared.settings["lyrics"], "edit_prompt": edit_prompt,
+        "edit_lyrics": edit_lyrics, "edit_n_min": n_min, "edit_n_max": n_max, **settings, "retake_seeds": seeds,
+        "edit_type": edit_type, "edit_n_avg": n_avg})
 
 
 def _extend_tab(endpoints: Endpoints, shared: _SharedInputs) -> _Click:
@@ -544,13 +549,10 @@ def _extend_tab(endpoints: Endpoints, shared: _SharedInputs) -> _Click:
         left = _seconds_slider("left_extend_length", "Left Extend Length")
         right = _seconds_slider("right_extend_length", "Right Extend Length")
         ui = _source_task_ui("extend", "Extend")
-    return functools.partial(
-        ui.button.click, endpoints.extend, api_name="extend_process_func",
-        outputs=[ui.audio, ui.params_json, shared.memory],
-        inputs_kwargs={"text2music_json_data": shared.text2music_json, "extend_input_params_json": ui.params_json,
-                       "extend_seeds": seeds, "left_extend_length": left, "right_extend_length": right,
-                       "extend_source": ui.source, "extend_source_audio_upload": ui.upload, **shared.settings,
-                       "source_audio": ui.explicit, **shared.tail()})
+    return _source_task_click(ui, shared, endpoints.extend, "extend_process_func", {
+        "extend_input_params_json": ui.params_json, "extend_seeds": seeds, "left_extend_length": left,
+        "right_extend_length": right, "extend_source": ui.source, "extend_source_audio_upload": ui.upload,
+        **shared.settings})
 
 
 def build_demo(service: FrontendService, *, lora_choices: Sequence[str] = ()) -> gr.Blocks:

@@ -34,6 +34,8 @@ from pathlib import Path
 
 from acestep_client.errors import UnavailableError
 
+from .procfs import process_alive
+
 DRAIN_DIR_ENV = "ACESTEP_DRAIN_DIR"
 """Environment variable naming the drain folder (set by ``serve`` for tritonserver and its stubs)."""
 FLAG = "draining"
@@ -46,16 +48,6 @@ SHUTTING_DOWN = "the server is shutting down (draining for a restart or an updat
 class DrainingError(UnavailableError):
     """Raised by :meth:`DrainGate.check` for a request that arrived after the drain began: an
     ``[unavailable]`` error, so clients resend it (to another replica, or to this one restarted)."""
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class DrainGate:
@@ -138,7 +130,7 @@ def in_flight(directory: Path) -> int:
             pid = int(entry.name[len(MARKER_PREFIX):].split("-", 1)[0])
         except ValueError:
             continue
-        if _pid_alive(pid):
+        if process_alive(pid):  # a zombie's marker too is gone with its request
             count += 1
         else:  # the stub died with the request: nobody will finish it
             with contextlib.suppress(OSError):

@@ -45,6 +45,7 @@ from typing import Any
 from acestep_client.auth import ADMIN_HEADER
 
 from .drain import stale_folders
+from .procfs import proc_stat, process_alive
 
 STUB_BINARY = "triton_python_backend_stub"
 STUB_COMM = STUB_BINARY[:15]
@@ -85,21 +86,11 @@ class StubProcess:
     server_pid: int
 
 
-def _stat(pid: int) -> tuple[str, str, int] | None:
-    """(comm, state, ppid) of a process, or None when it is gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    comm = text[text.index("(") + 1:text.rindex(")")]
-    state, ppid = text[text.rindex(")") + 2:].split()[:2]
-    return comm, state, int(ppid)
-
-
-def process_alive(pid: int) -> bool:
-    """True when ``pid`` runs (a zombie, which has exited and waits to be reaped, does not)."""
-    stat = _stat(pid)
-    return stat is not None and stat[1] not in ("Z", "X")
+def is_live_stub(pid: int) -> bool:
+    """True when ``pid`` is a running stub process, judged by its name (``comm``), which, unlike
+    its command line, stays readable while the process is being torn down."""
+    stat = proc_stat(pid)
+    return stat is not None and stat[0] == STUB_COMM and stat[1] not in ("Z", "X")
 
 
 def _pids() -> Iterable[int]:
@@ -154,7 +145,7 @@ def region_bytes(region: str) -> int:
 def dead_stub_children(server_pid: int) -> list[int]:
     """Zombie stub processes of a server: stubs that died and that the server never reaped."""
     return [pid for pid in _pids()
-            if (stat := _stat(pid)) is not None and stat[0] == STUB_COMM and stat[1] == "Z"
+            if (stat := proc_stat(pid)) is not None and stat[0] == STUB_COMM and stat[1] == "Z"
             and stat[2] == server_pid]
 
 

@@ -22,6 +22,11 @@ tensors. On ``cuda`` the BLS requests ask for their outputs in GPU memory (``pre
 and the loop's tensors stay on the instance's GPU from the first component call to the final
 audio: no host round trip per step. Only the finished audio is copied to the host for gRPC.
 
+One instance serves one request at a time: ``execute`` runs a whole generation before it
+returns, so a second request to the same instance waits in Triton's queue. Concurrency comes from
+the instance count (the shipped definitions have two per endpoint) and from the dynamic batching
+of the components the instances share.
+
 ``triton_python_backend_utils`` only exists inside the Python-backend stub, so it is imported
 lazily; everything else here is plain torch and unit-testable.
 """
