@@ -458,17 +458,17 @@ def test_the_watchdog_keeps_watching_a_model_whose_config_could_not_be_read(
     watchdog = health.Watchdog(server_pid=os.getpid(), http_port=httpd.server_address[1],
                                repository=tmp_path / "repo", admin_token="t", status_file=tmp_path / "s.json")
     try:
-        watchdog._refresh_expected()
+        watchdog.refresh_expected()
         assert watchdog.broken_models() == []
         busy.set()  # the refresh after a reload finds the server too busy to answer
-        watchdog._refresh_expected()
+        watchdog.refresh_expected()
         assert watchdog.broken_models() == []
         stubs.clear()  # then its stub dies
         assert watchdog.broken_models() == ["text2music"]
         busy.clear()
         stubs.append(stub)
-        watchdog._read_unread()
-        assert watchdog._unread == set() and watchdog.broken_models() == []
+        watchdog.read_unread()
+        assert not watchdog.unread and watchdog.broken_models() == []
     finally:
         httpd.shutdown()
         httpd.server_close()

@@ -465,7 +465,7 @@ class Watchdog(threading.Thread):
         with contextlib.suppress(OSError):
             self.status_file.unlink()
 
-    def _refresh_expected(self, replaced: set[int] | frozenset[int] = frozenset()) -> None:
+    def refresh_expected(self, replaced: set[int] | frozenset[int] = frozenset()) -> None:
         """What should run now; ``replaced``: stubs of versions a reload replaced, which may still
         finish requests under the same instance names.
 
@@ -481,7 +481,12 @@ class Watchdog(threading.Thread):
         live = {s.instance: s.pid for s in stub_processes(self.server_pid) if s.pid not in replaced}
         self._known = {i: live[i] for names in self._expected.values() for i in names if i in live}
 
-    def _read_unread(self) -> None:
+    @property
+    def unread(self) -> frozenset[str]:
+        """Models whose config the last reading could not get (read again at every poll)."""
+        return frozenset(self._unread)
+
+    def read_unread(self) -> None:
         """Read the configs that the last refresh could not; a model seen for the first time
         is bound to its live stubs."""
         fresh, unread = read_instances(self.base, sorted(self._unread))
@@ -528,13 +533,13 @@ class Watchdog(threading.Thread):
 
     def run(self) -> None:
         try:
-            self._refresh_expected()
+            self.refresh_expected()
             self.status.write(self.status_file)
             while not self._stop_event.wait(self.poll_s):
                 if not process_alive(self.server_pid):
                     return
                 if self._unread:
-                    self._read_unread()
+                    self.read_unread()
                 broken = self.broken_models()
                 if broken:
                     self._recover(broken)
@@ -577,7 +582,7 @@ class Watchdog(threading.Thread):
                          f"(a refused upload); replaced it in {time.monotonic() - started:.1f} s")
             else:  # the old version still serves; the next interval tries again
                 self.log(f"acestep watchdog: could not recycle {model}: {error}")
-        self._refresh_expected(replaced=before)
+        self.refresh_expected(replaced=before)
 
     def _recover(self, models: list[str]) -> None:
         started = time.monotonic()
@@ -602,7 +607,7 @@ class Watchdog(threading.Thread):
                 failed[model] = error
         if self._stop_event.is_set():
             return
-        self._refresh_expected()
+        self.refresh_expected()
         serving = set(self._known.values())
         self.stale_pids |= {pid for pid in before if pid not in serving and process_alive(pid)}
         # Only the models this round reloaded: one that broke meanwhile is the next round's work.
