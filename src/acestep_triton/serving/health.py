@@ -201,18 +201,28 @@ def stale_regions(prefix: str | None = None, *, min_age_s: float = 0.0) -> list[
     return sorted(stale)
 
 
+def kill_stubs(pids: Iterable[int], timeout: float = 5.0) -> list[int]:
+    """SIGKILL those of ``pids`` that are live stubs (:func:`is_live_stub`: never a process that
+    took a freed pid) and wait up to ``timeout`` until none of them runs: a stub in the middle of
+    dying still runs for a moment, with an empty ``/proc/<pid>/cmdline`` (so it is no longer
+    listed as a stub), and a caller that checks right after would still see it. The pids
+    signalled."""
+    killed = []
+    for pid in pids:
+        if is_live_stub(pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+    deadline = time.monotonic() + timeout
+    while any(is_live_stub(pid) for pid in killed) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return killed
+
+
 def cleanup_orphans(prefix: str | None = None) -> tuple[list[int], list[Path]]:
     """Kill orphaned stubs and remove stale regions (all of ours, or those of ``prefix``):
     (pids killed, regions removed). Run before a server starts and after one stopped."""
-    killed = []
-    for stub in orphaned_stubs():
-        if prefix is None or stub.shm_region.startswith(prefix):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(stub.pid, signal.SIGKILL)
-                killed.append(stub.pid)
-    deadline = time.monotonic() + 5.0
-    while killed and any(process_alive(p) for p in killed) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    killed = kill_stubs([s.pid for s in orphaned_stubs() if prefix is None or s.shm_region.startswith(prefix)])
     removed = []
     for path in stale_regions(prefix):
         with contextlib.suppress(OSError):

@@ -68,7 +68,7 @@ from .health import (
     cleanup_orphans,
     dead_stub_children,
     default_status_file,
-    is_live_stub,
+    kill_stubs,
     stub_processes,
 )
 
@@ -664,24 +664,10 @@ def _terminate(process: subprocess.Popen[bytes], timeout: float, shm_prefix: str
                     os.killpg(process.pid, signal.SIGKILL)  # the server and its Python stubs
                 return process.wait()
     finally:
-        _kill_and_wait(stale)
+        kill_stubs(stale)  # a reload's leftovers: gone before stop() returns
         if shm_prefix is not None:
             cleanup_orphans(shm_prefix)
             shutil.rmtree(drain_files.folder_for(shm_prefix), ignore_errors=True)
-
-
-def _kill_and_wait(pids: set[int] | frozenset[int], timeout: float = 5.0) -> None:
-    """SIGKILL ``pids`` (stubs a reload left behind) and wait until none of them runs. Not left to
-    the orphan clean-up: a stub in the middle of dying (the server's process group was killed) has
-    an empty ``/proc/<pid>/cmdline``, so it is no longer listed as a stub, yet it still runs for a
-    moment, and a caller that checks right after the stop would still see it."""
-    stubs = {pid for pid in pids if is_live_stub(pid)}  # not a process that took a freed pid
-    for pid in stubs:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + timeout
-    while any(is_live_stub(pid) for pid in stubs) and time.monotonic() < deadline:
-        time.sleep(0.05)
 
 
 def _http_ok(url: str) -> bool:
