@@ -14,8 +14,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # Session fixtures shared across modules: the tiny checkpoint and its ONNX export, and the real
-# tritonserver deployments (tiny and golden) with their in-process twins.
-pytest_plugins = ["fixtures_onnx", "fixtures_serving"]
+# tritonserver deployments (tiny and golden) with their in-process twins; and how the suite is
+# split over two xdist workers.
+pytest_plugins = ["fixtures_onnx", "fixtures_serving", "parallel_plan"]
 
 GOLDEN = Path(os.environ.get("ACESTEP_GOLDEN_DIR", ROOT.parent / "shared" / "golden"))
 

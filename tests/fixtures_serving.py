@@ -24,6 +24,7 @@ import pytest
 from fixtures_onnx import single_thread
 from triton_harness import require_tritonserver
 
+from acestep_client.client import AceStepClient
 from acestep_triton.checkpoint import Components, load_components
 from acestep_triton.export.model_configs import load_endpoints
 from acestep_triton.export.repository import render_repository
@@ -52,9 +53,45 @@ def one_instance_repository(ckpt: Path, onnx_dir: Path, components: Components, 
                              assets=deployment.assets, intra_op_threads=1)
 
 
-def serve_deployment(deployment: Deployment, log: Path) -> Iterator[TritonServer]:
+# ----------------------------------------------------------------------------------- lifetimes
+SHARED_SERVERS = ("tiny_server", "golden_server", "torch_server", "golden_torch_server")
+"""The session servers that several modules share."""
+_LAST_USER = pytest.StashKey[dict[str, pytest.Item]]()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Note the last test (in run order) that uses each shared session server."""
+    last: dict[str, pytest.Item] = {}
+    for item in session.items:
+        for name in SHARED_SERVERS:
+            if name in item.fixturenames:
+                last[name] = item
+    session.config.stash[_LAST_USER] = last
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """A shared server stops right after the last test that uses it, not at the session's end:
+    each holds ~20 stub processes (2.5-5 GB), four of them 12 GB, which the other test worker
+    needs. Its session finalizer then finds it stopped (``stop`` is idempotent)."""
+    last = item.config.stash.get(_LAST_USER, {})
+    funcargs = getattr(item, "funcargs", None) or {}
+    done = [funcargs[name] for name, user in last.items() if user is item and name in funcargs]
+    yield
+    for server in done:
+        server.stop()
+
+
+UNLOAD_WAIT_S = 10.0
+"""How long a test server's final stop waits for a model that never unloads. Some request
+patterns (a client that drops its stream mid-generation; one live-adapter module's requests)
+leave a model that Triton never unloads, so the stop waits out its whole exit timeout (30 s by
+default); why is not yet known. Nothing is asserted of these stops."""
+
+
+def serve_deployment(deployment: Deployment, log: Path, stop_timeout: float = 30.0) -> Iterator[TritonServer]:
     require_tritonserver()
-    server = TritonServer(deployment.repository, log_path=log, startup_timeout=300)
+    server = TritonServer(deployment.repository, log_path=log, startup_timeout=300, stop_timeout=stop_timeout)
     server.start()
     try:
         yield server
@@ -90,6 +127,12 @@ def tiny_deployment(tiny_onnx_ckpt: Path, tiny_onnx_dir: Path, tiny_onnx_compone
 def tiny_server(tiny_deployment: Deployment,
                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     yield from serve_deployment(tiny_deployment, tmp_path_factory.mktemp("tiny_log") / "tritonserver.log")
+
+
+@pytest.fixture(scope="session")
+def tiny_client(tiny_server: TritonServer) -> AceStepClient:
+    """A client of ``tiny_server`` with the default settings."""
+    return AceStepClient(tiny_server.grpc_url)
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from test_weights import TiedEmbeddings
 from torch import nn
 
 from acestep_triton import checkpoint as ckpt
@@ -34,13 +35,14 @@ TINY_LIMIT_BYTES = 50 * 2**20
 
 
 @pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", seed=0)
+def tiny_ckpt(tiny_onnx_ckpt: Path) -> Path:
+    """The session's tiny checkpoint (seed 0); tests that alter files work on a copy."""
+    return tiny_onnx_ckpt
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_ckpt: Path) -> Components:
-    return load_components(tiny_ckpt)
+def tiny(tiny_onnx_components: Components) -> Components:
+    return tiny_onnx_components
 
 
 @pytest.fixture(scope="module")
@@ -106,19 +108,12 @@ def test_strict_load_skips_only_unused_patterns() -> None:
 
 
 def test_strict_load_fills_tied_keys() -> None:
-    class Tied(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.shared = nn.Embedding(4, 2)
-            self.inner = nn.Embedding(4, 2)
-            self.inner.weight = self.shared.weight
-
     src = {"shared.weight": torch.arange(8.0).reshape(4, 2)}
-    module = Tied()
+    module = TiedEmbeddings()
     load_state_dict_strict(module, src, (), "tied", tied={"inner.weight": "shared.weight"})
     assert torch.equal(module.inner.weight, src["shared.weight"])
     with pytest.raises(CheckpointError, match=re.escape("inner.weight")):
-        load_state_dict_strict(Tied(), src, (), "tied")
+        load_state_dict_strict(TiedEmbeddings(), src, (), "tied")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -40,7 +40,8 @@ from test_metrics import scrape, value  # noqa: E402
 
 from acestep_client.client import AceStepClient  # noqa: E402
 from acestep_client.params import GenerationParams, ParamError  # noqa: E402
-from acestep_triton.frontend.service import DurationPolicy, FrontendService  # noqa: E402
+from acestep_client.retry import RetryPolicy  # noqa: E402
+from acestep_triton.frontend.service import FRONTEND_RETRY, DurationPolicy, FrontendService  # noqa: E402
 from acestep_triton.frontend.session import own_output, pick_source, remember  # noqa: E402
 from acestep_triton.frontend.upstream import UPSTREAM_DEFAULTS, edit_params, retake_params  # noqa: E402
 from acestep_triton.serving.server import TritonServer  # noqa: E402
@@ -81,11 +82,13 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_frontend(grpc_url: str, output_dir: Path, policy: DurationPolicy | None = None) -> Iterator[str]:
+def running_frontend(grpc_url: str, output_dir: Path, policy: DurationPolicy | None = None,
+                     retry: RetryPolicy = FRONTEND_RETRY) -> Iterator[str]:
     """The front end served in this process on a free port; yields its URL."""
     from acestep_triton.frontend.app import launch
 
-    service = FrontendService(AceStepClient(grpc_url), output_dir, policy or DurationPolicy(RANDOM_RANGE))
+    service = FrontendService(AceStepClient(grpc_url), output_dir, policy or DurationPolicy(RANDOM_RANGE),
+                              retry=retry)
     port = free_port()
     demo = launch(service, port=port, block=False)
     try:
@@ -422,7 +425,9 @@ def test_a_job_cancelled_while_queued_at_the_server_never_runs(frontend: str, ti
 
 
 def test_a_missing_model_server_is_reported(tmp_path: Path) -> None:
-    with running_frontend(f"127.0.0.1:{free_port()}", tmp_path) as url:
+    """After its retries the front end reports the dead server. Their window is a setting
+    (``FRONTEND_RETRY``, 30 s); a 2 s one here, as what is tested is the report, not the wait."""
+    with running_frontend(f"127.0.0.1:{free_port()}", tmp_path, retry=RetryPolicy(max_elapsed_s=2.0)) as url:
         start = time.monotonic()
         with pytest.raises(AppError, match=r"^the model server is unavailable"):
             Client(url, verbose=False).predict(**FAST, api_name="/__call__")
@@ -486,8 +491,7 @@ def test_only_our_own_files_are_read_and_pruned(tmp_path: Path) -> None:
     memory = remember(None, "text2music", outside, {})
     with pytest.raises(ParamError, match=r"^edit_source: "):
         pick_source(kind="edit", choice="text2music", explicit=None, upload=None, text2music_json=None,
-                    own_json=None, memory=memory, output_dir=outputs, choice_field="edit_source",
-                    upload_field="edit_source_audio_upload")
+                    own_json=None, memory=memory, output_dir=outputs)
     service.prune()
     assert not ours.exists() and fresh.exists() and foreign.exists()
 

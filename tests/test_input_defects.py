@@ -44,7 +44,6 @@ from acestep_triton.audio import (
 from acestep_triton.frontend.upstream import extend_params
 from acestep_triton.pipeline import MusicGenerator
 from acestep_triton.sampling.noise import latent_frames
-from acestep_triton.serving.server import TritonServer
 
 BASE = {"prompt": "pop, upbeat, guitar, 120 BPM", "lyrics": "[verse]\nfree as a bird", "infer_step": 2,
         "manual_seeds": "7", "retake_seeds": "9"}
@@ -69,11 +68,6 @@ def tone(rate: int, seconds: float, hz: float = 220.0) -> np.ndarray:
 def names_field(message: str, field: str) -> bool:
     """Whether an error message names ``field`` as the schema does (``"<field>: reason"``)."""
     return re.search(rf"(?<![\w.]){re.escape(field)}: ", message) is not None
-
-
-@pytest.fixture(scope="module")
-def client(tiny_server: TritonServer) -> AceStepClient:
-    return AceStepClient(tiny_server.grpc_url)
 
 
 @pytest.fixture(scope="module")
@@ -164,21 +158,21 @@ def test_undecodable_audio_names_the_field_and_the_reason() -> None:
     assert "0x" not in str(info.value) and "BytesIO" not in str(info.value), str(info.value)
 
 
-def test_uploads_at_odd_and_bad_rates_through_triton(client: AceStepClient) -> None:
+def test_uploads_at_odd_and_bad_rates_through_triton(tiny_client: AceStepClient) -> None:
     """44101 Hz (no factor shared with 44.1 kHz: a 15.6 GB kernel before) is served; the probe's
     1999 Hz and 192001 Hz are refused naming ``src_audio`` / ``ref_audio``; an undecodable upload
     says why without an object repr."""
     odd = wav_bytes(tone(44101, 0.5), 44101, "PCM_16")
-    out = client.generate(params(task="repaint", repaint_start=0.0, repaint_end=0.3), src_audio=odd)
+    out = tiny_client.generate(params(task="repaint", repaint_start=0.0, repaint_end=0.3), src_audio=odd)
     assert out.audio.shape[:2] == (1, 2) and np.isfinite(out.audio).all()
     for rate in (1999, 192001):
         bad = wav_bytes(tone(rate, 0.2), rate, "PCM_16")
         with pytest.raises(ServerError, match=rf"src_audio: sample rate {rate} Hz is outside"):
-            client.generate(params(task="repaint", repaint_start=0.0, repaint_end=0.1), src_audio=bad)
+            tiny_client.generate(params(task="repaint", repaint_start=0.0, repaint_end=0.1), src_audio=bad)
         with pytest.raises(ServerError, match=rf"ref_audio: sample rate {rate} Hz is outside"):
-            client.generate(params(task="audio2audio"), ref_audio=bad)
+            tiny_client.generate(params(task="audio2audio"), ref_audio=bad)
     with pytest.raises(ServerError, match=r"src_audio: cannot decode") as info:
-        client.generate(params(task="repaint", repaint_start=0.0, repaint_end=1.0), src_audio=b"RIFF\x00\x00junk")
+        tiny_client.generate(params(task="repaint", repaint_start=0.0, repaint_end=1.0), src_audio=b"RIFF\x00\x00junk")
     assert "0x" not in str(info.value) and "BytesIO" not in str(info.value), str(info.value)
 
 
@@ -194,24 +188,24 @@ def test_client_encodes_arrays_only_at_rates_the_server_accepts() -> None:
 
 
 # ------------------------------------------------------------------------------ 13.4 in-schema values
-def test_audio_duration_below_one_frame_is_refused_and_one_frame_is_served(client: AceStepClient) -> None:
+def test_audio_duration_below_one_frame_is_refused_and_one_frame_is_served(tiny_client: AceStepClient) -> None:
     """(0, 0.0929) s gave "internal error … DLPack tensor is not contiguous" (zero latent frames)."""
     with pytest.raises(ServerError) as info:
-        client.generate(params(audio_duration=0.05), validate=False)
+        tiny_client.generate(params(audio_duration=0.05), validate=False)
     assert names_field(str(info.value), "audio_duration") and "0.0929" in str(info.value), str(info.value)
     shortest = math.ceil(LATENT_FRAME_S * 1e4) / 1e4
     assert latent_frames(shortest) == 1
-    out = client.generate(params(audio_duration=shortest))
+    out = tiny_client.generate(params(audio_duration=shortest))
     assert out.audio.shape[-1] == resampled_length(SAMPLES_PER_FRAME, 44100, 48000)
 
 
-def test_repaint_window_far_past_the_source_end_extends_it(client: AceStepClient, tiny_local: MusicGenerator,
+def test_repaint_window_far_past_the_source_end_extends_it(tiny_client: AceStepClient, tiny_local: MusicGenerator,
                                                            source: bytes) -> None:
     """[0, 8) s on a 2 s (22-frame) source: 64 new frames, more than the source's 22. It was
     ``request: retake_noise: expected [1, 8, 16, 64] latents, got [1, 8, 16, 22]``; now it is the
     extension upstream's repaint makes (as ``task="extend"`` does), the source kept exactly."""
     request = params(task="repaint", repaint_start=0.0, repaint_end=8.0)
-    served = client.generate(request, src_audio=source)
+    served = tiny_client.generate(request, src_audio=source)
     local = tiny_local.generate(params(task="repaint", repaint_start=0.0, repaint_end=8.0), src_audio=source)
     frames = latent_frames(8.0)
     assert local.latents.shape[-1] == frames
@@ -252,7 +246,7 @@ def test_client_validation_refuses_what_the_server_refuses(field: str, bad: dict
     assert info.value.field == field, str(info.value)
 
 
-def test_client_and_server_name_the_same_field(client: AceStepClient, source: bytes) -> None:
+def test_client_and_server_name_the_same_field(tiny_client: AceStepClient, source: bytes) -> None:
     """The table through both sides: the client's validation and the real server agree."""
     verdicts = {}
     for field, bad in BAD_VALUES:
@@ -265,7 +259,7 @@ def test_client_and_server_name_the_same_field(client: AceStepClient, source: by
         except ParamError as exc:
             client_field = exc.field
         try:
-            client.generate(request, validate=False, **audio)
+            tiny_client.generate(request, validate=False, **audio)
             server_field = None
         except ServerError as exc:
             server_field = field if names_field(str(exc), field) else str(exc)
@@ -274,11 +268,11 @@ def test_client_and_server_name_the_same_field(client: AceStepClient, source: by
     assert all(c is not None for c, _ in verdicts.values()), verdicts
 
 
-def test_the_seeds_used_are_the_seeds_validated(client: AceStepClient) -> None:
+def test_the_seeds_used_are_the_seeds_validated(tiny_client: AceStepClient) -> None:
     """The schema reads "5 6" as two seeds; the server's sampling code used to read the raw string
     and draw random seeds instead."""
     assert params(manual_seeds="5 6").validate().seed_list() == [5, 6]
-    out = client.generate(params(audio_duration=0.5, batch_size=2, manual_seeds="5 6", retake_seeds="8, 9"))
+    out = tiny_client.generate(params(audio_duration=0.5, batch_size=2, manual_seeds="5 6", retake_seeds="8, 9"))
     assert out.params["actual_seeds"] == [5, 6] and out.params["retake_seeds"] == [8, 9]
 
 
@@ -313,13 +307,14 @@ def test_extend_honours_retake_variance_with_the_golden_checkpoint(golden_local:
         assert extended.record["retake_variance"] == variance
 
 
-def test_extend_honours_retake_variance_through_triton(client: AceStepClient, tiny_local: MusicGenerator,
+def test_extend_honours_retake_variance_through_triton(tiny_client: AceStepClient, tiny_local: MusicGenerator,
                                                        source: bytes) -> None:
     for variance in (0.5, 1.0):
         seen: list[tuple[int, int]] = []
         request = params(task="extend", left_extend_length=0.5, right_extend_length=1.0, infer_step=EXTEND_STEPS,
                          retake_variance=variance)
-        served = client.generate(request, src_audio=source, on_progress=lambda s, t, seen=seen: seen.append((s, t)))
+        served = tiny_client.generate(request, src_audio=source,
+                                      on_progress=lambda s, t, seen=seen: seen.append((s, t)))
         steps = EXTEND_STEPS - upstream_first_step(EXTEND_STEPS, variance)
         assert seen and seen[-1] == (steps, steps) and len(seen) == steps, f"v={variance}: {seen}"
         local = tiny_local.generate(params(task="extend", left_extend_length=0.5, right_extend_length=1.0,

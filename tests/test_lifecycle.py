@@ -248,6 +248,7 @@ def test_a_killed_tritonserver_is_restarted_and_the_default_client_loses_nothing
           f"retries; ready again {back:.1f} s after the kill")
 
 
+@pytest.mark.alone  # kills stubs (tests/parallel_plan.py: why that runs alone)
 def test_a_killed_endpoint_stub_fails_no_request_with_default_client_settings(serve: Serve) -> None:
     """kill -9 of an endpoint's stub under load: the requests on it, and all those Triton routes
     to the dead instance during its 20 s reload, are retried by the default policy; none fails
@@ -273,6 +274,7 @@ def test_a_killed_endpoint_stub_fails_no_request_with_default_client_settings(se
 
 
 # ----------------------------------------------------------------------------------- item 5b
+@pytest.mark.alone  # kills stubs (tests/parallel_plan.py: why that runs alone)
 def test_stop_after_a_recovery_is_prompt(repository: Path, tmp_path: Path) -> None:
     """One of the endpoint's two instances dies and requests reach it; the watchdog reloads the
     model. The old version's other instance then never exits (its version's unload hangs on the
@@ -282,11 +284,27 @@ def test_stop_after_a_recovery_is_prompt(repository: Path, tmp_path: Path) -> No
     server.start()
     try:
         assert server.pid is not None and server.watchdog is not None
-        client = AceStepClient(server.grpc_url, retry=NO_RETRY)
         kill_stub(server, FAKE_ENDPOINT, index=0)
-        for seed in range(3):  # requests that reach the dead instance make its unload hang
-            with contextlib.suppress(ServerUnavailable):
-                client.generate(params(seed=seed), endpoint=FAKE_ENDPOINT, timeout_s=60)
+        errors: list[BaseException] = []
+
+        def send(seed: int) -> None:
+            try:
+                with contextlib.suppress(ServerUnavailable):
+                    AceStepClient(server.grpc_url, retry=NO_RETRY).generate(params(seed=seed),
+                                                                           endpoint=FAKE_ENDPOINT, timeout_s=60)
+            except BaseException as exc:  # re-raised below, in the test's thread
+                errors.append(exc)
+
+        # Requests that reach the dead instance make its unload hang. Sent at once, before the
+        # watchdog's reload: one at a time, the first could take the live instance for a second,
+        # and the reload then began before any request reached the dead one.
+        senders = [threading.Thread(target=send, args=(seed,)) for seed in range(3)]
+        for sender in senders:
+            sender.start()
+        for sender in senders:
+            sender.join(timeout=90)
+        if errors:
+            raise errors[0]
         deadline = time.monotonic() + START_BOUND_S
         while server.watchdog.status.recoveries < 1:
             assert time.monotonic() < deadline, "not recovered"

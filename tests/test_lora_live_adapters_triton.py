@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import torch
 from fixtures_onnx import single_thread
-from fixtures_serving import TINY_LORA, serve_deployment
+from fixtures_serving import TINY_LORA, UNLOAD_WAIT_S, serve_deployment
 from safetensors import safe_open
 from safetensors.torch import save_file
 from test_torch_runtime import dit_stats
@@ -70,7 +70,8 @@ def server(tiny_onnx_ckpt: Path, registry: Path, tmp_path_factory: pytest.TempPa
     text, count = re.subn(r"(instance_group\s*\[\s*\{[^}]*?count:\s*)\d+", r"\g<1>3", config.read_text())
     assert count == 1, "no instance count in the endpoint config"
     config.write_text(text)
-    yield from serve_deployment(deployment, tmp_path_factory.mktemp("rt_lora_log") / "tritonserver.log")
+    yield from serve_deployment(deployment, tmp_path_factory.mktemp("rt_lora_log") / "tritonserver.log",
+                                stop_timeout=UNLOAD_WAIT_S)
 
 
 def _local(components: Components, registry: Path) -> MusicGenerator:
@@ -224,7 +225,8 @@ def test_load_unload_reload_need_the_admin_key(server: TritonServer, monkeypatch
     assert _state_file(server).read_bytes() == before, "a refused command changed nothing"
     assert client_main(["loras", "unload", TINY_LORA, "--url", server.grpc_url]) == 5
     assert "access denied" in capsys.readouterr().err
-    result = AceStepClient(server.grpc_url).generate(GenerationParams(**REQUEST, manual_seeds="2",
+    # 3 items x 2 rows = the batcher's preferred size: no 10 s queue delay at each step
+    result = AceStepClient(server.grpc_url).generate(GenerationParams(**REQUEST, batch_size=3, manual_seeds="2,3,4",
                                                                       lora_name_or_path=TINY_LORA))
     assert np.isfinite(result.audio).all(), "the adapter is still served"
 
@@ -281,7 +283,8 @@ def test_bad_names_and_files_are_refused_naming_the_field_and_reload_loads_the_g
         listing = client.reload_loras()
         assert "zz-good" in [a["name"] for a in listing["loaded"]], "one bad folder aborted the reload"
         assert set(bad) <= set(listing["failed"]), listing["failed"]
-        result = client.generate(GenerationParams(**REQUEST, manual_seeds="4", lora_name_or_path="zz-good"))
+        result = client.generate(GenerationParams(**REQUEST, batch_size=3, manual_seeds="4,5,6",
+                                                  lora_name_or_path="zz-good"))  # the preferred batch: no wait
         assert np.isfinite(result.audio).all()
     finally:
         for name in [*bad, "zz-good"]:

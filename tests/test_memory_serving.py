@@ -32,7 +32,7 @@ from acestep_triton.serving.server import TritonServer
 ENDPOINT = "text2music"
 BUDGET_MB = 1400
 MiB = 2**20
-pytestmark = pytest.mark.triton
+pytestmark = [pytest.mark.triton, pytest.mark.alone]  # measures memory (tests/parallel_plan.py)
 
 
 @pytest.fixture(scope="module")

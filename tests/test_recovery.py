@@ -47,6 +47,8 @@ from acestep_triton.serving.health import (
 )
 from acestep_triton.serving.server import TritonServer
 
+pytestmark = pytest.mark.alone  # kills stubs (tests/parallel_plan.py: why that runs alone)
+
 ROOT = Path(__file__).resolve().parents[1]
 HEALTHCHECK = ROOT / "docker" / "healthcheck.py"
 RECOVERY_BOUND_S = 120.0
@@ -164,13 +166,17 @@ def wait_recovered(server: TritonServer, killed_at: float) -> tuple[float, list[
         time.sleep(0.1)
 
 
-def kill_at_first_step(server: TritonServer, model: str, killed_at: list[float]) -> Callable[[int], None]:
-    """A progress callback that kills ``model``'s stub at the first step, noting when in ``killed_at``."""
+def killed_in_flight(server: TritonServer, model: str) -> tuple[Outcome, list[float]]:
+    """A slow text2music request whose first step kills ``model``'s stub: its outcome, and when
+    the kill happened (empty if the request finished before its first step)."""
+    killed_at: list[float] = []
+
     def on_progress(step: int) -> None:
         if step == 1:
             kill_stub(server, model)
             killed_at.append(time.monotonic())
-    return on_progress
+
+    return stream(server.grpc_url, "text2music", fast(infer_step=SLOW_STEPS), on_progress=on_progress), killed_at
 
 
 # ----------------------------------------------------------------------------------- recovery
@@ -193,9 +199,7 @@ def test_component_killed_while_idle_comes_back(recovering_server: TritonServer)
 @pytest.mark.triton
 def test_component_killed_in_flight_gives_a_retryable_error(recovering_server: TritonServer) -> None:
     server = recovering_server
-    killed_at: list[float] = []
-    outcome = stream(server.grpc_url, "text2music", fast(infer_step=SLOW_STEPS),
-                     on_progress=kill_at_first_step(server, "dit_decoder", killed_at))
+    outcome, killed_at = killed_in_flight(server, "dit_decoder")
     assert killed_at, "the request finished before its first step"
     assert not outcome.ok, "the request survived its component's death"
     category, message = parse_message(outcome.error.split("] ", 1)[-1] if outcome.error.startswith("[Status")
@@ -226,9 +230,7 @@ def test_endpoint_killed_while_idle_comes_back(recovering_server: TritonServer) 
 @pytest.mark.triton
 def test_endpoint_killed_in_flight_ends_the_request(recovering_server: TritonServer) -> None:
     server = recovering_server
-    killed_at: list[float] = []
-    outcome = stream(server.grpc_url, "text2music", fast(infer_step=SLOW_STEPS),
-                     on_progress=kill_at_first_step(server, "text2music", killed_at))
+    outcome, killed_at = killed_in_flight(server, "text2music")
     assert killed_at and not outcome.ok
     # The endpoint's own process is gone, so the message is Triton's (untagged): it names the
     # instance and says "not healthy", which a client can classify as retryable.
@@ -288,7 +290,7 @@ def test_without_watchdog_triton_says_ready_but_the_health_check_does_not(small_
     assert not [p for p in SHM_DIR.iterdir() if p.name.startswith(prefix)]
 
 
-@pytest.mark.triton
+@pytest.mark.triton  # (alone also because any server's start removes every orphan: another worker's would take ours)
 def test_killed_server_leftovers_are_removed_on_the_next_start(small_repository: Path, tmp_path: Path) -> None:
     """kill -9 of the server: a stub that cannot exit (stopped here, as one stuck in native code
     would be) stays orphaned with its region; the next start removes both."""

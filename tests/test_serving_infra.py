@@ -709,3 +709,13 @@ def test_failed_render_leaves_the_previous_repository(tmp_path: Path) -> None:
         render_repository(out, "cpu", onnx_dir, [missing], components=["vocoder"])
     assert (out / "vocoder" / "config.pbtxt").read_text() == before and not (out / "ghost").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["onnx", "repo"], "staging folder left behind"
+
+
+def test_every_model_reads_its_name_config_and_parameters_in_one_call() -> None:
+    from acestep_triton.serving.config_params import read_model_config
+
+    config = {"name": "text2music", "max_batch_size": 0,
+              "parameters": {"task": {"string_value": "retake"}, "assets_dir": {"string_value": "/a"}}}
+    name, read, params = read_model_config({"model_config": json.dumps(config)})
+    assert (name, read, params) == ("text2music", config, {"task": "retake", "assets_dir": "/a"})
+    assert read_model_config({"model_config": json.dumps({"name": "x"})})[2] == {}

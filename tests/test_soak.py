@@ -20,9 +20,9 @@ from acestep_triton.serving.server import TritonServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import soak
-from fixtures_serving import TINY_LORA, TINY_LORA_WEIGHT
+from fixtures_serving import TINY_LORA, TINY_LORA_WEIGHT, UNLOAD_WAIT_S
 
-pytestmark = pytest.mark.triton
+pytestmark = [pytest.mark.triton, pytest.mark.alone]  # kills stubs (tests/parallel_plan.py: why that runs alone)
 
 RECOVERY_BOUND_S = 60.0
 """A killed stub → a fresh request succeeds again (the watchdog reloads that one model), on CI's
@@ -43,7 +43,7 @@ def soak_run(tiny_deployment: Deployment, tmp_path_factory: pytest.TempPathFacto
         run.prepare()
         yield run
     finally:
-        run.server.stop()
+        run.server.stop(timeout=UNLOAD_WAIT_S)  # after the disconnect phase text2music never unloads
 
 
 @pytest.fixture(scope="module")

@@ -44,11 +44,6 @@ def wav_bytes(audio: np.ndarray, rate: int, fmt: str = "WAV", subtype: str = "FL
 
 
 @pytest.fixture(scope="module")
-def client(tiny_server: TritonServer) -> AceStepClient:
-    return AceStepClient(tiny_server.grpc_url)
-
-
-@pytest.fixture(scope="module")
 def source(tiny_local: MusicGenerator) -> bytes:
     """A 3 s song from the tiny model, as the float WAV a user would upload."""
     out = tiny_local.generate(params(audio_duration=3.0))
@@ -163,12 +158,12 @@ TASK_REQUESTS = {
 
 
 @pytest.mark.parametrize("task", sorted(TASK_REQUESTS))
-def test_triton_matches_in_process_with_a_batch(task: str, client: AceStepClient, tiny_local: MusicGenerator,
+def test_triton_matches_in_process_with_a_batch(task: str, tiny_client: AceStepClient, tiny_local: MusicGenerator,
                                                  source: bytes) -> None:
     fields, audio = TASK_REQUESTS[task]
     request = params(**fields, batch_size=2, manual_seeds="3,4", retake_seeds="5,6")
     kwargs = {} if audio is None else {"src_audio" if audio == "src" else "ref_audio": source}
-    served = client.generate(request, **kwargs)
+    served = tiny_client.generate(request, **kwargs)
     local = tiny_local.generate(params(**fields, batch_size=2, manual_seeds="3,4", retake_seeds="5,6"), **kwargs)
     err = max_err(served.audio, local.audio.numpy())
     assert err <= TOL, f"{task}: Triton vs in-process {err:.3g}"
@@ -176,11 +171,11 @@ def test_triton_matches_in_process_with_a_batch(task: str, client: AceStepClient
     assert max_err(served.audio[0], served.audio[1]) > 1e-4, "batch items with different seeds are identical"
 
 
-def test_progress_streams_for_every_task(client: AceStepClient, source: bytes) -> None:
+def test_progress_streams_for_every_task(tiny_client: AceStepClient, source: bytes) -> None:
     for task, (fields, audio) in TASK_REQUESTS.items():
         seen: list[tuple[int, int]] = []
         kwargs = {} if audio is None else {"src_audio" if audio == "src" else "ref_audio": source}
-        client.generate(params(**fields), on_progress=lambda s, t, seen=seen: seen.append((s, t)), **kwargs)
+        tiny_client.generate(params(**fields), on_progress=lambda s, t, seen=seen: seen.append((s, t)), **kwargs)
         assert seen and [s for s, _ in seen] == sorted(s for s, _ in seen), f"{task}: {seen}"
 
 
@@ -189,10 +184,10 @@ def test_progress_streams_for_every_task(client: AceStepClient, source: bytes) -
     ("WAV", "PCM_16", 1, 22050), ("FLAC", "PCM_24", 2, 44100), ("OGG", "VORBIS", 2, 32000),
     ("MP3", "MPEG_LAYER_III", 1, 48000)])
 def test_source_audio_in_every_format(fmt: str, subtype: str, channels: int, rate: int,
-                                      client: AceStepClient) -> None:
+                                      tiny_client: AceStepClient) -> None:
     t = np.arange(int(1.5 * rate)) / rate
     audio = np.stack([0.3 * np.sin(2 * np.pi * 220 * (c + 1) * t) for c in range(channels)]).astype(np.float32)
-    out = client.generate(params(task="repaint", repaint_start=0.2, repaint_end=1.0),
+    out = tiny_client.generate(params(task="repaint", repaint_start=0.2, repaint_end=1.0),
                           src_audio=wav_bytes(audio, rate, fmt, subtype))
     assert out.audio.shape[:2] == (1, 2) and np.isfinite(out.audio).all()
 
@@ -212,13 +207,13 @@ BAD_AUDIO = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_AUDIO))
-def test_bad_audio_files_are_rejected_naming_the_field(case: str, client: AceStepClient) -> None:
+def test_bad_audio_files_are_rejected_naming_the_field(case: str, tiny_client: AceStepClient) -> None:
     data, reason = BAD_AUDIO[case]
     with pytest.raises(ServerError, match=rf"src_audio: .*{reason}"):
-        client.generate(params(task="repaint", repaint_start=0.0, repaint_end=1.0), src_audio=data)
+        tiny_client.generate(params(task="repaint", repaint_start=0.0, repaint_end=1.0), src_audio=data)
     with pytest.raises(ServerError, match=rf"ref_audio: .*{reason}"):
-        client.generate(params(task="audio2audio"), ref_audio=data)
-    assert client.generate(params(audio_duration=1.0, infer_step=1)).audio.shape[0] == 1
+        tiny_client.generate(params(task="audio2audio"), ref_audio=data)
+    assert tiny_client.generate(params(audio_duration=1.0, infer_step=1)).audio.shape[0] == 1
 
 
 BAD_FIELDS = [
@@ -233,7 +228,7 @@ BAD_FIELDS = [
 
 
 @pytest.mark.parametrize(("field", "bad"), BAD_FIELDS, ids=[f for f, _ in BAD_FIELDS])
-def test_bad_task_fields_are_rejected_by_the_server(field: str, bad: dict, client: AceStepClient,
+def test_bad_task_fields_are_rejected_by_the_server(field: str, bad: dict, tiny_client: AceStepClient,
                                                     source: bytes) -> None:
     request = params(audio_duration=1.0)
     for key, value in bad.items():
@@ -242,21 +237,21 @@ def test_bad_task_fields_are_rejected_by_the_server(field: str, bad: dict, clien
     if request.task == "retake":
         audio = {}
     with pytest.raises(ServerError) as info:
-        client.generate(request, validate=False, **audio)
+        tiny_client.generate(request, validate=False, **audio)
     assert str(info.value).find(field) >= 0, str(info.value)
 
 
-def test_missing_source_audio_names_the_input(client: AceStepClient) -> None:
+def test_missing_source_audio_names_the_input(tiny_client: AceStepClient) -> None:
     with pytest.raises(ServerError, match="src_audio"):
-        client.generate(params(task="repaint", repaint_start=0.0, repaint_end=1.0))
+        tiny_client.generate(params(task="repaint", repaint_start=0.0, repaint_end=1.0))
 
 
-def test_task_sent_to_the_wrong_endpoint_is_refused(client: AceStepClient) -> None:
+def test_task_sent_to_the_wrong_endpoint_is_refused(tiny_client: AceStepClient) -> None:
     with pytest.raises(ServerError, match=r"task: .retake. sent to the .text2music. endpoint"):
-        client.generate(params(task="retake", audio_duration=1.0), endpoint="text2music")
+        tiny_client.generate(params(task="retake", audio_duration=1.0), endpoint="text2music")
 
 
-def test_a_full_length_float_upload_is_served(client: AceStepClient) -> None:
+def test_a_full_length_float_upload_is_served(tiny_client: AceStepClient) -> None:
     """240 s of 48 kHz stereo float WAV (~92 MB: the largest source the schema accepts, as our own
     output files are) crosses gRPC, Triton and the Python backend's shared memory intact."""
     t = np.arange(240 * OUTPUT_SAMPLE_RATE, dtype=np.float64) / OUTPUT_SAMPLE_RATE
@@ -265,7 +260,7 @@ def test_a_full_length_float_upload_is_served(client: AceStepClient) -> None:
     assert len(data) > 92e6
     params = GenerationParams(task="repaint", repaint_start=100.0, repaint_end=101.0, infer_step=1,
                               manual_seeds="1")
-    result = client.generate(params, src_audio=data)
+    result = tiny_client.generate(params, src_audio=data)
     assert result.params["src_audio_duration"] == pytest.approx(240.0)
     # It pads to 2584 frames; the frame past the 2583 a generation holds (240 s) is dropped.
     # (Songs past 48 s are decoded in windows and cut to floor(frames x 4096 x 48000 / 44100).)

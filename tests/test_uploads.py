@@ -39,6 +39,8 @@ from acestep_triton.serving.health import region_bytes, stub_processes
 from acestep_triton.serving.memory import proc_field_bytes
 from acestep_triton.serving.server import TritonServer
 
+pytestmark = pytest.mark.alone  # measures memory (tests/parallel_plan.py)
+
 LIMIT_MB = 64
 OVERSIZED_MB = 300
 LONG_STEPS = 300

@@ -86,12 +86,20 @@ def test_reader_refuses_malformed_files_naming_them(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------- materialize
-class _Tied(nn.Module):
+class TiedEmbeddings(nn.Module):
+    """Two embeddings sharing one weight: ``inner.weight`` is ``shared.weight`` (as the
+    checkpoints tie some of theirs), for the strict loaders' ``tied`` mapping."""
+
     def __init__(self) -> None:
         super().__init__()
         self.shared = nn.Embedding(4, 2)
         self.inner = nn.Embedding(4, 2)
         self.inner.weight = self.shared.weight
+
+
+class _Tied(TiedEmbeddings):
+    def __init__(self) -> None:
+        super().__init__()
         self.head = nn.Linear(2, 3)
         self.tail = nn.Linear(3, 3)
 

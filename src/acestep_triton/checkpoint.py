@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .command_line import print_written
 from .lyrics.tokenizer import LyricTokenizer
 from .models.transformer import UNUSED_KEYS as TRANSFORMER_UNUSED_KEYS
 from .models.transformer import ACEStepTransformer
@@ -85,21 +86,10 @@ class CheckpointLayout:
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
 
-    @property
-    def transformer_dir(self) -> Path:
-        return self.root / TRANSFORMER_DIR
-
-    @property
-    def dcae_dir(self) -> Path:
-        return self.root / DCAE_DIR
-
-    @property
-    def vocoder_dir(self) -> Path:
-        return self.root / VOCODER_DIR
-
-    @property
-    def text_encoder_dir(self) -> Path:
-        return self.root / TEXT_ENCODER_DIR
+    transformer_dir = property(lambda self: self.root / TRANSFORMER_DIR, doc="The transformer's folder.")
+    dcae_dir = property(lambda self: self.root / DCAE_DIR, doc="The music DCAE's folder.")
+    vocoder_dir = property(lambda self: self.root / VOCODER_DIR, doc="The vocoder's folder.")
+    text_encoder_dir = property(lambda self: self.root / TEXT_ENCODER_DIR, doc="The UMT5 text encoder's folder.")
 
     def folder(self, name: str) -> Path:
         if name not in OFFICIAL_FILES:
@@ -376,13 +366,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     download.add_argument("out", type=Path)
     download.add_argument("--revision", default=None, help="Hub revision (default: main)")
     args = parser.parse_args(argv)
-    try:
-        path = download_checkpoint(args.out, revision=args.revision)
-    except (CheckpointError, CheckpointDownloadError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(path)
-    return 0
+    return print_written(lambda: download_checkpoint(args.out, revision=args.revision),
+                         (CheckpointError, CheckpointDownloadError))
 
 
 if __name__ == "__main__":

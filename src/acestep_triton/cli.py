@@ -27,6 +27,8 @@ from pathlib import Path
 from acestep_client.cli import ProgressPrinter, add_generate_arguments, params_from_args, run_generate
 from acestep_client.params import GenerationParams, ParamError
 
+from .command_line import add_checkpoint_arguments
+
 DEFAULT_WORKDIR = Path("artifacts") / "tiny"
 DEMO_PROMPT = "pop, upbeat, guitar, drums, 120 BPM"
 DEMO_LYRICS = "[verse]\nfree as a bird in the morning light\n[chorus]\nsing it loud"
@@ -230,9 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     assets = sub.add_parser("assets", help="the weight-free serving assets a repository's endpoints read",
                             description="Write the orchestrators' assets (configs, tokenizers, lyric vocab, "
                                         "mel buffers; no weights): the folder `render --assets` takes.")
-    assets.add_argument("--checkpoint", type=Path, required=True, help="checkpoint folder (official layout)")
-    assets.add_argument("--vocab", type=Path, default=None,
-                        help="lyric vocabulary (default: lyrics_vocab.json / vocab.json in the checkpoint)")
+    add_checkpoint_arguments(assets)
     assets.add_argument("--out", type=Path, required=True, help="assets folder to write")
     demo = sub.add_parser("demo", help="the embedded default: tiny model served by a real tritonserver")
     demo.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)

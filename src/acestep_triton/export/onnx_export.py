@@ -49,6 +49,7 @@ from torch import Tensor, nn
 
 from .. import models as models_pkg
 from ..checkpoint import CheckpointError, load_components
+from ..command_line import add_checkpoint_arguments
 from ..component_graphs import component_graph, component_sources, export_graph
 from . import specs
 from .onnx_graph import all_tensors
@@ -572,9 +573,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="acestep-triton onnx",
         description="Export the served components of an ACE-Step checkpoint to ONNX, each checked "
                     "against torch (fp32, onnxruntime CPU) at another batch and length than traced.")
-    parser.add_argument("--checkpoint", type=Path, required=True, help="checkpoint folder (official layout)")
-    parser.add_argument("--vocab", type=Path, default=None,
-                        help="lyric vocabulary (default: lyrics_vocab.json / vocab.json in the checkpoint)")
+    add_checkpoint_arguments(parser)
     parser.add_argument("--out", type=Path, required=True, help="folder for <component>.onnx files")
     parser.add_argument("--only", default=None,
                         help=f"comma-separated subset of: {', '.join(specs.COMPONENTS)}")

@@ -219,8 +219,7 @@ class Endpoints:
         with user_errors(ALIASES["repaint"]):
             src = pick_source(kind="repaint", choice=repaint_source, explicit=source_audio,
                               upload=repaint_source_audio_upload, text2music_json=text2music_json_data,
-                              own_json=repaint_json_data, memory=memory, output_dir=self.service.output_dir,
-                              choice_field="repaint_source", upload_field="repaint_source_audio_upload")
+                              own_json=repaint_json_data, memory=memory, output_dir=self.service.output_dir)
             params = repaint_params(settings, retake_variance=retake_variance, retake_seeds=retake_seeds,
                                     repaint_start=repaint_start, repaint_end=repaint_end, format=format,
                                     lora_name_or_path=lora_name_or_path, lora_weight=lora_weight)
@@ -242,8 +241,7 @@ class Endpoints:
             src = pick_source(kind="edit", choice=edit_source, explicit=source_audio,
                               upload=edit_source_audio_upload, text2music_json=text2music_json_data,
                               own_json=edit_input_params_json, memory=memory,
-                              output_dir=self.service.output_dir, choice_field="edit_source",
-                              upload_field="edit_source_audio_upload")
+                              output_dir=self.service.output_dir)
             params = edit_params(settings, edit_prompt=edit_prompt, edit_lyrics=edit_lyrics, edit_type=edit_type,
                                  edit_n_min=edit_n_min, edit_n_max=edit_n_max, edit_n_avg=edit_n_avg,
                                  retake_seeds=retake_seeds, format=format, lora_name_or_path=lora_name_or_path,
@@ -266,8 +264,7 @@ class Endpoints:
             src = pick_source(kind="extend", choice=extend_source, explicit=source_audio,
                               upload=extend_source_audio_upload, text2music_json=text2music_json_data,
                               own_json=extend_input_params_json, memory=memory,
-                              output_dir=self.service.output_dir, choice_field="extend_source",
-                              upload_field="extend_source_audio_upload")
+                              output_dir=self.service.output_dir)
             params = extend_params(settings, extend_seeds=extend_seeds, left_extend_length=left_extend_length,
                                    right_extend_length=right_extend_length, format=format,
                                    lora_name_or_path=lora_name_or_path, lora_weight=lora_weight)

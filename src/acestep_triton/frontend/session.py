@@ -49,15 +49,16 @@ def own_output(path: Any, output_dir: Path) -> Path | None:
 
 
 def pick_source(*, kind: str, choice: str, explicit: str | None, upload: str | None,
-                text2music_json: Any, own_json: Any, memory: Memory | None, output_dir: Path,
-                choice_field: str, upload_field: str) -> str:
-    """The source audio file of a repaint/edit/extend request.
+                text2music_json: Any, own_json: Any, memory: Memory | None, output_dir: Path) -> str:
+    """The source audio file of a repaint/edit/extend request; errors name the tab's fields as
+    upstream's endpoints call them (``<kind>_source``, ``<kind>_source_audio_upload``).
 
     ``explicit`` (the API's ``source_audio``) always wins: passing a file says where the source
     is. Otherwise ``choice`` decides as upstream's radio did: ``upload`` takes ``upload``;
     ``text2music`` takes the audio of ``text2music_json`` (when it is one of our files) or this
     session's last text2music result; ``last_<kind>`` the same with the tab's own results.
     """
+    choice_field, upload_field = f"{kind}_source", f"{kind}_source_audio_upload"
     if explicit:
         return explicit
     if choice == "upload":

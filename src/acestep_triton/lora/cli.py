@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..command_line import add_checkpoint_arguments
 from ..synthetic.tiny_lora import write_tiny_lora
 from ..weights import CheckpointError
 from .files import SCALING_MODES, LoraError, load_lora
@@ -18,7 +19,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      description="LoRA adapters for the ACE-Step transformer.")
     sub = parser.add_subparsers(dest="command", required=True)
     tiny = sub.add_parser("tiny", help="write the deterministic tiny adapter for a (tiny) checkpoint")
-    tiny.add_argument("--checkpoint", type=Path, required=True, help="checkpoint folder (official layout)")
+    add_checkpoint_arguments(tiny, vocab=False)
     tiny.add_argument("--out", type=Path, required=True, help="adapter folder to write")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--rank", type=int, default=4)

@@ -16,6 +16,7 @@ Traceable for ONNX: the relative positional table and the relative-shift indices
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +52,16 @@ def relative_shift_index(positions: torch.Tensor) -> torch.Tensor:
     return positions[None, :] - positions[:, None] + positions[-1]
 
 
+class Positions(NamedTuple):
+    """What every block's attention reads besides its input, made once per forward: which keys
+    are tokens (``key_keep`` bool [B, 1, 1, T]), the relative position table ``pos_table``
+    [2T-1, C], and the gather index of the relative shift ``shift_index`` int64 [T, T]."""
+
+    key_keep: torch.Tensor
+    pos_table: torch.Tensor
+    shift_index: torch.Tensor
+
+
 class RelPositionSelfAttention(nn.Module):
     """Multi-head self-attention with Transformer-XL relative position terms (ESPnet variant).
 
@@ -73,17 +84,9 @@ class RelPositionSelfAttention(nn.Module):
         self.pos_bias_u = nn.Parameter(torch.zeros(heads, self.head_dim))
         self.pos_bias_v = nn.Parameter(torch.zeros(heads, self.head_dim))
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        key_keep: torch.Tensor,
-        pos_table: torch.Tensor,
-        shift_index: torch.Tensor,
-        query_scale: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """``x`` [B, T, C]; ``key_keep`` bool [B, 1, 1, T]; ``pos_table`` [2T-1, C];
-        ``shift_index`` int64 [T, T]; ``query_scale`` a 0-dim or per-row [B] factor on ``linear_q``'s
-        output."""
+    def forward(self, x: torch.Tensor, positions: Positions, query_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` [B, T, C]; ``query_scale`` a 0-dim or per-row [B] factor on ``linear_q``'s output."""
+        key_keep, pos_table, shift_index = positions
         q = scale_rows(self.linear_q(x), query_scale)
         q = q.unflatten(-1, (self.heads, self.head_dim))  # [B, T, H, D]
         k = self.linear_k(x).unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
@@ -125,15 +128,8 @@ class ConformerBlock(nn.Module):
         self.norm_ff = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.feed_forward = FeedForward(dim, ff_hidden)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        key_keep: torch.Tensor,
-        pos_table: torch.Tensor,
-        shift_index: torch.Tensor,
-        query_scale: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.norm_mha(x), key_keep, pos_table, shift_index, query_scale)
+    def forward(self, x: torch.Tensor, positions: Positions, query_scale: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.norm_mha(x), positions, query_scale)
         return x + self.feed_forward(self.norm_ff(x))
 
 
@@ -173,13 +169,13 @@ class LyricConformer(nn.Module):
         later masked by the decoder's cross-attention)."""
         x = self.embed(x) * math.sqrt(self.dim)
         positions = torch.arange(x.shape[1], device=x.device)
-        pos_table = relative_positional_encoding(positions, self.dim).to(x.dtype)
-        shift_index = relative_shift_index(positions)
-        key_keep = (mask != 0)[:, None, None, :]
+        context = Positions(key_keep=(mask != 0)[:, None, None, :],
+                            pos_table=relative_positional_encoding(positions, self.dim).to(x.dtype),
+                            shift_index=relative_shift_index(positions))
         if query_scale is not None and query_scale.shape[-1] != self.num_blocks:
             raise ValueError(f"lyric_query_scale: last dimension must be {self.num_blocks} "
                              f"(Conformer blocks), got shape {tuple(query_scale.shape)}")
         scales = [None] * self.num_blocks if query_scale is None else query_scale.unbind(-1)
         for block, scale in zip(self.encoders, scales, strict=True):
-            x = block(x, key_keep, pos_table, shift_index, scale)
+            x = block(x, context, scale)
         return self.after_norm(x)

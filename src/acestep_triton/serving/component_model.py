@@ -14,12 +14,11 @@ Subclasses implement :meth:`load`, :meth:`read_input`, :meth:`concat`, :meth:`ru
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-from .config_params import model_parameters
+from .config_params import read_model_config
 from .memory import MemoryReleaser
 
 try:
@@ -32,9 +31,7 @@ class BatchedComponentModel:
     """``TritonPythonModel`` skeleton for one component (see the module docstring)."""
 
     def initialize(self, args: dict[str, str]) -> None:
-        self.config = json.loads(args["model_config"])
-        self.name = self.config["name"]
-        self.parameters = model_parameters(self.config)
+        self.name, self.config, self.parameters = read_model_config(args)
         self.inputs = self.config["input"]
         self.outputs = self.config["output"]
         self.output_names = [o["name"] for o in self.outputs]

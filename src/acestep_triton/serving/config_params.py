@@ -9,6 +9,7 @@ heavy: the ONNX component stubs stay torch-free.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,6 +20,13 @@ FALSE_WORDS = ("0", "false", "no", "off")
 def model_parameters(config: Mapping[str, Any]) -> dict[str, str]:
     """The config's ``parameters`` block as a plain ``{key: string_value}`` dict."""
     return {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+
+
+def read_model_config(args: Mapping[str, str]) -> tuple[str, dict[str, Any], dict[str, str]]:
+    """What every model's ``initialize`` reads first: its name, its whole config (Triton's JSON
+    in ``args["model_config"]``) and its :func:`model_parameters`."""
+    config = json.loads(args["model_config"])
+    return config["name"], config, model_parameters(config)
 
 
 def parse_flag(value: str | bool | None, default: bool, name: str) -> bool:

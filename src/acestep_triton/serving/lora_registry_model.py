@@ -22,7 +22,7 @@ from acestep_client.params import ParamError
 from ..checkpoint import meta_transformer
 from ..lora.live import parse_budget_mb
 from ..lora.live_control import ADMIN_COMMANDS, MAX_MESSAGE_CHARS, LiveAdapterControl, clip
-from .config_params import model_parameters
+from .config_params import read_model_config
 
 
 class TritonPythonModel:
@@ -33,9 +33,7 @@ class TritonPythonModel:
         import triton_python_backend_utils as pb_utils
 
         self.pb = pb_utils
-        config = json.loads(args["model_config"])
-        params = model_parameters(config)
-        self.name = config["name"]
+        self.name, _, params = read_model_config(args)
         for key in ("lora_dir", "lora_state", "checkpoint_dir"):
             if not params.get(key):
                 raise ValueError(f"{self.name}: config parameter {key!r} is required")

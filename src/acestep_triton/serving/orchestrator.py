@@ -62,7 +62,7 @@ from ..sampling import SamplingCancelled
 from ..sampling.buckets import BucketedBackend, ShapeBuckets
 from .admission import Admission, ModelDims, token_counter
 from .assets import ServingAssets, load_assets
-from .config_params import model_parameters
+from .config_params import read_model_config
 from .drain import DrainGate
 from .memory import MemoryReleaser
 from .metrics import TaskMetrics
@@ -280,9 +280,7 @@ class TritonPythonModel:
         import triton_python_backend_utils as pb_utils
 
         self.pb = pb_utils
-        config = json.loads(args["model_config"])
-        parameters = model_parameters(config)
-        self.model_name = config["name"]
+        self.model_name, _, parameters = read_model_config(args)
         self.task = parameters.get("task", "text2music")
         if self.task not in TASKS:
             raise ValueError(f"{self.model_name}: unknown task {self.task!r} (known: {', '.join(TASKS)})")

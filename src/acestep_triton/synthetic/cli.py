@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..command_line import print_written
 from ..weights import CheckpointError
 from .full_size import MIN_ERG_LAYERS, write_full_random_checkpoint
 from .tiny_checkpoint import write_tiny_checkpoint
@@ -38,25 +39,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``tiny OUT [--seed N]``; ``full-size OUT [--layers N] [--seed S] [--device cuda]``."""
     args = _parser().parse_args(argv)
     if args.command == "tiny":
-        try:
-            path = write_tiny_checkpoint(args.out, seed=args.seed)
-        except CheckpointError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        print(path)
-        return 0
+        return print_written(lambda: write_tiny_checkpoint(args.out, seed=args.seed), (CheckpointError,))
     if args.layers is not None and args.layers < MIN_ERG_LAYERS:
         print(f"note: {args.layers} DiT blocks: ERG-diffusion (blocks 15-19) is only partly there; "
               f"use this checkpoint for speed and memory measurements", file=sys.stderr)
-    try:
-        path = write_full_random_checkpoint(args.out, seed=args.seed, layers=args.layers, device=args.device,
-                                            progress=True)
-    except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(path)
-    return 0
-
+    return print_written(lambda: write_full_random_checkpoint(args.out, seed=args.seed, layers=args.layers,
+                                                              device=args.device, progress=True),
+                         (ValueError, OSError))
 
 if __name__ == "__main__":
     sys.exit(main())
