@@ -9,8 +9,9 @@ bash scripts/setup.sh
 ruff check .
 # Two workers side by side (tests/parallel_plan.py says which tests run together; a serial run:
 # ACESTEP_TEST_WORKERS=0), then the tests marked `alone`: they kill stub processes, or assert on
-# machine-wide process state (tests/parallel_plan.py says why neither shares the cores). The 25 slowest tests of each part are
-# printed in every CI log. Exit 5 (the arguments selected no test of a part) is no failure.
+# machine-wide process state (tests/parallel_plan.py says why neither shares the cores). The
+# 25 slowest tests of each part are printed in every CI log. Exit 5 (the arguments selected no
+# test of a part) is no failure.
 # One ONNX export of the tiny checkpoint for both parts (tests/fixtures_onnx.py: published
 # atomically, so the workers may race for it).
 if [ -z "${ACESTEP_ONNX_CACHE:-}" ]; then
