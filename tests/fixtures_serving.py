@@ -82,16 +82,9 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
         server.stop()
 
 
-UNLOAD_WAIT_S = 10.0
-"""How long a test server's final stop waits for a model that never unloads. Some request
-patterns (a client that drops its stream mid-generation; one live-adapter module's requests)
-leave a model that Triton never unloads, so the stop waits out its whole exit timeout (30 s by
-default); why is not yet known. Nothing is asserted of these stops."""
-
-
-def serve_deployment(deployment: Deployment, log: Path, stop_timeout: float = 30.0) -> Iterator[TritonServer]:
+def serve_deployment(deployment: Deployment, log: Path) -> Iterator[TritonServer]:
     require_tritonserver()
-    server = TritonServer(deployment.repository, log_path=log, startup_timeout=300, stop_timeout=stop_timeout)
+    server = TritonServer(deployment.repository, log_path=log, startup_timeout=300)
     server.start()
     try:
         yield server

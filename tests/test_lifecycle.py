@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
 from triton_harness import FAKE_ENDPOINT, LINEAR, SCALED, fake_endpoint, make_linear_onnx, require_tritonserver
 
 from acestep_client.client import AceStepClient, AceStepError, ServerUnavailable
@@ -35,8 +36,8 @@ from acestep_client.params import GenerationParams
 from acestep_client.retry import NO_RETRY
 from acestep_triton.export.repository import render_repository
 from acestep_triton.serving.faults import kill_stub, wait_for_stub
-from acestep_triton.serving.health import check_health, find_server_pid, process_alive
-from acestep_triton.serving.server import TritonServer, free_ports
+from acestep_triton.serving.health import check_health, find_server_pid, process_alive, stub_processes
+from acestep_triton.serving.server import IDLE_UNLOAD_GRACE_S, TritonServer, free_ports
 
 pytestmark = pytest.mark.triton
 
@@ -319,6 +320,31 @@ def test_stop_after_a_recovery_is_prompt(repository: Path, tmp_path: Path) -> No
     assert not any(process_alive(pid) for pid in stale)
     assert stopped_in < 15, f"stop after a recovery took {stopped_in:.1f} s"
     print(f"stop after a recovery: {stopped_in:.1f} s (stale stubs of the replaced version: {len(stale)})")
+
+
+def test_stop_does_not_wait_for_a_model_that_never_unloads(repository: Path, tmp_path: Path) -> None:
+    """A request left open (the test endpoint's ``KEEP_OPEN``; in production some client
+    disconnects leave one so) keeps Triton from ever unloading its model: the stop used to wait
+    out the whole exit timeout. Idle stubs and no request of ours in flight mean it never will,
+    so the stop kills the server after ``IDLE_UNLOAD_GRACE_S``."""
+    server = TritonServer(repository, log_path=tmp_path / "triton.log", stop_timeout=60)
+    server.start()
+    try:
+        progress = threading.Event()
+        raw = grpcclient.InferenceServerClient(server.grpc_url)
+        raw.start_stream(callback=lambda result=None, error=None: progress.set())
+        inputs = AceStepClient.build_inputs(replace(params(steps=5), prompt="keep this request open"))
+        raw.async_stream_infer(FAKE_ENDPOINT, inputs, enable_empty_final_response=True)
+        assert progress.wait(30.0), "no progress response"
+    finally:
+        started = time.monotonic()
+        code = server.stop()
+        stopped_in = time.monotonic() - started
+        raw.close()
+    assert code == -signal.SIGKILL, (code, server.log_text()[-2000:])  # killed: Triton never exits by itself
+    assert "Found 1 live models" in server.log_text()  # it waited for that model
+    assert IDLE_UNLOAD_GRACE_S <= stopped_in < IDLE_UNLOAD_GRACE_S + 10, f"stop took {stopped_in:.1f} s"
+    assert not stub_processes(region_prefix=server.shm_prefix)
 
 
 # ----------------------------------------------------------------------------------- units

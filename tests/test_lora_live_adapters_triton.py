@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import torch
 from fixtures_onnx import single_thread
-from fixtures_serving import TINY_LORA, UNLOAD_WAIT_S, serve_deployment
+from fixtures_serving import TINY_LORA, serve_deployment
 from safetensors import safe_open
 from safetensors.torch import save_file
 from test_torch_runtime import dit_stats
@@ -70,8 +70,7 @@ def server(tiny_onnx_ckpt: Path, registry: Path, tmp_path_factory: pytest.TempPa
     text, count = re.subn(r"(instance_group\s*\[\s*\{[^}]*?count:\s*)\d+", r"\g<1>3", config.read_text())
     assert count == 1, "no instance count in the endpoint config"
     config.write_text(text)
-    yield from serve_deployment(deployment, tmp_path_factory.mktemp("rt_lora_log") / "tritonserver.log",
-                                stop_timeout=UNLOAD_WAIT_S)
+    yield from serve_deployment(deployment, tmp_path_factory.mktemp("rt_lora_log") / "tritonserver.log")
 
 
 def _local(components: Components, registry: Path) -> MusicGenerator:

@@ -20,7 +20,7 @@ from acestep_triton.serving.server import TritonServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import soak
-from fixtures_serving import TINY_LORA, TINY_LORA_WEIGHT, UNLOAD_WAIT_S
+from fixtures_serving import TINY_LORA, TINY_LORA_WEIGHT
 
 pytestmark = [pytest.mark.triton, pytest.mark.alone]  # kills stubs (tests/parallel_plan.py: why that runs alone)
 
@@ -43,7 +43,7 @@ def soak_run(tiny_deployment: Deployment, tmp_path_factory: pytest.TempPathFacto
         run.prepare()
         yield run
     finally:
-        run.server.stop(timeout=UNLOAD_WAIT_S)  # after the disconnect phase text2music never unloads
+        run.server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from acestep_triton.models.text_encoder import PromptTokenizer, TextEncoder, load_text_encoder
+from acestep_triton.models.prompt_tokenizer import PromptTokenizer
+from acestep_triton.models.text_encoder import TextEncoder, load_text_encoder
 from acestep_triton.sampling.erg import text_query_scale
 
 TOL = 1e-4
@@ -66,8 +67,32 @@ def test_batch_pads_to_longest_like_upstream(tokenizer: PromptTokenizer, golden_
 def test_truncates_to_256_keeping_eos(tokenizer: PromptTokenizer) -> None:
     ids, mask = tokenizer(["pop " * 400, "rock"])
     assert ids.shape == (2, 256)
-    assert int(ids[0, -1]) == tokenizer.tokenizer.eos_token_id
+    assert int(ids[0, -1]) == tokenizer.eos_id
     assert mask.sum(dim=1).tolist()[0] == 256 and mask.sum(dim=1).tolist()[1] < 256
+
+
+# Prompts a user may send: tags, CJK, accents and full-width forms (NFKC), runs of whitespace,
+# punctuation, an empty prompt, an unknown character, and one past the 256-token limit.
+TRANSFORMERS_PROMPTS = [
+    "pop, rock, electric guitar, 120 bpm", "  Lo-Fi   hip hop\t\n beats ", "", "ﾛｯｸ ＲＯＣＫ café naïve",
+    "摇滚, 流行, 女声", "ロック 록 🎸", "a,b;c:d!e?f (g) [h] {i}", "pop " * 300,
+]
+
+
+@pytest.mark.parametrize("batch", [TRANSFORMERS_PROMPTS[:1], TRANSFORMERS_PROMPTS[1:4], TRANSFORMERS_PROMPTS])
+def test_same_ids_as_the_transformers_fast_tokenizer(umt5_dir: Path, tiny_onnx_ckpt: Path,
+                                                     batch: list[str]) -> None:
+    """The tokenizer reads ``tokenizer.json`` without transformers (models/prompt_tokenizer.py):
+    its ids and mask equal upstream's call of transformers' ``AutoTokenizer`` (padding to the
+    longest, truncation to 256) on the golden and the tiny checkpoints' tokenizers."""
+    from transformers import AutoTokenizer
+
+    for folder in (umt5_dir, tiny_onnx_ckpt / "umt5-base"):
+        ids, mask = PromptTokenizer(folder)(batch)
+        expected = AutoTokenizer.from_pretrained(str(folder))(batch, return_tensors="pt", padding=True,
+                                                              truncation=True, max_length=256)
+        assert ids.tolist() == expected["input_ids"].tolist(), folder
+        assert mask.tolist() == expected["attention_mask"].tolist(), folder
 
 
 def test_tokenizer_rejects_a_bare_string(tokenizer: PromptTokenizer) -> None:

@@ -29,6 +29,7 @@ from torch import nn
 
 from .command_line import print_written
 from .lyrics.tokenizer import LyricTokenizer
+from .models.prompt_tokenizer import PromptTokenizer
 from .models.transformer import UNUSED_KEYS as TRANSFORMER_UNUSED_KEYS
 from .models.transformer import ACEStepTransformer
 from .models.vocoder import UNUSED_KEYS as VOCODER_UNUSED_KEYS
@@ -165,7 +166,7 @@ class Components:
     layout: CheckpointLayout
     configs: dict[str, dict[str, Any]]
     vocab_path: Path
-    text_tokenizer: Any  # models.text_encoder.PromptTokenizer
+    text_tokenizer: PromptTokenizer
     text_encoder: Any  # models.text_encoder.TextEncoder
     transformer: Any  # models.transformer.ACEStepTransformer
     dcae_encoder: Any  # models.dcae.DCAEEncoder
@@ -267,9 +268,6 @@ def load_components(ckpt_dir: str | Path, vocab_path: str | Path | None = None,
     ``vocab_path`` is the lyric vocabulary (default: ``lyrics_vocab.json``/``vocab.json`` in
     ``ckpt_dir``). The layout and the vocab are checked before any weight is read.
     """
-    # deferred: transformers takes seconds to import; layout-only importers never need it
-    from .models.text_encoder import PromptTokenizer
-
     layout = CheckpointLayout(Path(ckpt_dir))
     layout.validate()
     vocab = layout.find_vocab(vocab_path)

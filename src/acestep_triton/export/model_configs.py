@@ -128,12 +128,11 @@ def checkpoint_sizes(ckpt_dir: str | Path) -> dict[str, int]:
     # Function-local: these modules import torch (heavy), which rendering the onnx or tensorrt
     # runtime never needs.
     from acestep_triton.checkpoint import TEXT_ENCODER_DIR, TRANSFORMER_DIR, CheckpointLayout
-    from acestep_triton.models.text_encoder import read_text_encoder_config
     from acestep_triton.models.transformer import TransformerConfig
 
     layout = CheckpointLayout(Path(ckpt_dir))
     transformer = TransformerConfig.from_dict(layout.read_config(TRANSFORMER_DIR))
-    text = read_text_encoder_config(layout.folder(TEXT_ENCODER_DIR))
+    text = layout.read_config(TEXT_ENCODER_DIR)
     return {"Ct": int(text["d_model"]), "Lt": int(text["num_layers"]), "D": transformer.inner_dim,
             "Ll": int(transformer.lyric_encoder_num_blocks), "Ld": int(transformer.num_layers)}
 

@@ -1,4 +1,4 @@
-"""The prompt (tag) encoder: a UMT5 encoder with a per-item, per-layer query scale, and its tokenizer.
+"""The prompt (tag) encoder: a UMT5 encoder with a per-item, per-layer query scale.
 
 ACE-Step conditions the diffusion transformer on UMT5's last hidden state of the prompt. Its
 "ERG tag" guidance needs the same encoder with weakened attention in a few blocks: upstream
@@ -17,14 +17,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
-
-from acestep_client.limits import PROMPT_MAX_TOKENS
+from transformers import UMT5Config, UMT5EncoderModel
 
 from ..weights import materialize, read_safetensors
-
-TEXT_MAX_LENGTH = PROMPT_MAX_TOKENS
-"""Upstream truncates prompts to 256 tokens (padding to the longest prompt of the batch)."""
 
 UNUSED_KEYS: tuple[str, ...] = (r"^decoder\.", r"^lm_head\.")
 """A full UMT5 checkpoint also carries the decoder and LM head; only the encoder is used."""
@@ -119,25 +114,6 @@ class TextEncoder(nn.Module):
         finally:
             self._scale_source.value = None
         return out.last_hidden_state
-
-
-class PromptTokenizer:
-    """Prompt text → (input_ids, attention_mask), both INT64 [B,T], as upstream tokenises it.
-
-    Upstream settings: pad to the longest prompt of the batch, truncate to 256 tokens, EOS
-    appended by the tokenizer's post-processor.
-    """
-
-    def __init__(self, tokenizer_dir: str | Path, max_length: int = TEXT_MAX_LENGTH) -> None:
-        self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-        self.max_length = max_length
-
-    def __call__(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        if isinstance(texts, str):
-            raise TypeError("PromptTokenizer takes a list of prompts, not a single string")
-        enc = self.tokenizer(list(texts), return_tensors="pt", padding=True, truncation=True,
-                             max_length=self.max_length)
-        return enc["input_ids"].to(torch.int64), enc["attention_mask"].to(torch.int64)
 
 
 def read_text_encoder_config(umt5_dir: str | Path) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from ..checkpoint import (
 )
 from ..lyrics.tokenizer import LyricTokenizer
 from ..models.mel import LogMelSpectrogram
+from ..models.prompt_tokenizer import PromptTokenizer
 from ..models.transformer import TransformerConfig
 
 MEL_PREFIX = "mel_transform."
@@ -69,7 +70,7 @@ def write_assets(ckpt_dir: str | Path, out_dir: str | Path, vocab_path: str | Pa
 class ServingAssets:
     """What an orchestrator loads at start-up (tokenizers, mel front end, layer counts)."""
 
-    prompt_tokenizer: Any
+    prompt_tokenizer: PromptTokenizer
     lyric_tokenizer: Any
     mel: LogMelSpectrogram
     text_layers: int
@@ -79,9 +80,6 @@ class ServingAssets:
 
 def load_assets(assets_dir: str | Path) -> ServingAssets:
     """Read an assets folder written by :func:`write_assets` (errors name the missing file)."""
-    # deferred: models.text_encoder imports transformers (seconds); writing assets never needs it
-    from ..models.text_encoder import PromptTokenizer, read_text_encoder_config
-
     root = Path(assets_dir)
     layout = CheckpointLayout(root)
     for needed in (root / VOCAB_FILE, layout.config_path(TRANSFORMER_DIR), layout.config_path(VOCODER_DIR),
@@ -94,7 +92,7 @@ def load_assets(assets_dir: str | Path) -> ServingAssets:
         mel.load_state_dict(load_file(str(root / MEL_FILE)))
     mel.eval().requires_grad_(False)
     transformer = TransformerConfig.from_dict(layout.read_config(TRANSFORMER_DIR))
-    text_config = read_text_encoder_config(layout.folder(TEXT_ENCODER_DIR))
+    text_config = layout.read_config(TEXT_ENCODER_DIR)
     return ServingAssets(
         prompt_tokenizer=PromptTokenizer(layout.folder(TEXT_ENCODER_DIR)),
         lyric_tokenizer=LyricTokenizer(root / VOCAB_FILE),

@@ -20,6 +20,17 @@ def proc_stat(pid: int) -> tuple[str, str, int] | None:
     return comm, state, int(ppid)
 
 
+def cpu_ticks(pid: int) -> int | None:
+    """User plus system CPU time of a process in clock ticks (``utime + stime``), or None when
+    it is gone: whether a process is working, without asking it."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2:].split()  # fields[0] is the state, field 3 of the file
+    return int(fields[11]) + int(fields[12])  # utime and stime: fields 14 and 15 of the file
+
+
 def process_alive(pid: int) -> bool:
     """True when ``pid`` runs. A zombie (exited, waiting to be reaped) does not, although
     ``os.kill(pid, 0)`` succeeds on it: a stub killed with ``kill -9`` stays one, since Triton

@@ -71,6 +71,7 @@ from .health import (
     kill_stubs,
     stub_processes,
 )
+from .procfs import cpu_ticks
 
 NGC_ROOT = Path("/opt/tritonserver")
 ROOT_ENV = "ACESTEP_TRITON_ROOT"
@@ -90,6 +91,17 @@ HUNG_UNLOAD_GRACE_S = 2.0
 """On stop: once every live stub has exited and only dead (zombie) ones are left, the server is
 waiting for the unload of an instance whose stub died, which never finishes (Python backend
 2.51): after this grace it is killed instead of waiting out ``--exit-timeout-secs`` (30 s)."""
+IDLE_UNLOAD_GRACE_S = 5.0
+"""On stop: live stubs that used no CPU for this long, while no endpoint served a request (no
+drain marker of a live process), are not unloading: Triton holds a reference to their model that
+it never lets go, and would wait out its whole exit timeout (30 s) for it. Seen on 2.51 for an
+endpoint after error responses and client disconnects (a repaint instance after
+``tests/test_tasks_end_to_end.py``; text2music after a client dropped its stream), with nothing in
+flight. A stub that unloads, or serves a request (a direct component call too), uses CPU: 5 s is
+past any unload measured here (under 2 s)."""
+IDLE_UNLOAD_TICKS = 5
+"""CPU clock ticks (50 ms at the usual 100 per second) that the idle stubs may use together in
+that window and still count as idle: a waiting stub wakes now and then."""
 REQUEST_POOL_ARGS = ("--grpc-infer-allocation-pool-size=0",)
 """Triton's gRPC front end keeps up to 8 request/response objects for reuse (the default), each
 with the capacity of the largest message it ever held: after one 300 MiB upload (refused by the
@@ -624,42 +636,72 @@ class TritonServer:
         self.stop()
 
 
+class _UnloadWatch:
+    """Tells, while a signalled server stops, whether it only waits for an unload that never
+    ends (:data:`HUNG_UNLOAD_GRACE_S`, :data:`NO_STUBS_GRACE_S`, :data:`IDLE_UNLOAD_GRACE_S`
+    say when each case arises), so that :func:`_terminate` kills it then instead of waiting out
+    Triton's exit timeout."""
+
+    def __init__(self, server_pid: int, stale: set[int] | frozenset[int], drain_dir: Path | None) -> None:
+        self.server_pid, self.stale, self.drain_dir = server_pid, stale, drain_dir
+        self.had_stubs = bool(self._live())
+        self.only_dead_since: float | None = None
+        self.no_stubs_since: float | None = None
+        self.idle_since: float | None = None
+        self.idle_ticks = 0
+
+    def _live(self) -> list[int]:
+        return [s.pid for s in stub_processes(self.server_pid) if s.pid not in self.stale]
+
+    def _idle(self, live: list[int]) -> int | None:
+        """The live stubs' CPU ticks when no endpoint serves a request (no drain marker), else None."""
+        if not live or self.drain_dir is None or drain_files.in_flight(self.drain_dir):
+            return None
+        return sum(cpu_ticks(pid) or 0 for pid in live)
+
+    def hung(self, now: float) -> bool:
+        live = self._live()
+        if live or not (dead_stub_children(self.server_pid) or self.stale):
+            self.only_dead_since = None
+        elif self.only_dead_since is None:
+            self.only_dead_since = now
+        if live or not self.had_stubs:
+            self.no_stubs_since = None
+        elif self.no_stubs_since is None:
+            self.no_stubs_since = now
+        ticks = self._idle(live)
+        if ticks is None or (self.idle_since is not None and ticks - self.idle_ticks > IDLE_UNLOAD_TICKS):
+            self.idle_since = None  # a request in flight, or a stub at work: a new window from here
+        if ticks is not None and self.idle_since is None:
+            self.idle_since, self.idle_ticks = now, ticks
+
+        def past(since: float | None, grace: float) -> bool:
+            return since is not None and now - since >= grace
+
+        return (past(self.only_dead_since, HUNG_UNLOAD_GRACE_S) or past(self.no_stubs_since, NO_STUBS_GRACE_S)
+                or past(self.idle_since, IDLE_UNLOAD_GRACE_S))
+
+
 def _terminate(process: subprocess.Popen[bytes], timeout: float, shm_prefix: str | None = None,
                stale: set[int] | frozenset[int] = frozenset()) -> int:
     """Stop one server process we started; kill its process group if it does not stop in time
-    (or when it only waits for the unload of a dead stub, which never ends); then remove the
-    stubs and shared-memory regions it left (``shm_prefix``). ``stale``: stubs of model versions
-    the watchdog replaced (:attr:`Watchdog.stale_pids`), which never exit on their own."""
+    (or when it only waits for an unload that never ends: :class:`_UnloadWatch`); then remove
+    the stubs and shared-memory regions it left (``shm_prefix``). ``stale``: stubs of model
+    versions the watchdog replaced (:attr:`Watchdog.stale_pids`), which never exit on their own."""
     try:
         if process.poll() is not None:
             return process.returncode
         with contextlib.suppress(ProcessLookupError):
             process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        def live_stubs() -> bool:
-            return any(s.pid not in stale for s in stub_processes(process.pid))
-
-        had_stubs = live_stubs()
-        only_dead_since: float | None = None
-        no_stubs_since: float | None = None
+        watch = _UnloadWatch(process.pid, stale, drain_files.folder_for(shm_prefix) if shm_prefix else None)
         while True:
             try:
                 return process.wait(timeout=0.2)
             except subprocess.TimeoutExpired:
                 pass
             now = time.monotonic()
-            live = live_stubs()
-            if live or not (dead_stub_children(process.pid) or stale):
-                only_dead_since = None
-            elif only_dead_since is None:
-                only_dead_since = now
-            if live or not had_stubs:
-                no_stubs_since = None
-            elif no_stubs_since is None:
-                no_stubs_since = now
-            hung = ((only_dead_since is not None and now - only_dead_since >= HUNG_UNLOAD_GRACE_S)
-                    or (no_stubs_since is not None and now - no_stubs_since >= NO_STUBS_GRACE_S))
-            if now >= deadline or hung:
+            if now >= deadline or watch.hung(now):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(process.pid, signal.SIGKILL)  # the server and its Python stubs
                 return process.wait()
