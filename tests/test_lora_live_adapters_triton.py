@@ -30,7 +30,7 @@ from fixtures_onnx import single_thread
 from fixtures_serving import TINY_LORA, serve_deployment
 from safetensors import safe_open
 from safetensors.torch import save_file
-from test_torch_runtime import dit_stats
+from test_torch_runtime_batching import dit_stats
 
 from acestep_client.auth import ADMIN_KEY_ENV
 from acestep_client.cli import main as client_main
@@ -174,33 +174,6 @@ def test_refused_adapters_name_the_field_and_the_server_keeps_serving(server: Tr
     result = client.generate(GenerationParams(**REQUEST, batch_size=3, manual_seeds="1,2,3",
                                               lora_name_or_path=TINY_LORA, lora_weight=-0.5))
     assert result.audio.shape[0] == 3 and np.isfinite(result.audio).all()
-
-
-def test_frontend_lora_fields_reach_the_runtime_adapters(torch_server: TritonServer, tmp_path: Path) -> None:
-    """The gradio front end's ``lora_name_or_path`` / ``lora_weight`` (upstream's argument names)
-    travel to the server, which applies the adapter at that strength (any strength: runtime)."""
-    import soundfile as sf
-
-    from acestep_triton.frontend.service import FrontendService
-    from acestep_triton.frontend.upstream import text2music_params
-
-    service = FrontendService(AceStepClient(torch_server.grpc_url), tmp_path)
-    settings = {"prompt": REQUEST["prompt"], "lyrics": REQUEST["lyrics"], "infer_step": STEPS, "manual_seeds": "9"}
-
-    def run(name: str | None, weight: float) -> tuple[np.ndarray, dict]:
-        params = text2music_params(settings, format="wav", audio_duration=2.0, audio2audio_enable=False,
-                                   ref_audio_strength=0.5, ref_audio_input=None, lora_name_or_path=name,
-                                   lora_weight=weight)
-        out = service.generate(params)
-        return sf.read(out.audio_path, dtype="float32")[0], out.params
-
-    with_lora, shown = run(TINY_LORA, 1.7)
-    without, _ = run(None, 1.7)
-    assert shown["lora_name_or_path"] == TINY_LORA and shown["lora_weight"] == pytest.approx(1.7)
-    assert float(np.abs(with_lora - without).max()) > 1e-3, "the adapter did not reach the server"
-    direct = AceStepClient(torch_server.grpc_url).generate(
-        GenerationParams(**settings, audio_duration=2.0, lora_name_or_path=TINY_LORA, lora_weight=1.7))
-    assert float(np.abs(direct.audio[0].T - with_lora).max()) <= 1e-3, "front end and client disagree (wav rounding)"
 
 
 # ------------------------------------------------------------------------------ issue 19: an admin API

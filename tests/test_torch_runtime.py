@@ -2,28 +2,25 @@
 
 The torch runtime is what the gpu target serves by default (compiled DiT blocks + CUDA graphs
 there); here it runs fp32 on the CPU, where it must give the same audio as the in-process
-pipeline and as the ``onnx`` runtime for every task (1e-4 absolute), reproduce upstream's golden
-cases a and m (1e-4), serve live LoRA adapters at any strength, and let Triton's dynamic batcher merge DiT
-calls of concurrent requests whose lengths fall into one shape bucket (proved from Triton's own
-statistics: fewer ``dit_decoder`` executions than requests).
+pipeline and as the ``onnx`` runtime for every task (1e-4 absolute), and serve live LoRA adapters
+at any strength, also set from the front end. Upstream's golden cases through it:
+``test_torch_runtime_golden.py``; cross-request batching: ``test_torch_runtime_batching.py``
+(modules of their own, each with a server no other module uses, so either test worker may take them).
 """
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import tritonclient.grpc as grpcclient
 from fixtures_onnx import single_thread
 from fixtures_serving import TINY_LORA, TINY_LORA_WEIGHT
-from test_pipeline_golden import case_params
 from test_tasks_end_to_end import TASK_REQUESTS, params
 from test_tasks_end_to_end import source as source  # the 3 s upload fixture
 
-from acestep_client.client import AceStepClient, GenerationResult, ServerError
+from acestep_client.client import AceStepClient, ServerError
 from acestep_client.params import GenerationParams
 from acestep_triton.checkpoint import Components
 from acestep_triton.component_graphs import component_graph, component_sources
@@ -33,9 +30,6 @@ from acestep_triton.export.specs import COMPONENTS, read_onnx_sizes
 from acestep_triton.export.triton_config import DynamicBatching, check_config, render_config
 from acestep_triton.lora import InProcessLoras, LoraRegistry
 from acestep_triton.pipeline import MusicGenerator, TorchBackend
-from acestep_triton.sampling import latent_frames
-from acestep_triton.sampling.buckets import ShapeBuckets
-from acestep_triton.serving.deploy import build_deployment
 from acestep_triton.serving.server import TritonServer
 from acestep_triton.serving.torch_runtime import (
     DECODE_ONLY,
@@ -202,84 +196,29 @@ def test_live_lora_served_at_any_strength_by_the_torch_runtime(torch_client: Ace
         torch_client.generate(params(audio_duration=2.0, lora_name_or_path="jazz"))
 
 
-@pytest.mark.parametrize("name", ["a_text2music_apg", "m_repaint"])
-def test_golden_cases_through_the_torch_runtime(name: str, golden_torch_server: TritonServer,
-                                                golden_cases: dict, golden_dir: Path) -> None:
-    case = golden_cases[name]
-    expected = np.load(golden_dir / "cases" / case["file"])["audio_48k"]
-    p = case_params(case)
-    src = golden_dir / "cases" / "case_a_text2music_apg_48k_float.wav" if p.task == "repaint" else None
-    result = AceStepClient(golden_torch_server.grpc_url).generate(p, src_audio=src)
-    err = max_err(result.audio, expected)
-    assert err <= TOL, f"{name} through the torch runtime vs upstream: {err:.3g}"
+def test_frontend_lora_fields_reach_the_runtime_adapters(torch_server: TritonServer, tmp_path: Path) -> None:
+    """The gradio front end's ``lora_name_or_path`` / ``lora_weight`` (upstream's argument names)
+    travel to the server, which applies the adapter at that strength (any strength: runtime)."""
+    import soundfile as sf
 
+    from acestep_triton.frontend.service import FrontendService
+    from acestep_triton.frontend.upstream import text2music_params
 
-# ------------------------------------------------------------------------------ cross-request batching
-STEPS = 3
-ROWS = 2  # conditional + unconditional: every step is guided (guidance_interval 1)
-BATCH_REQUEST = {"prompt": "pop, upbeat, guitar, 120 BPM", "infer_step": STEPS, "guidance_interval": 1.0,
-                 "cfg_type": "cfg"}
+    service = FrontendService(AceStepClient(torch_server.grpc_url), tmp_path)
+    settings = {"prompt": "pop, upbeat, guitar, 120 BPM", "lyrics": "[verse]\nfree as a bird", "infer_step": 3,
+                "manual_seeds": "9"}
 
+    def run(name: str | None, weight: float) -> tuple[np.ndarray, dict]:
+        params = text2music_params(settings, format="wav", audio_duration=2.0, audio2audio_enable=False,
+                                   ref_audio_strength=0.5, ref_audio_input=None, lora_name_or_path=name,
+                                   lora_weight=weight)
+        out = service.generate(params)
+        return sf.read(out.audio_path, dtype="float32")[0], out.params
 
-def two_lengths_in_one_bucket(buckets: ShapeBuckets) -> tuple[float, float]:
-    """Two durations with different frame counts that share one frame bucket."""
-    for tenths in range(10, 80):
-        a, b = tenths / 10, tenths / 10 + 0.3
-        fa, fb = latent_frames(a), latent_frames(b)
-        if fa != fb and buckets.frame_bucket(fa) == buckets.frame_bucket(fb) != fb:
-            return a, b
-    raise AssertionError("no two durations share a bucket")
-
-
-def dit_stats(url: str) -> tuple[int, int, int]:
-    """(requests, inferences, executions) of dit_decoder from Triton's own statistics."""
-    stats = grpcclient.InferenceServerClient(url).get_inference_statistics("dit_decoder", as_json=True)
-    model = stats["model_stats"][0]
-    return (int(model["inference_stats"]["success"].get("count", 0)), int(model.get("inference_count", 0)),
-            int(model.get("execution_count", 0)))
-
-
-@pytest.fixture(scope="module")
-def batching_server(tiny_onnx_ckpt: Path, tmp_path_factory: pytest.TempPathFactory):
-    """text2music over the torch runtime, the DiT batcher waiting for two requests' rows."""
-    from fixtures_serving import serve_deployment
-
-    deployment = build_deployment(
-        tiny_onnx_ckpt, tmp_path_factory.mktemp("batch_deploy"), runtime="torch", endpoints=["text2music"],
-        intra_op_threads=1,
-        # one batch = both requests' rows; the delay only bounds the wait when they drift apart
-        batching={"dit_decoder": DynamicBatching(max_queue_delay_us=5_000_000,
-                                                 preferred_batch_sizes=(2 * ROWS,))})
-    yield from serve_deployment(deployment, tmp_path_factory.mktemp("batch_log") / "tritonserver.log")
-
-
-def test_concurrent_requests_in_one_bucket_share_dit_calls(batching_server: TritonServer,
-                                                           tiny_local: MusicGenerator) -> None:
-    short, long = two_lengths_in_one_bucket(ShapeBuckets.default())
-    requests = [GenerationParams(**BATCH_REQUEST, lyrics="[verse]\nfree as a bird", audio_duration=short,
-                                 manual_seeds="3"),
-                GenerationParams(**BATCH_REQUEST, lyrics="[verse]\nsing it loud tonight", audio_duration=long,
-                                 manual_seeds="4")]
-    before = dit_stats(batching_server.grpc_url)
-    results: list[GenerationResult | BaseException] = [None, None]  # type: ignore[list-item]
-
-    def run(i: int) -> None:
-        try:
-            results[i] = AceStepClient(batching_server.grpc_url).generate(requests[i])
-        except BaseException as exc:  # reported below
-            results[i] = exc
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    after = dit_stats(batching_server.grpc_url)
-    calls, rows, executions = (a - b for a, b in zip(after, before, strict=True))
-    assert calls == 2 * STEPS and rows == 2 * STEPS * ROWS, (calls, rows)
-    assert executions == STEPS, f"{calls} DiT requests ran in {executions} executions, expected {STEPS} merged"
-    for request, result in zip(requests, results, strict=True):
-        assert isinstance(result, GenerationResult), result
-        with single_thread():
-            local = tiny_local.generate(request)
-        assert max_err(result.audio, local.audio.numpy()) <= TOL, "a batched request's audio changed"
+    with_lora, shown = run(TINY_LORA, 1.7)
+    without, _ = run(None, 1.7)
+    assert shown["lora_name_or_path"] == TINY_LORA and shown["lora_weight"] == pytest.approx(1.7)
+    assert float(np.abs(with_lora - without).max()) > 1e-3, "the adapter did not reach the server"
+    direct = AceStepClient(torch_server.grpc_url).generate(
+        GenerationParams(**settings, audio_duration=2.0, lora_name_or_path=TINY_LORA, lora_weight=1.7))
+    assert float(np.abs(direct.audio[0].T - with_lora).max()) <= 1e-3, "front end and client disagree (wav rounding)"
