@@ -74,7 +74,8 @@ IN_PROCESS_MODULES = frozenset({
 })
 """Modules that start no tritonserver, not even in a subprocess: marked ``in_process``, which
 ``scripts/test.sh`` runs beside the ``alone`` tests at the lowest CPU priority (``nice -n 19``),
-on the core those leave idle. :func:`pytest_configure` makes that run refuse to start a server."""
+on the core those leave idle. In modules that also serve, single tests carry the mark by hand.
+:func:`pytest_configure` makes that run refuse to start a server."""
 IN_PROCESS_ENV = "ACESTEP_TEST_IN_PROCESS"
 """Set by ``scripts/test.sh`` for the ``in_process`` run: a server start there is an error."""
 
@@ -154,10 +155,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if not sharing <= SHARED_MODULES:
         raise pytest.UsageError(f"tests/parallel_plan.py: add {sorted(sharing - SHARED_MODULES)} to SHARED_MODULES "
                                 f"(they share a session server with another module)")
-    serving = IN_PROCESS_MODULES & {module for module, used in servers.items() if used}
+    serving = sorted(item.nodeid for item in items
+                     if item.get_closest_marker("in_process") and SHARED_FIXTURES & set(item.fixturenames))
     if serving:
-        raise pytest.UsageError(f"tests/parallel_plan.py: {sorted(serving)} use a server fixture: remove them "
-                                f"from IN_PROCESS_MODULES")
+        raise pytest.UsageError(f"tests/parallel_plan.py: {serving[:3]} use a server fixture but are marked "
+                                f"in_process (by IN_PROCESS_MODULES or by hand)")
     rank = {unit: i for i, unit in enumerate(LONGEST_FIRST)}
 
     def order(item: pytest.Item) -> tuple[int, int]:

@@ -45,6 +45,7 @@ def load_benchmark(name: str) -> ModuleType:
 
 
 # ------------------------------------------------------------------------------- helpers
+@pytest.mark.in_process  # starts no server: runs niced beside the alone tests (tests/parallel_plan.py)
 def test_percentiles_and_tables() -> None:
     bench = load_benchmark("acestep_bench")
     assert bench.percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5
@@ -105,6 +106,7 @@ def test_load_client_counts_failed_requests(tiny_server: TritonServer) -> None:
 
 
 # ------------------------------------------------------------------------------- (b) GPU benchmark, on a CPU
+@pytest.mark.in_process  # starts no server: runs niced beside the alone tests (tests/parallel_plan.py)
 def test_gpu_benchmark_logic_runs_on_cpu_with_the_tiny_model(tmp_path: Path,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     gpu = load_benchmark("gpu_eager_vs_optimized")
@@ -126,6 +128,7 @@ def test_gpu_benchmark_logic_runs_on_cpu_with_the_tiny_model(tmp_path: Path,
     assert info["frames"] == 21 and (tmp_path / "r.md").read_text().count("eager-sequential") >= 1
 
 
+@pytest.mark.in_process  # starts no server: runs niced beside the alone tests (tests/parallel_plan.py)
 def test_sequential_branches_split_rows_per_item() -> None:
     gpu = load_benchmark("gpu_eager_vs_optimized")
     calls: list[tuple[int, ...]] = []
@@ -142,6 +145,7 @@ def test_sequential_branches_split_rows_per_item() -> None:
     assert calls == [(2, torch.Size([2, 24]))] * 3
 
 
+@pytest.mark.in_process  # starts no server: runs niced beside the alone tests (tests/parallel_plan.py)
 def test_graph_self_check_compares_replay_with_eager() -> None:
     gpu = load_benchmark("gpu_eager_vs_optimized")
 
@@ -171,6 +175,7 @@ def test_graph_self_check_compares_replay_with_eager() -> None:
 
 # ------------------------------------------------------------------------------- the GPU check script
 @pytest.mark.slow
+@pytest.mark.in_process  # starts no server: runs niced beside the alone tests (tests/parallel_plan.py)
 def test_gpu_check_inprocess_section_runs_in_a_dry_run(tmp_path: Path) -> None:
     """The section ``inprocess`` of ``scripts/gpu_serving_check.sh`` (eager vs optimised in-process;
     the former ``scripts/gpu_check.sh``) alone, on the CPU with the tiny model."""

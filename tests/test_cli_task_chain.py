@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import soundfile as sf
 import torch
 
@@ -82,6 +83,7 @@ def test_local_cli_refuses_an_unusable_device(tiny_onnx_ckpt: Path, tmp_path: Pa
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.in_process  # starts no server: runs niced beside the alone tests (tests/parallel_plan.py)
 def test_local_cli_needs_no_tritonclient(tiny_onnx_ckpt: Path, tmp_path: Path) -> None:
     """In-process generation (e.g. on a GPU box without the serving stack) writes its files
     without importing tritonclient."""

@@ -95,6 +95,7 @@ MEMORY_PROBE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.in_process  # starts no server: runs niced beside the alone tests (tests/parallel_plan.py)
 def test_odd_sample_rates_resample_in_memory_proportional_to_the_audio() -> None:
     """Five odd rates and 30 s at 44101 Hz within 256 MiB of address space beyond the imports.
 
@@ -106,6 +107,7 @@ def test_odd_sample_rates_resample_in_memory_proportional_to_the_audio() -> None
 
 
 @pytest.mark.parametrize(("orig", "new"), [(48000, 44100), (16000, 44100), (44100, 48000), (192000, 44100)])
+@pytest.mark.in_process  # starts no server: runs niced beside the alone tests (tests/parallel_plan.py)
 def test_common_rates_keep_the_exact_method_and_the_compact_one_agrees(orig: int, new: int) -> None:
     """Common rates stay on torchaudio's exact kernel (goldens bit-identical); the compact method
     is the same filter (differences: torchaudio's float32 phase rounding, ~1e-5 on a unit signal)."""
@@ -120,6 +122,7 @@ def test_common_rates_keep_the_exact_method_and_the_compact_one_agrees(orig: int
 
 
 @pytest.mark.parametrize("orig", [1999, 44101, 191999])
+@pytest.mark.in_process  # starts no server: runs niced beside the alone tests (tests/parallel_plan.py)
 def test_odd_rates_take_the_compact_path_and_keep_a_tone(orig: int) -> None:
     assert exact_kernel_taps(orig, 44100) > EXACT_KERNEL_MAX_TAPS
     wave = torch.from_numpy(tone(orig, 0.5, hz=440.0))[None]
@@ -131,6 +134,7 @@ def test_odd_rates_take_the_compact_path_and_keep_a_tone(orig: int) -> None:
     assert err < 2e-3, f"{orig} Hz: a 440 Hz tone moved by {err:.3g}"
 
 
+@pytest.mark.in_process  # starts no server: runs niced beside the alone tests (tests/parallel_plan.py)
 def test_compact_weights_per_chunk_equal_the_cached_table(monkeypatch: pytest.MonkeyPatch) -> None:
     """Past the table's bound the weights are computed per chunk: the same numbers (chunks of a
     few outputs, so chunk edges are crossed too)."""
@@ -144,12 +148,14 @@ def test_compact_weights_per_chunk_equal_the_cached_table(monkeypatch: pytest.Mo
 
 
 @pytest.mark.parametrize("rate", [7999, 192001])
+@pytest.mark.in_process  # starts no server: runs niced beside the alone tests (tests/parallel_plan.py)
 def test_rates_outside_8_to_192_khz_are_refused_naming_the_field(rate: int) -> None:
     for field in ("src_audio", "ref_audio"):
         with pytest.raises(ParamError, match=rf"^{field}: sample rate {rate} Hz is outside the supported 8000–192000"):
             decode_audio_bytes(wav_bytes(tone(rate, 0.1), rate), field)
 
 
+@pytest.mark.in_process  # starts no server: runs niced beside the alone tests (tests/parallel_plan.py)
 def test_undecodable_audio_names_the_field_and_the_reason() -> None:
     with pytest.raises(ParamError) as info:
         decode_audio_bytes(b"RIFF\x00\x00not really audio", "ref_audio")
@@ -176,6 +182,7 @@ def test_uploads_at_odd_and_bad_rates_through_triton(tiny_client: AceStepClient)
     assert "0x" not in str(info.value) and "BytesIO" not in str(info.value), str(info.value)
 
 
+@pytest.mark.in_process  # starts no server: runs niced beside the alone tests (tests/parallel_plan.py)
 def test_client_encodes_arrays_only_at_rates_the_server_accepts() -> None:
     """The client's own WAV encoding of ``(audio, rate)`` gives the server's verdict, without the
     ``<_io.BytesIO …>`` repr libsndfile puts in its messages."""
@@ -240,6 +247,7 @@ def _bad_request(bad: dict) -> GenerationParams:
 
 
 @pytest.mark.parametrize(("field", "bad"), BAD_VALUES, ids=[f"{f}-{i}" for i, (f, _) in enumerate(BAD_VALUES)])
+@pytest.mark.in_process  # starts no server: runs niced beside the alone tests (tests/parallel_plan.py)
 def test_client_validation_refuses_what_the_server_refuses(field: str, bad: dict) -> None:
     with pytest.raises(ParamError) as info:
         _bad_request(bad).validate()
@@ -285,6 +293,7 @@ def upstream_first_step(infer_step: int, retake_variance: float) -> int:
 EXTEND_STEPS = 10
 
 
+@pytest.mark.in_process  # starts no server: runs niced beside the alone tests (tests/parallel_plan.py)
 def test_extend_honours_retake_variance_with_the_golden_checkpoint(golden_local: MusicGenerator,
                                                                    golden_dir: Path) -> None:
     """Steps run = N − n_min, and extend(right R, v) = repaint(0, duration + R, v) exactly: upstream's

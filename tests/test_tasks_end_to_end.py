@@ -52,6 +52,7 @@ def source(tiny_local: MusicGenerator) -> bytes:
 
 # ------------------------------------------------------------------------------ upstream's numbers
 @pytest.mark.parametrize("name", GOLDEN_TASK_CASES)
+@pytest.mark.in_process  # starts no server: runs niced beside the alone tests (tests/parallel_plan.py)
 def test_golden_task_cases_in_process(name: str, golden_local: MusicGenerator, golden_cases: dict,
                                       golden_dir: Path) -> None:
     case = golden_cases[name]
@@ -78,6 +79,7 @@ def test_golden_task_cases_through_triton(name: str, golden_server: TritonServer
 
 
 # ------------------------------------------------------------------------------ each task's property
+@pytest.mark.in_process  # starts no server: runs niced beside the alone tests (tests/parallel_plan.py)
 def test_retake_variance_zero_reproduces_the_original(tiny_local: MusicGenerator) -> None:
     original = tiny_local.generate(params(audio_duration=2.0))
     retake = tiny_local.generate(params(task="retake", audio_duration=2.0, retake_variance=0.0,
@@ -87,6 +89,7 @@ def test_retake_variance_zero_reproduces_the_original(tiny_local: MusicGenerator
     assert max_err(original.audio.numpy(), moved.audio.numpy()) > 1e-3
 
 
+@pytest.mark.in_process  # starts no server: runs niced beside the alone tests (tests/parallel_plan.py)
 def test_retake_from_a_parameters_json(tiny_local: MusicGenerator) -> None:
     """The upstream workflow: json_data of a result + retake_variance + retake_seeds."""
     first = tiny_local.generate(params(audio_duration=2.0, manual_seeds=""))
@@ -95,6 +98,7 @@ def test_retake_from_a_parameters_json(tiny_local: MusicGenerator) -> None:
     assert np.array_equal(tiny_local.generate(again).audio.numpy(), first.audio.numpy())
 
 
+@pytest.mark.in_process  # starts no server: runs niced beside the alone tests (tests/parallel_plan.py)
 def test_repaint_keeps_the_source_outside_the_window(tiny_local: MusicGenerator, source: bytes) -> None:
     src_latents, _ = tiny_local.encode_audio(source, "src_audio")
     out = tiny_local.generate(params(task="repaint", repaint_start=1.0, repaint_end=2.0, retake_variance=0.7),
@@ -106,6 +110,7 @@ def test_repaint_keeps_the_source_outside_the_window(tiny_local: MusicGenerator,
 
 
 @pytest.mark.parametrize(("left", "right"), [(1.0, 0.0), (0.0, 1.5), (1.0, 1.0)])
+@pytest.mark.in_process  # starts no server: runs niced beside the alone tests (tests/parallel_plan.py)
 def test_extend_preserves_the_original_and_adds_time(left: float, right: float, tiny_local: MusicGenerator,
                                                      source: bytes) -> None:
     src_latents, _ = tiny_local.encode_audio(source, "src_audio")
@@ -119,11 +124,13 @@ def test_extend_preserves_the_original_and_adds_time(left: float, right: float, 
     assert out.record["audio_duration"] == pytest.approx(out.latents.shape[-1] * 4096 / 44100)
 
 
+@pytest.mark.in_process  # starts no server: runs niced beside the alone tests (tests/parallel_plan.py)
 def test_extend_beyond_240_s_is_refused(tiny_local: MusicGenerator, source: bytes) -> None:
     with pytest.raises(ParamError, match=r"^right_extend_length: "):
         tiny_local.generate(params(task="extend", right_extend_length=239.0), src_audio=source)
 
 
+@pytest.mark.in_process  # starts no server: runs niced beside the alone tests (tests/parallel_plan.py)
 def test_edit_with_equal_bounds_leaves_the_source_unchanged(tiny_local: MusicGenerator, source: bytes) -> None:
     src_latents, _ = tiny_local.encode_audio(source, "src_audio")
     out = tiny_local.generate(params(task="edit", edit_target_prompt="rock, electric guitar", edit_n_min=1.0,
@@ -136,6 +143,7 @@ def test_edit_with_equal_bounds_leaves_the_source_unchanged(tiny_local: MusicGen
     assert max_err(edited.latents.numpy(), src_latents.numpy()) > 1e-3
 
 
+@pytest.mark.in_process  # starts no server: runs niced beside the alone tests (tests/parallel_plan.py)
 def test_audio2audio_strength_pulls_towards_the_reference(tiny_local: MusicGenerator, source: bytes) -> None:
     ref_latents, _ = tiny_local.encode_audio(source, "ref_audio")
     near = tiny_local.generate(params(task="audio2audio", ref_audio_strength=0.8, infer_step=20), ref_audio=source)
