@@ -30,7 +30,9 @@ machine-wide state: any server's start removes every orphaned stub, including th
 left on purpose.
 
 **Nor the tests of** :data:`IN_PROCESS_MODULES` (marked ``in_process``): they start no server,
-and ``scripts/test.sh`` runs them afterwards, beside the ``alone`` tests, under ``nice -n 19``.
+and ``scripts/test.sh`` runs them afterwards, beside the ``alone`` tests, under ``nice -n 19`` (in
+a session of its own with autogroup nice 19: each server runs in its own session, and under
+autogroup scheduling nice orders processes of one session only).
 The ``alone`` tests keep about one core busy, mostly waiting for reloads and restarts; at the
 lowest priority the in-process tests take only what the ``alone`` tests leave idle, so those
 still run as if by themselves, and the two workers here keep the tests that start servers.
