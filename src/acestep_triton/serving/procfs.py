@@ -9,26 +9,30 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def proc_stat(pid: int) -> tuple[str, str, int] | None:
-    """(comm, state, ppid) of a process, or None when it is gone."""
+def _stat_fields(pid: int) -> tuple[str, list[str]] | None:
+    """``comm`` and the fields after it (the file's fields 3 on) of ``/proc/<pid>/stat``, or None
+    when the process is gone. ``comm`` may hold spaces and parentheses: it ends at the last ``)``."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    comm = text[text.index("(") + 1:text.rindex(")")]
-    state, ppid = text[text.rindex(")") + 2:].split()[:2]
-    return comm, state, int(ppid)
+    return text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:].split()
+
+
+def proc_stat(pid: int) -> tuple[str, str, int] | None:
+    """(comm, state, ppid) of a process, or None when it is gone."""
+    stat = _stat_fields(pid)
+    if stat is None:
+        return None
+    comm, fields = stat
+    return comm, fields[0], int(fields[1])
 
 
 def cpu_ticks(pid: int) -> int | None:
     """User plus system CPU time of a process in clock ticks (``utime + stime``), or None when
     it is gone: whether a process is working, without asking it."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = text[text.rindex(")") + 2:].split()  # fields[0] is the state, field 3 of the file
-    return int(fields[11]) + int(fields[12])  # utime and stime: fields 14 and 15 of the file
+    stat = _stat_fields(pid)
+    return None if stat is None else int(stat[1][11]) + int(stat[1][12])  # the file's fields 14 and 15
 
 
 def process_alive(pid: int) -> bool:
